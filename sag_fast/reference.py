@@ -1,0 +1,202 @@
+"""The specification of SAG in plain PyTorch. Every fast path in sag_fast is tested against this file.
+
+Readable first, fast never. See DESIGN.md for the math:
+    s  = c1*x + c2*o                       (the signal part alpha*x0_hat of the model input)
+    x~ = x + M * (G_sigma * s - s)         (blur the attended regions, keep the noise)
+    eps = eps_u + w*(eps_c - eps_u) + s_sag*(eps_u - eps(x~_u))
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+
+
+# ----------------------------------------------------------------------------------------- mask
+def attention_mass(probs: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+    """mass[b, j] = mean over heads of sum over queries of probs[b, head, i, j]  -> (B, Nk) float.
+
+    probs: (B, heads, Nq, Nk), or (B*heads, Nq, Nk) as diffusers stores it (then `heads` is required).
+    """
+    if probs.dim() == 3:
+        if heads is None:
+            raise ValueError("attention_mass: `heads` is required when probs is (B*heads, Nq, Nk)")
+        if probs.shape[0] % heads:
+            raise ValueError(f"attention_mass: probs.shape[0]={probs.shape[0]} is not a multiple of heads={heads}")
+        probs = probs.reshape(probs.shape[0] // heads, heads, *probs.shape[1:])
+    elif probs.dim() != 4:
+        raise ValueError(f"attention_mass: probs must be (B, heads, Nq, Nk) or (B*heads, Nq, Nk), got {tuple(probs.shape)}")
+    acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    return probs.to(acc).mean(1).sum(1)
+
+
+def attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """The same mass from q (B, heads, Nq, d) and k (B, heads, Nk, d), softmax(q k^T * scale) over keys."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention_mass_from_qk: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, heads, N, d)")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    probs = torch.softmax(q.to(acc) @ k.to(acc).transpose(-1, -2) * scale, dim=-1)
+    return attention_mass(probs)
+
+
+def check_grid(grid_hw, nk: int, name: str = "grid_hw") -> tuple[int, int]:
+    h, w = (int(v) for v in grid_hw)
+    if h <= 0 or w <= 0 or h * w != nk:
+        raise ValueError(f"{name}={tuple(grid_hw)} does not match the number of keys Nk={nk} (need h*w == Nk)")
+    return h, w
+
+
+def mass_to_mask(mass: torch.Tensor, grid_hw, threshold: float = 1.0) -> torch.Tensor:
+    """(B, Nk) mass -> (B, h, w) bool mask of the keys attended more than `threshold` (1.0 = the mean)."""
+    h, w = check_grid(grid_hw, mass.shape[-1])
+    return (mass > threshold).reshape(mass.shape[0], h, w)
+
+
+def upsample_mask(mask: torch.Tensor, out_hw) -> torch.Tensor:
+    """Nearest upsampling of a (B, h, w) mask to (B, H, W), PyTorch's index rule (src = floor(dst*in/out))."""
+    out = F.interpolate(mask[:, None].to(torch.float32), size=tuple(int(v) for v in out_hw), mode="nearest")
+    return out[:, 0] > 0.5
+
+
+def attention_mask(probs: torch.Tensor, grid_hw, out_hw, threshold: float = 1.0, heads: int | None = None) -> torch.Tensor:
+    """The SAG mask at the latent resolution: (B, H, W) bool."""
+    return upsample_mask(mass_to_mask(attention_mass(probs, heads), grid_hw, threshold), out_hw)
+
+
+# --------------------------------------------------------------------------------- coefficients
+def signal_coefficients(alpha, sigma, prediction_type: str):
+    """(c1, c2) with s = c1*x + c2*o = alpha*x0_hat, for x = alpha*x0 + sigma*eps (see DESIGN.md)."""
+    alpha = torch.as_tensor(alpha)
+    sigma = torch.as_tensor(sigma, dtype=alpha.dtype if alpha.is_floating_point() else None)
+    if prediction_type == "epsilon":
+        return torch.ones_like(alpha), -sigma
+    if prediction_type == "v_prediction":
+        return alpha * alpha, -alpha * sigma
+    if prediction_type == "sample":
+        return torch.zeros_like(alpha), alpha.clone()
+    if prediction_type == "flow":
+        return alpha.clone(), -alpha * sigma
+    raise ValueError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+
+# ----------------------------------------------------------------------------------------- blur
+def check_blur(kernel_size: int, sigma: float, height: int, width: int) -> None:
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+    pad = kernel_size // 2
+    if pad >= height or pad >= width:
+        raise ValueError(
+            f"kernel_size={kernel_size} needs an image larger than {pad} in each dimension for reflect "
+            f"padding, got height={height}, width={width}"
+        )
+
+
+def gaussian_kernel1d(kernel_size: int, sigma: float, dtype=torch.float64, device=None) -> torch.Tensor:
+    """exp(-x^2 / (2 sigma^2)) on x = -(k-1)/2 ... (k-1)/2, normalised to sum 1 (diffusers' gaussian_blur_2d)."""
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (pdf / pdf.sum()).to(dtype=dtype, device=device)
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflect padding, per channel."""
+    if x.dim() != 4:
+        raise ValueError(f"gaussian_blur: x must be (B, C, H, W), got {tuple(x.shape)}")
+    check_blur(kernel_size, sigma, x.shape[-2], x.shape[-1])
+    pad = kernel_size // 2
+    k = gaussian_kernel1d(kernel_size, sigma, dtype=x.dtype, device=x.device)
+    c = x.shape[1]
+    y = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+
+
+# -------------------------------------------------------------------------------------- degrade
+def _per_sample(c, batch: int, name: str, like: torch.Tensor) -> torch.Tensor:
+    c = torch.as_tensor(c, dtype=like.dtype, device=like.device)
+    if c.dim() == 0:
+        c = c.expand(batch)
+    if c.dim() != 1 or c.shape[0] != batch:
+        raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(c.shape)}")
+    return c.view(batch, 1, 1, 1)
+
+
+def degrade(x, model_output, mask, c1, c2, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
+    """x~ = x + M * (G*s - s), s = c1*x + c2*model_output.
+
+    x, model_output: (B, C, H, W). mask: (B, h, w) at any resolution (nearest-upsampled to H, W),
+    or None for blur guidance (M = 1). c1, c2: scalars or (B,). Computed in fp32 (fp64 for fp64 x).
+    """
+    if x.dim() != 4 or model_output.shape != x.shape:
+        raise ValueError(f"degrade: x {tuple(x.shape)} and model_output {tuple(model_output.shape)} must be the same (B, C, H, W)")
+    b, _, h, w = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, of = x.to(acc), model_output.to(acc)
+    s = _per_sample(c1, b, "c1", xf) * xf + _per_sample(c2, b, "c2", xf) * of
+    delta = gaussian_blur(s, kernel_size, sigma) - s
+    if mask is not None:
+        if mask.dim() != 3 or mask.shape[0] != b:
+            raise ValueError(f"degrade: mask must be (B={b}, h, w), got {tuple(mask.shape)}")
+        delta = delta * upsample_mask(mask, (h, w))[:, None].to(acc)
+    return (xf + delta).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------- guidance
+def _guided(c: int, guided_channels: int) -> int:
+    g = c if guided_channels == -1 else guided_channels
+    if not 1 <= g <= c:
+        raise ValueError(f"guided_channels={guided_channels} must be -1 (all) or in 1..{c}")
+    return g
+
+
+def guidance_combine(pred: torch.Tensor, degraded: torch.Tensor, cfg_scale: float, sag_scale: float,
+                     guided_channels: int = -1) -> torch.Tensor:
+    """The guided prediction (B, C, ...).
+
+    pred: (B, C, ...) one way (SAG alone): out = p + s*(p - d);
+          (2B, C, ...) two ways, unconditional first: out = u + w*(c - u) + s*(u - d).
+    degraded: (B, C', ...), the model output on the degraded input; C' >= guided_channels.
+    Channels past guided_channels (a learned variance) are copied from the conditional way.
+    """
+    b = degraded.shape[0]
+    if pred.shape[0] not in (b, 2 * b) or pred.shape[2:] != degraded.shape[2:]:
+        raise ValueError(f"guidance_combine: pred {tuple(pred.shape)} must be (B or 2B, C, ...) for degraded {tuple(degraded.shape)}")
+    g = _guided(pred.shape[1], guided_channels)
+    if g > degraded.shape[1]:
+        raise ValueError(f"guided_channels={g} exceeds the channels of degraded ({degraded.shape[1]})")
+    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    p, d = pred.to(acc), degraded[:, :g].to(acc)
+    if pred.shape[0] == b:
+        u = cond = p
+        out = p.clone()
+        out[:, :g] = p[:, :g] + sag_scale * (p[:, :g] - d)
+    else:
+        u, cond = p[:b], p[b:]
+        out = cond.clone()
+        out[:, :g] = u[:, :g] + cfg_scale * (cond[:, :g] - u[:, :g]) + sag_scale * (u[:, :g] - d)
+    return out.to(pred.dtype)
+
+
+def guidance_shift(pred: torch.Tensor, degraded: torch.Tensor, sag_scale: float, guided_channels: int = -1) -> torch.Tensor:
+    """Out of place twin of sag_fast::guidance_shift_: every way of pred (k*B, C, ...) gets
+    + sag_scale*(uncond - degraded) on its first guided channels, uncond being the first way."""
+    b = degraded.shape[0]
+    if b == 0 or pred.shape[0] % b or pred.shape[2:] != degraded.shape[2:]:
+        raise ValueError(f"guidance_shift: pred {tuple(pred.shape)} must be (k*B, C, ...) for degraded {tuple(degraded.shape)}")
+    g = _guided(pred.shape[1], guided_channels)
+    if g > degraded.shape[1]:
+        raise ValueError(f"guided_channels={g} exceeds the channels of degraded ({degraded.shape[1]})")
+    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    p = pred.to(acc)
+    delta = sag_scale * (p[:b, :g] - degraded[:, :g].to(acc))
+    out = p.clone()
+    for k in range(pred.shape[0] // b):
+        out[k * b:(k + 1) * b, :g] += delta
+    return out.to(pred.dtype)

@@ -1,0 +1,50 @@
+"""Builds sag_fast._C: a CppExtension on a CPU torch, a CUDAExtension where torch has CUDA and nvcc.
+
+SAG_FAST_CUDA_ARCHS chooses the GPU architectures (default "80;90"), e.g. SAG_FAST_CUDA_ARCHS="90".
+SAG_FAST_FORCE_CPU=1 builds the CPU-only extension even where CUDA is available.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+
+def _cuda_build() -> bool:
+    import torch
+
+    if os.environ.get("SAG_FAST_FORCE_CPU") == "1":
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    cpp = sorted(glob.glob("csrc/*.cpp"))
+    cxx = ["-O3", "-std=c++17"]
+    if not _cuda_build():
+        return cpp_extension.CppExtension("sag_fast._C", cpp, extra_compile_args={"cxx": cxx})
+    archs = os.environ.get("SAG_FAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    gencode = []
+    for arch in filter(None, (a.strip() for a in archs)):
+        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    nvcc = ["-O3", "-std=c++17", "-lineinfo"] + gencode
+    return cpp_extension.CUDAExtension(
+        "sag_fast._C",
+        cpp + sorted(glob.glob("csrc/*.cu")),
+        define_macros=[("SAG_FAST_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+    )
+
+
+setup(
+    name="sag_fast",
+    version="0.1.0",
+    description="Fast Self-Attention Guidance for diffusion models: fused Triton and CUDA kernels, diffusers integration",
+    packages=find_packages(include=["sag_fast", "sag_fast.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "diffusers>=0.30", "tqdm", "pillow"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)},
+    entry_points={"console_scripts": ["sag-fast=sag_fast.__main__:main"]},
+)
