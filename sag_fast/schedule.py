@@ -1,0 +1,156 @@
+"""(alpha, sigma) of the model's input, and SAG's (c1, c2), for the timestep of a diffusers scheduler.
+
+The model input (after `scheduler.scale_model_input`) is written x_in = alpha*x0 + sigma*eps. Three cases:
+
+- VP discrete time (DDPM, DDIM, PNDM, LCM): the input is the raw latents, alpha^2 = alphas_cumprod[t].
+- sigma tables (Euler family, LMS, Heun, KDPM2 after their x/sqrt(s^2+1) input scaling; DPM-Solver, DEIS,
+  UniPC, which keep the VP ratio s = sqrt((1-a)/a) and feed the latents as is): alpha = 1/sqrt(s^2+1),
+  sigma = s*alpha; with `use_flow_sigmas` (DPM family) alpha = 1-s, sigma = s.
+- flow matching (FlowMatchEulerDiscrete): the input is the latents, alpha = 1-s, sigma = s.
+
+s is the scheduler's own `sigmas[step_index]` (a host int, no sync) or, before the first step, the timestep
+looked up in `timesteps` on the device. Nothing here reads a device value back to the host: no .item(),
+no bool(tensor), no nonzero(), so a sampling step stays free of host round trips.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+# class name -> how its model input is parametrised (subclasses inherit the entry of their base)
+_VP_DISCRETE = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LCMScheduler")
+_SIGMA_SCALED_INPUT = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                       "LMSDiscreteScheduler", "KDPM2DiscreteScheduler")
+_SIGMA_RAW_INPUT = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
+                    "UniPCMultistepScheduler")
+_FLOW = ("FlowMatchEulerDiscreteScheduler",)
+_KINDS = {**{n: "vp" for n in _VP_DISCRETE}, **{n: "sigma" for n in _SIGMA_SCALED_INPUT},
+          **{n: "dpm" for n in _SIGMA_RAW_INPUT}, **{n: "flow" for n in _FLOW}}
+SUPPORTED = tuple(_KINDS)
+
+_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample",
+                     "original_sample": "sample", "flow_prediction": "flow"}
+
+
+def _kind(scheduler) -> str | None:
+    for cls in type(scheduler).__mro__:
+        if cls.__name__ in _KINDS:
+            return _KINDS[cls.__name__]
+    return None
+
+
+def check_supported(scheduler) -> None:
+    """ValueError naming the scheduler if its model input is not one this module knows how to describe."""
+    kind = _kind(scheduler)
+    name = type(scheduler).__name__
+    if kind is None:
+        raise ValueError(f"scheduler {name} is not supported by sag_fast; supported: {', '.join(SUPPORTED)}")
+    ptype = prediction_type(scheduler)
+    cfg = scheduler.config
+    if kind == "dpm" and (ptype == "flow") != bool(getattr(cfg, "use_flow_sigmas", False)):
+        # diffusers' flow_prediction uses the raw sigma as the flow time; only consistent with flow sigmas
+        raise ValueError(f"scheduler {name}: prediction_type={cfg.prediction_type!r} needs use_flow_sigmas="
+                         f"{ptype == 'flow'}, got use_flow_sigmas={getattr(cfg, 'use_flow_sigmas', False)}")
+    if kind in ("vp", "sigma") and ptype == "flow":
+        raise ValueError(f"scheduler {name}: prediction_type={cfg.prediction_type!r} is not supported with it")
+
+
+def prediction_type(scheduler) -> str:
+    """What the model predicts, as reference.signal_coefficients spells it: epsilon | v_prediction | sample | flow."""
+    if _kind(scheduler) == "flow" or type(scheduler).__name__.startswith("FlowMatch"):
+        return "flow"
+    ptype = getattr(getattr(scheduler, "config", None), "prediction_type", None)
+    if ptype not in _PREDICTION_TYPES:
+        raise ValueError(f"scheduler {type(scheduler).__name__} has prediction_type={ptype!r}; "
+                         f"expected one of {sorted(_PREDICTION_TYPES)}")
+    return _PREDICTION_TYPES[ptype]
+
+
+# ------------------------------------------------------------------------------- device tables
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_MAX_TABLES = 256
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _device_table(scheduler, attr: str, device: torch.device) -> torch.Tensor:
+    """A device copy of scheduler.<attr>, rebuilt only when the scheduler replaces that tensor
+    (set_timesteps assigns new ones). The source is kept in the entry, so `is` can't match a recycled id."""
+    src = getattr(scheduler, attr)
+    dtype = _compute_dtype(device)
+    key = (id(scheduler), attr, str(device), dtype)
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is src:
+        return hit[1]
+    if len(_TABLES) >= _MAX_TABLES:
+        _TABLES.clear()
+    table = torch.as_tensor(src).to(device=device, dtype=dtype)
+    _TABLES[key] = (src, table)
+    return table
+
+
+def _lookup_index(timesteps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Index of t in the schedule, on the device, with diffusers' rule for the first step: the second of
+    several equal entries, else the only one. The nearest entry counts as equal, so a timestep that went
+    through fp16/bf16 (as some pipelines pass it) still finds its place."""
+    dist = (timesteps - t.to(timesteps.dtype)[..., None]).abs()
+    match = dist == dist.min(dim=-1, keepdim=True).values
+    rank = match.cumsum(-1)
+    want = rank[..., -1:].clamp(max=2)
+    return ((rank == want) & match).to(torch.uint8).argmax(dim=-1)
+
+
+def _sigma_at(scheduler, table_attr: str, t: torch.Tensor) -> torch.Tensor:
+    """scheduler.<table_attr>[current step] on t's device, shaped like t."""
+    sigmas = _device_table(scheduler, table_attr, t.device)
+    step = getattr(scheduler, "step_index", None)
+    if step is None:
+        step = getattr(scheduler, "begin_index", None)
+    if step is not None:
+        return sigmas[step].expand(t.shape)
+    return torch.take(sigmas, _lookup_index(_device_table(scheduler, "timesteps", t.device), t))
+
+
+def model_input_alpha_sigma(scheduler, timestep, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) with model input = alpha*x0 + sigma*eps at `timestep` (the value the pipeline passes
+    to the model), as fp32 tensors shaped like timestep (0-dim or (B,)) on its device (or `device`)."""
+    check_supported(scheduler)
+    kind = _kind(scheduler)
+    if isinstance(timestep, torch.Tensor):
+        t = timestep if device is None else timestep.to(device)
+    else:
+        t = torch.as_tensor(timestep, device=device)
+    if t.dim() > 1:
+        raise ValueError(f"timestep must be a scalar or have shape (B,), got {tuple(t.shape)}")
+
+    if kind == "vp":
+        acp = _device_table(scheduler, "alphas_cumprod", t.device)
+        # no bounds check on the device (it would sync): an out-of-range timestep is clamped to the table.
+        # torch.take, not acp[t]: indexing by a 0-dim tensor reads it back to the host (.item()).
+        a = torch.take(acp, t.long().clamp(0, acp.shape[0] - 1))
+        alpha, sigma = a.sqrt(), (1 - a).sqrt()
+    else:
+        table = "sigmas"
+        if kind == "sigma" and not getattr(scheduler, "state_in_first_order", True) \
+                and hasattr(scheduler, "sigmas_interpol"):
+            table = "sigmas_interpol"  # KDPM2's second evaluation is at the interpolated sigma
+        s = _sigma_at(scheduler, table, t)
+        if kind == "flow" or (kind == "dpm" and getattr(scheduler.config, "use_flow_sigmas", False)):
+            alpha, sigma = 1 - s, s
+        else:
+            alpha = (s * s + 1).rsqrt()
+            sigma = s * alpha
+    return alpha.to(torch.float32), sigma.to(torch.float32)
+
+
+def signal_coefficients_for(scheduler, timestep, prediction_type: str | None = None, device=None):
+    """(c1, c2) with c1*x_in + c2*model_output = alpha*x0_hat for the model input x_in at `timestep`."""
+    ptype = _scheduler_prediction_type(scheduler) if prediction_type is None else prediction_type
+    alpha, sigma = model_input_alpha_sigma(scheduler, timestep, device=device)
+    return reference.signal_coefficients(alpha, sigma, ptype)
+
+
+_scheduler_prediction_type = prediction_type
