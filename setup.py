@@ -20,9 +20,11 @@ def _cuda_build() -> bool:
 
 def _extension():
     cpp = sorted(glob.glob("csrc/*.cpp"))
-    cxx = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for in the CPU kernels runs serially unless compiled with OpenMP (ATen's backend)
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
     if not _cuda_build():
-        return cpp_extension.CppExtension("sag_fast._C", cpp, extra_compile_args={"cxx": cxx})
+        return cpp_extension.CppExtension("sag_fast._C", cpp, extra_compile_args={"cxx": cxx},
+                                          extra_link_args=["-fopenmp"])
     archs = os.environ.get("SAG_FAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
     gencode = []
     for arch in filter(None, (a.strip() for a in archs)):
@@ -33,6 +35,7 @@ def _extension():
         cpp + sorted(glob.glob("csrc/*.cu")),
         define_macros=[("SAG_FAST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
     )
 
 

@@ -1,6 +1,21 @@
-// Python module entry for sag_fast._C (the ops themselves are registered with TORCH_LIBRARY).
+// Python module entry for sag_fast._C, and the schemas of every C++ op in the `sag_fast` namespace.
+// The kernels register per device with TORCH_LIBRARY_IMPL (guidance_cpu.cpp, guidance_cuda.cu); the fakes
+// that torch.compile traces with are registered from Python (sag_fast/ops/guidance.py).
 #include <Python.h>
 #include <torch/library.h>
+
+// The one definition of the namespace: other C++ files may only add kernels (TORCH_LIBRARY_IMPL) or
+// fragments. Ops defined from Python with torch.library.custom_op("sag_fast::...") are fragments too.
+TORCH_LIBRARY(sag_fast, m) {
+  // pred: (B, C, ...) one way, or (2B, C, ...) two ways with the unconditional half first.
+  m.def("guidance_combine(Tensor pred, Tensor degraded, float cfg_scale, float sag_scale, "
+        "int guided_channels=-1) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // pred: (k*B, C, ...) k ways; adds sag_scale*(way[uncond_index] - degraded) to every way, in place.
+  m.def("guidance_shift_(Tensor(a!) pred, Tensor degraded, float sag_scale, int guided_channels=-1, "
+        "int uncond_index=0) -> ()",
+        {at::Tag::pt2_compliant_tag});
+}
 
 namespace {
 PyObject* has_cuda(PyObject*, PyObject*) {

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch  # noqa: F401  (loads libc10/libtorch first: _C links against them)
+
 _error: Exception | None = None
 try:
     _C = importlib.import_module("sag_fast._C")

@@ -184,19 +184,25 @@ def guidance_combine(pred: torch.Tensor, degraded: torch.Tensor, cfg_scale: floa
     return out.to(pred.dtype)
 
 
-def guidance_shift(pred: torch.Tensor, degraded: torch.Tensor, sag_scale: float, guided_channels: int = -1) -> torch.Tensor:
+def guidance_shift(pred: torch.Tensor, degraded: torch.Tensor, sag_scale: float, guided_channels: int = -1,
+                   uncond_index: int = 0) -> torch.Tensor:
     """Out of place twin of sag_fast::guidance_shift_: every way of pred (k*B, C, ...) gets
-    + sag_scale*(uncond - degraded) on its first guided channels, uncond being the first way."""
+    + sag_scale*(uncond - degraded) on its first guided channels, uncond being way number `uncond_index`
+    (0 where the unconditional half comes first as in diffusers' SD/SDXL, 1 for DiT's cond-first batch)."""
     b = degraded.shape[0]
     if b == 0 or pred.shape[0] % b or pred.shape[2:] != degraded.shape[2:]:
         raise ValueError(f"guidance_shift: pred {tuple(pred.shape)} must be (k*B, C, ...) for degraded {tuple(degraded.shape)}")
+    ways = pred.shape[0] // b
+    if not 0 <= uncond_index < ways:
+        raise ValueError(f"guidance_shift: uncond_index={uncond_index} must be in 0..{ways - 1} (pred holds {ways} ways)")
     g = _guided(pred.shape[1], guided_channels)
     if g > degraded.shape[1]:
         raise ValueError(f"guided_channels={g} exceeds the channels of degraded ({degraded.shape[1]})")
     acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
     p = pred.to(acc)
-    delta = sag_scale * (p[:b, :g] - degraded[:, :g].to(acc))
+    u = p[uncond_index * b:(uncond_index + 1) * b, :g]
+    delta = sag_scale * (u - degraded[:, :g].to(acc))
     out = p.clone()
-    for k in range(pred.shape[0] // b):
+    for k in range(ways):
         out[k * b:(k + 1) * b, :g] += delta
     return out.to(pred.dtype)
