@@ -1,0 +1,296 @@
+"""sag_fast.sampler.SAGSampler on tiny diffusers models: runs, reproducible, scale 0 == a plain loop bit for bit,
+the start/stop window costs one forward outside it, learned variance, CFG wiring, and bad input raising early."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+
+from sag_fast import reference
+from sag_fast.capture import AttentionCapture
+from sag_fast.guidance import SAGConfig, sag_guided_forward
+from sag_fast.sampler import SAGSampler
+
+STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def reference_degrade(request, monkeypatch):
+    """The loop's wiring is what these tests check; under the Triton interpreter the degrade kernel takes
+    seconds a call, so the loop uses the reference degrade (which the op is tested against, and which
+    test_guided_forward_matches_reference pins the op to) except in test_fused_ops_*."""
+    if not request.node.name.startswith("test_fused_ops"):
+        import sag_fast.guidance
+        monkeypatch.setattr(sag_fast.guidance, "_degrade", reference.degrade)
+
+
+def tiny_unet(out_channels=3):
+    return UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=out_channels, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, attention_head_dim=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def tiny_unet_cond():
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def ddim():
+    return DDIMScheduler(num_train_timesteps=100)
+
+
+def count_calls(model):
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    return calls
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def plain_loop(model, scheduler, noise, steps, kwargs=None, uncond=None, w=1.0, generator=None):
+    """A sampling loop without SAG, written out (the timestep expanded to the batch, as the sampler does)."""
+    kwargs = kwargs or {}
+    scheduler.set_timesteps(steps)
+    lat = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        if uncond is None:
+            x_in = scheduler.scale_model_input(lat, t)
+            out = model(x_in, t.expand(x_in.shape[0]), **kwargs).sample
+        else:
+            x_in = scheduler.scale_model_input(torch.cat([lat, lat]), t)
+            both = {k: torch.cat([uncond[k], kwargs[k]]) for k in kwargs}
+            u, c = model(x_in, t.expand(x_in.shape[0]), **both).sample.chunk(2)
+            out = u + w * (c - u)
+        lat = scheduler.step(out, t, lat, generator=generator, return_dict=False)[0]
+    return lat
+
+
+# --------------------------------------------------------------------------------------- running
+def test_unet2d_ddim_runs_and_is_reproducible():
+    model = tiny_unet()
+    sampler = SAGSampler(model, ddim(), SAGConfig(scale=1.0), progress=True)
+    with torch.no_grad():
+        a = sampler((2, 3, 8, 8), num_inference_steps=2, generator=gen(1))
+        b = sampler((2, 3, 8, 8), num_inference_steps=2, generator=gen(1))
+        c = sampler((2, 3, 8, 8), num_inference_steps=2, generator=gen(2))
+    assert a.shape == (2, 3, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_fused_ops_sample_like_the_reference(monkeypatch):
+    """The same guided loop with the fused ops and with the reference degrade/shift agree."""
+    import sag_fast.guidance
+    model = tiny_unet()
+    noise = torch.randn(1, 3, 8, 8)
+    sampler = SAGSampler(model, ddim(), SAGConfig(scale=1.0), progress=False)
+    with torch.no_grad():
+        fused = sampler(noise, num_inference_steps=2)
+        monkeypatch.setattr(sag_fast.guidance, "_degrade", reference.degrade)
+        monkeypatch.setattr(sag_fast.guidance, "_ops_guidance_shift_", None)
+        ref = sampler(noise, num_inference_steps=2)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_zero_is_a_plain_loop_bit_for_bit():
+    model = tiny_unet()
+    noise = torch.randn(2, 3, 8, 8)
+    calls = count_calls(model)
+    with torch.no_grad():
+        got = SAGSampler(model, ddim(), SAGConfig(scale=0.0), progress=False)(noise, num_inference_steps=STEPS)
+        assert len(calls) == STEPS
+        want = plain_loop(model, ddim(), noise, STEPS)
+        guided = SAGSampler(model, ddim(), SAGConfig(scale=0.9), progress=False)(noise, num_inference_steps=STEPS)
+    assert torch.equal(got, want)
+    assert not torch.allclose(guided, want)  # SAG changes the sample
+
+
+def test_cfg_scale_zero_is_a_plain_cfg_loop_bit_for_bit():
+    model = tiny_unet_cond()
+    noise, e, e0 = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        got = SAGSampler(model, ddim(), SAGConfig(scale=0.0), guidance_scale=4.0, progress=False)(
+            noise, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": e0}, num_inference_steps=STEPS)
+        want = plain_loop(model, ddim(), noise, STEPS, {"encoder_hidden_states": e}, {"encoder_hidden_states": e0}, 4.0)
+    assert torch.equal(got, want)
+
+
+def test_cfg_sag_matches_a_written_out_loop():
+    """CFG + SAG through the sampler == a loop of sag_guided_forward with (c1, c2) computed on the host from
+    alphas_cumprod (epsilon prediction: c1 = 1, c2 = -sqrt(1 - acp[t])) and CFG applied afterwards."""
+    model = tiny_unet_cond()
+    noise, e, e0 = torch.randn(2, 4, 9, 11), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    cfg, w = SAGConfig(scale=0.7, kernel_size=5), 3.0
+    with torch.no_grad():
+        got = SAGSampler(model, ddim(), cfg, guidance_scale=w, progress=False)(
+            noise, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": e0}, num_inference_steps=2)
+        scheduler = ddim()
+        scheduler.set_timesteps(2)
+        capture = AttentionCapture(model)
+        lat = noise.clone()
+        kw = {"encoder_hidden_states": torch.cat([e0, e])}
+        forward = lambda x, t, **k: model(x, t, **k).sample  # noqa: E731
+        for t in scheduler.timesteps:
+            acp = float(scheduler.alphas_cumprod[int(t)])
+            c1, c2 = reference.signal_coefficients(torch.tensor(acp ** 0.5), torch.tensor((1 - acp) ** 0.5), "epsilon")
+            x_in = torch.cat([lat, lat])
+            out = sag_guided_forward(forward, x_in, t.expand(4), kw, config=cfg, capture=capture,
+                                     c1=c1.float(), c2=c2.float(), ways=2)
+            u, c = out.chunk(2)
+            lat = scheduler.step(u + w * (c - u), t, lat, return_dict=False)[0]
+        capture.remove()
+    torch.testing.assert_close(got, lat, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("start, stop, guided", [(0.0, 1.0, 4), (0.25, 0.75, 2), (0.5, 0.5, 0), (0.0, 0.25, 1)])
+def test_window_costs_one_forward_outside(start, stop, guided):
+    model = tiny_unet()
+    calls = count_calls(model)
+    sampler = SAGSampler(model, ddim(), SAGConfig(scale=0.8, start=start, stop=stop), progress=False)
+    with torch.no_grad():
+        sampler((1, 3, 8, 8), num_inference_steps=4, generator=gen())
+    assert len(calls) == 2 * guided + (4 - guided)
+
+
+def test_learned_variance_ddpm_learned_range():
+    model = tiny_unet(out_channels=6)
+    calls = count_calls(model)
+    scheduler = DDPMScheduler(num_train_timesteps=100, variance_type="learned_range")
+    with torch.no_grad():
+        a = SAGSampler(model, scheduler, SAGConfig(scale=1.0), progress=False)(
+            (2, 3, 8, 8), num_inference_steps=STEPS, generator=gen(3))
+        b = SAGSampler(model, scheduler, SAGConfig(scale=0.0), progress=False)(
+            (2, 3, 8, 8), num_inference_steps=STEPS, generator=gen(3))
+    assert a.shape == (2, 3, 8, 8) and torch.isfinite(a).all()
+    assert len(calls) == 3 * STEPS and not torch.allclose(a, b)
+
+
+def test_dit_class_labels_cfg_learned_sigma_with_ddim():
+    """DiT: 2C outputs, CFG over class labels (null class = num_embeds_ada_norm); DDIM gets the first C."""
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
+                                  num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    sampler = SAGSampler(model, ddim(), SAGConfig(scale=1.0, kernel_size=5), guidance_scale=2.0, progress=False)
+    with torch.no_grad():
+        x = sampler((2, 4, 10, 10), cond={"class_labels": torch.tensor([1, 7])},
+                    uncond={"class_labels": torch.tensor([10, 10])}, num_inference_steps=2, generator=gen())
+    assert x.shape == (2, 4, 10, 10) and torch.isfinite(x).all()
+    assert sampler.capture.layer_name == "transformer_blocks.1.attn1"
+
+
+# ------------------------------------------------------------------------------------- bad input
+class NotAScheduler:
+    config = {}
+
+    def set_timesteps(self, *a, **k): ...
+
+    def step(self, *a, **k): ...
+
+    def scale_model_input(self, x, t):
+        return x
+
+
+def test_cuda_graph_on_cpu_raises():
+    with pytest.raises(ValueError, match="cuda_graph"):
+        SAGSampler(tiny_unet(), ddim(), cuda_graph=True)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scheduler=NotAScheduler()), "not supported"),
+    (dict(scheduler=object()), "scheduler"),
+    (dict(prediction_type="x0"), "prediction_type"),
+    (dict(config=SAGConfig(layer="mid_block.nope")), "layer"),
+    (dict(config={"scale": 1.0}), "config"),
+    (dict(guidance_scale=float("inf")), "guidance_scale"),
+    (dict(guided_channels=0), "guided_channels"),
+])
+def test_bad_construction_raises(kwargs, match):
+    model = tiny_unet()
+    args = dict(scheduler=ddim())
+    args.update(kwargs)
+    scheduler = args.pop("scheduler")
+    with pytest.raises((ValueError, TypeError), match=match):
+        SAGSampler(model, scheduler, **args)
+
+
+@pytest.mark.parametrize("call, match", [
+    (dict(x_T=(1, 3, 4, 4)), "kernel_size"),
+    (dict(x_T=(1, 3, 8)), "x_T"),
+    (dict(x_T=(1, 3, 8, 8), num_inference_steps=0), "num_inference_steps"),
+    (dict(x_T=(1, 3, 8, 8), generator=0), "generator"),
+    (dict(x_T=(1, 3, 8, 8), uncond={"class_labels": torch.tensor([0])}), "cond"),
+    (dict(x_T=(2, 3, 8, 8), cond={"class_labels": torch.tensor([0])}), "batch"),
+    (dict(x_T=(1, 3, 8, 8), cond={"class_labels": torch.tensor([1])}, uncond={"labels": torch.tensor([0])}), "keys"),
+])
+def test_bad_call_raises_before_sampling(call, match):
+    model = tiny_unet()
+    calls = count_calls(model)
+    sampler = SAGSampler(model, ddim(), SAGConfig(scale=0.5), progress=False)
+    x_T = call.pop("x_T")
+    with pytest.raises((ValueError, TypeError), match=match):
+        sampler(x_T, **call)
+    assert calls == []
+
+
+def test_guidance_scale_without_uncond_raises_before_sampling():
+    model = tiny_unet_cond()
+    calls = count_calls(model)
+    sampler = SAGSampler(model, ddim(), guidance_scale=3.0, progress=False)
+    with pytest.raises(ValueError, match="uncond"):
+        sampler((1, 4, 8, 8), cond={"encoder_hidden_states": torch.randn(1, 5, 8)}, num_inference_steps=2)
+    assert calls == []
+
+
+def test_remove_restores_the_model():
+    model = tiny_unet()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x, 5).sample
+        with SAGSampler(model, ddim(), progress=False) as sampler:
+            sampler((1, 3, 8, 8), num_inference_steps=2, generator=gen())
+            assert sampler.capture is not None
+        assert sampler.capture is None
+        assert torch.equal(model(x, 5).sample, before)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+def test_guided_step_has_no_host_sync():
+    model = tiny_unet_cond().cuda()
+    sampler = SAGSampler(model, ddim(), SAGConfig(scale=0.8, kernel_size=5), guidance_scale=3.0, progress=False)
+    e, e0 = torch.randn(2, 5, 8, device="cuda"), torch.randn(2, 5, 8, device="cuda")
+    with torch.no_grad():
+        sampler((2, 4, 16, 16), cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": e0},
+                num_inference_steps=2)  # warm-up: kernels compiled, tables on the device
+        sampler.scheduler.set_timesteps(4, device="cuda")
+        t = sampler.scheduler.timesteps[1]
+        lat = torch.randn(2, 4, 16, 16, device="cuda")
+        kw = {"encoder_hidden_states": torch.cat([e0, e])}
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = sampler.model_output(lat, t, kw, 2, True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graph_matches_eager(dtype):
+    model = tiny_unet_cond().cuda().to(dtype)
+    e, e0 = torch.randn(2, 5, 8, device="cuda", dtype=dtype), torch.randn(2, 5, 8, device="cuda", dtype=dtype)
+    noise = torch.randn(2, 4, 16, 16, device="cuda", dtype=dtype)
+    cfg = SAGConfig(scale=0.8, start=0.2)
+    kw = dict(cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": e0}, num_inference_steps=5)
+    with torch.no_grad():
+        eager = SAGSampler(model, ddim(), cfg, guidance_scale=3.0, progress=False)(noise, **kw)
+        graphed = SAGSampler(model, ddim(), cfg, guidance_scale=3.0, progress=False, cuda_graph=True)(noise, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(graphed, eager, rtol=tol, atol=tol)
