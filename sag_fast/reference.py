@@ -57,9 +57,10 @@ def mass_to_mask(mass: torch.Tensor, grid_hw, threshold: float = 1.0) -> torch.T
 
 
 def upsample_mask(mask: torch.Tensor, out_hw) -> torch.Tensor:
-    """Nearest upsampling of a (B, h, w) mask to (B, H, W), PyTorch's index rule (src = floor(dst*in/out))."""
+    """Nearest upsampling of a (B, h, w) mask to (B, H, W) with F.interpolate's index rule
+    (src = min(floor(dst * fp32(in/out)), in-1), in fp32 arithmetic; not the exact integer quotient)."""
     out = F.interpolate(mask[:, None].to(torch.float32), size=tuple(int(v) for v in out_hw), mode="nearest")
-    return out[:, 0] > 0.5
+    return out[:, 0] != 0  # nonzero = blur, as the fused kernel reads it
 
 
 def attention_mask(probs: torch.Tensor, grid_hw, out_hw, threshold: float = 1.0, heads: int | None = None) -> torch.Tensor:
