@@ -212,6 +212,9 @@ def bench(a) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to bench/run.py (argparse can't pass --options on)
+        return bench(argparse.Namespace(args=argv[1:]))
     a = _parser().parse_args(argv)
     return {"sample": sample, "bench": bench}[a.command](a)
 

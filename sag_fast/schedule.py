@@ -103,6 +103,12 @@ def _lookup_index(timesteps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return ((rank == want) & match).to(torch.uint8).argmax(dim=-1)
 
 
+def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for a 0-dim or (B,) index tensor without a host sync (table[t] with a 0-dim t calls
+    .item()) and in a form inductor lowers (torch.take graph-breaks under torch.compile)."""
+    return table.index_select(0, index.reshape(-1)).reshape(index.shape)
+
+
 def _sigma_at(scheduler, table_attr: str, t: torch.Tensor) -> torch.Tensor:
     """scheduler.<table_attr>[current step] on t's device, shaped like t."""
     sigmas = _device_table(scheduler, table_attr, t.device)
@@ -111,7 +117,7 @@ def _sigma_at(scheduler, table_attr: str, t: torch.Tensor) -> torch.Tensor:
         step = getattr(scheduler, "begin_index", None)
     if step is not None:
         return sigmas[step].expand(t.shape)
-    return torch.take(sigmas, _lookup_index(_device_table(scheduler, "timesteps", t.device), t))
+    return _gather(sigmas, _lookup_index(_device_table(scheduler, "timesteps", t.device), t))
 
 
 def model_input_alpha_sigma(scheduler, timestep, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,8 +135,7 @@ def model_input_alpha_sigma(scheduler, timestep, device=None) -> tuple[torch.Ten
     if kind == "vp":
         acp = _device_table(scheduler, "alphas_cumprod", t.device)
         # no bounds check on the device (it would sync): an out-of-range timestep is clamped to the table.
-        # torch.take, not acp[t]: indexing by a 0-dim tensor reads it back to the host (.item()).
-        a = torch.take(acp, t.long().clamp(0, acp.shape[0] - 1))
+        a = _gather(acp, t.long().clamp(0, acp.shape[0] - 1))
         alpha, sigma = a.sqrt(), (1 - a).sqrt()
     else:
         table = "sigmas"

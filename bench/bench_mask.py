@@ -1,0 +1,121 @@
+"""Benchmarks of sag_fast.ops.mask: bandwidth of mask_from_probs, and mask_from_qk vs materialised probabilities.
+
+GPU: (2, 20, 4096, 4096) fp16 probabilities (1.34 GB, read once: target >= 80% of a copy's bandwidth),
+and q/k at N = 4096 against softmax(q k^T) materialised (target: faster, peak extra memory < 1% of the
+probabilities). CPU: small shapes that run in seconds; without TRITON_INTERPRET=1 the sag_fast path on
+CPU is the reference, under it the (slow) interpreter, so CPU figures only check that the code runs.
+Run: `python -m pytest bench/bench_mask.py` (add TRITON_INTERPRET=1 on a machine without a GPU).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import bench_seconds, copy_seconds, record, sync, time_fn
+from sag_fast.ops.mask import mask_from_probs, mask_from_qk
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if CUDA:
+    PROBS_SHAPE, QK_SHAPE, DTYPE = (2, 20, 4096, 4096), (2, 20, 4096, 64), torch.float16
+elif INTERPRETED:
+    PROBS_SHAPE, QK_SHAPE, DTYPE = (1, 2, 64, 64), (1, 2, 64, 32), torch.float32
+else:
+    PROBS_SHAPE, QK_SHAPE, DTYPE = (2, 5, 256, 256), (2, 5, 256, 64), torch.float32
+IMPL = "sag_fast " + ("triton" if CUDA else "interpreted" if INTERPRETED else "reference path")
+
+
+def _grid(n: int) -> tuple[int, int]:
+    side = int(n ** 0.5)
+    return side, n // side
+
+
+def _case(shape) -> str:
+    return f"{tuple(shape)} {str(DTYPE).removeprefix('torch.')}"
+
+
+def _measure(benchmark, fn, device) -> float:
+    def run():
+        out = fn()
+        sync(device)
+        return out
+
+    benchmark(run)
+    return bench_seconds(benchmark) or time_fn(fn, device)
+
+
+def _peak_extra_bytes(fn, device) -> int | None:
+    """Peak memory allocated during fn() above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.fixture(scope="module")
+def probs(bench_device):
+    b, h, nq, nk = PROBS_SHAPE
+    # diffusers stores (B*heads, N, N); values only need to be plausible: rows of a softmax
+    p = torch.rand((b * h, nq, nk), device=bench_device, dtype=DTYPE)
+    return p / p.sum(-1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def qk(bench_device):
+    return (torch.randn(QK_SHAPE, device=bench_device, dtype=DTYPE),
+            torch.randn(QK_SHAPE, device=bench_device, dtype=DTYPE))
+
+
+def _diffusers_mask(attn_map, heads: int):
+    """The deprecated StableDiffusionSAGPipeline's own expression (fp16 mean/sum, no fp32 accumulate)."""
+    bh, n, _ = attn_map.shape
+    b = bh // heads
+    return attn_map.reshape(b, heads, n, n).mean(1).sum(1).gt(1.0)
+
+
+@pytest.mark.parametrize("impl", ["diffusers expr", IMPL])
+def test_bench_mask_from_probs(benchmark, probs, bench_device, impl):
+    heads, n = PROBS_SHAPE[1], PROBS_SHAPE[3]
+    if impl == IMPL:
+        fn = lambda: mask_from_probs(probs, _grid(n), heads=heads)  # noqa: E731
+    else:
+        fn = lambda: _diffusers_mask(probs, heads)  # noqa: E731
+    seconds = _measure(benchmark, fn, bench_device)
+    nbytes = probs.numel() * probs.element_size()  # probabilities read once; the mask is negligible
+    copy_s = copy_seconds(nbytes, bench_device) if bench_device.type == "cuda" else None
+    extra = _peak_extra_bytes(fn, bench_device)
+    record("mask_from_probs", _case(PROBS_SHAPE), impl, seconds, nbytes=nbytes, copy_s=copy_s,
+           baseline=None if impl == "diffusers expr" else "diffusers expr",
+           **({} if extra is None else {"peak_extra_MB": f"{extra / 2**20:.1f}"}))
+
+
+def _materialised_mask(q, k, grid):
+    """What an SDPA-style capture does: the whole (B, heads, N, N) softmax, then the mass."""
+    scale = q.shape[-1] ** -0.5
+    attn = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
+    return (attn.mean(1).sum(1) > 1.0).view(q.shape[0], *grid)
+
+
+@pytest.mark.parametrize("impl", ["materialised probs", IMPL])
+def test_bench_mask_from_qk(benchmark, qk, bench_device, impl):
+    q, k = qk
+    b, h, n, _ = q.shape
+    grid = _grid(n)
+    if impl == IMPL:
+        fn = lambda: mask_from_qk(q, k, grid)  # noqa: E731
+    else:
+        fn = lambda: _materialised_mask(q, k, grid)  # noqa: E731
+    seconds = _measure(benchmark, fn, bench_device)
+    probs_bytes = b * h * n * n * q.element_size()
+    extra = _peak_extra_bytes(fn, bench_device)
+    fields = {}
+    if extra is not None:
+        fields = {"peak_extra_MB": f"{extra / 2**20:.1f}", "pct_of_probs": f"{100 * extra / probs_bytes:.2f}%"}
+    record("mask_from_qk", _case(QK_SHAPE), impl, seconds,
+           baseline=None if impl == "materialised probs" else "materialised probs", **fields)
