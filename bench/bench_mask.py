@@ -32,8 +32,7 @@ def _grid(n: int) -> tuple[int, int]:
     return side, n // side
 
 
-def _case(shape) -> str:
-    return f"{tuple(shape)} {str(DTYPE).removeprefix('torch.')}"
+DTYPE_NAME = str(DTYPE).removeprefix("torch.")
 
 
 def _measure(benchmark, fn, device) -> float:
@@ -90,8 +89,9 @@ def test_bench_mask_from_probs(benchmark, probs, bench_device, impl):
     nbytes = probs.numel() * probs.element_size()  # probabilities read once; the mask is negligible
     copy_s = copy_seconds(nbytes, bench_device) if bench_device.type == "cuda" else None
     extra = _peak_extra_bytes(fn, bench_device)
-    record("mask_from_probs", _case(PROBS_SHAPE), impl, seconds, nbytes=nbytes, copy_s=copy_s,
+    record("mask_from_probs", "probs (B*heads, N, N) -> mask", impl, seconds, nbytes=nbytes, copy_s=copy_s,
            baseline=None if impl == "diffusers expr" else "diffusers expr",
+           shape=str(PROBS_SHAPE), dtype=DTYPE_NAME,
            **({} if extra is None else {"peak_extra_MB": f"{extra / 2**20:.1f}"}))
 
 
@@ -117,5 +117,6 @@ def test_bench_mask_from_qk(benchmark, qk, bench_device, impl):
     fields = {}
     if extra is not None:
         fields = {"peak_extra_MB": f"{extra / 2**20:.1f}", "pct_of_probs": f"{100 * extra / probs_bytes:.2f}%"}
-    record("mask_from_qk", _case(QK_SHAPE), impl, seconds,
-           baseline=None if impl == "materialised probs" else "materialised probs", **fields)
+    record("mask_from_qk", "q, k (B, heads, N, d) -> mask", impl, seconds,
+           baseline=None if impl == "materialised probs" else "materialised probs",
+           shape=str(QK_SHAPE), dtype=DTYPE_NAME, **fields)

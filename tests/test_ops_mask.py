@@ -1,0 +1,443 @@
+"""sag_fast.ops.mask against sag_fast.reference (float64), on small shapes the interpreter runs quickly."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sag_fast import reference
+from sag_fast.ops import mask as ops
+from sag_fast.ops.mask import launch_mask_from_probs, launch_mask_from_qk, mask_from_probs, mask_from_qk
+
+from conftest import HAS_CUDA, INTERPRETED
+
+triton_path = pytest.mark.skipif(not (INTERPRETED or HAS_CUDA),
+                                 reason="the Triton kernels need a GPU or TRITON_INTERPRET=1")
+MARGIN = 1e-5  # masses this close to the threshold may legitimately flip with the summation order
+
+
+def random_probs(shape, dtype, device, peak=2.0, work=torch.float64):
+    """Softmax rows, rounded to dtype; the reference sees exactly the rounded values."""
+    logits = torch.randn(shape, dtype=work, device=device if work != torch.float64 else "cpu") * peak
+    return torch.softmax(logits, dim=-1).to(device=device, dtype=dtype)
+
+
+def ref_mass_probs(probs4):
+    return reference.attention_mass(probs4.cpu().double())
+
+
+def ref_mass_qk(q, k, scale=None):
+    return reference.attention_mass_from_qk(q.cpu().double(), k.cpu().double(), scale)
+
+
+def assert_away_from(mass, threshold):
+    gap = (mass - threshold).abs().min().item()
+    assert gap > MARGIN, f"test input has a mass {gap:.2e} from the threshold: pick other inputs"
+
+
+def assert_mask(mask, ref_mass, grid_hw, threshold):
+    assert mask.dtype == torch.bool
+    assert_away_from(ref_mass, threshold)
+    expected = reference.mass_to_mask(ref_mass, grid_hw, threshold)
+    assert mask.shape == expected.shape
+    assert torch.equal(mask.cpu(), expected), f"{(mask.cpu() != expected).sum()} mask bits differ"
+    assert expected.any() and not expected.all(), "a test mask should have both values"
+
+
+PROBS_CASES = [  # (B, heads, Nq, Nk, grid)
+    (1, 1, 64, 64, (8, 8)),
+    (5, 3, 37, 21, (3, 7)),
+    (2, 5, 50, 65, (5, 13)),
+    (3, 2, 70, 67, (1, 67)),  # prime Nk
+    (1, 4, 97, 60, (6, 10)),
+]
+
+
+# ------------------------------------------------------------------------------ mask_from_probs
+@triton_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", PROBS_CASES, ids=lambda c: "x".join(map(str, c[:4])))
+def test_probs_mass_and_mask_match_reference(case, dtype, device):
+    b, heads, nq, nk, grid = case
+    probs = random_probs((b, heads, nq, nk), dtype, device)
+    ref = ref_mass_probs(probs)
+    thr = nq / nk  # the mean mass (1.0 for self-attention, Nq == Nk)
+    mask, mass = launch_mask_from_probs(probs, thr, return_mass=True)
+    torch.testing.assert_close(mass.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+    assert_mask(mask.view(b, *grid), ref, grid, thr)
+    assert_mask(mask_from_probs(probs, grid, threshold=thr), ref, grid, thr)
+
+
+@triton_path
+@pytest.mark.parametrize("threshold", [0.7, 1.25])
+def test_probs_other_thresholds(threshold, device):
+    probs = random_probs((2, 3, 40, 35), torch.float32, device)
+    assert_mask(mask_from_probs(probs, (5, 7), threshold=threshold), ref_mass_probs(probs), (5, 7), threshold)
+
+
+@triton_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_probs_three_dim_layout(dtype, device):
+    b, heads, nq, nk = 3, 5, 33, 39
+    probs3 = random_probs((b * heads, nq, nk), dtype, device)
+    ref = ref_mass_probs(probs3.view(b, heads, nq, nk))
+    out = mask_from_probs(probs3, (3, 13), heads=heads, threshold=nq / nk)
+    assert out.shape == (b, 3, 13)
+    assert_mask(out, ref, (3, 13), nq / nk)
+
+
+@triton_path
+def test_probs_transposed_view(device):
+    b, heads, nq, nk = 2, 3, 45, 28
+    # stored (..., Nk, Nq): along keys the stride is Nq
+    probs = random_probs((b, heads, nq, nk), torch.float32, device).transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not probs.is_contiguous()
+    assert_mask(mask_from_probs(probs, (4, 7), threshold=nq / nk), ref_mass_probs(probs), (4, 7), nq / nk)
+
+
+@triton_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_probs_sliced_views(dtype, device):
+    b, heads, nq, nk = 2, 3, 41, 26
+    big = random_probs((b + 1, heads + 2, nq + 5, nk + 7), dtype, device)
+    probs = big[1:, 1:-1, 3:-2, 4:-3]
+    assert probs.shape == (b, heads, nq, nk) and not probs.is_contiguous()
+    ref = ref_mass_probs(probs)
+    thr = ref.mean().item()  # sliced rows no longer sum to 1
+    assert_mask(mask_from_probs(probs, (2, 13), threshold=thr), ref, (2, 13), thr)
+    # a strided (B*heads, Nq, Nk) view, as a processor might slice a larger buffer
+    big3 = random_probs((b * heads, nq, 2 * nk), dtype, device)
+    probs3 = big3[:, :, ::2]
+    ref = ref_mass_probs(probs3.reshape(b, heads, nq, nk))
+    thr = ref.mean().item()
+    assert_mask(mask_from_probs(probs3, (13, 2), heads=heads, threshold=thr), ref, (13, 2), thr)
+
+
+@triton_path
+def test_probs_query_split_does_not_change_the_mask(device):
+    probs = random_probs((2, 3, 100, 30), torch.float32, device)
+    ref = ref_mass_probs(probs)
+    masses = []
+    for n_split in (1, 2, 4):  # 4 row blocks of 32 (fp32: 16): one program, two, four per key block
+        mask, mass = launch_mask_from_probs(probs, 100 / 30, n_split=n_split, return_mass=True)
+        assert_mask(mask.view(2, 5, 6), ref, (5, 6), 100 / 30)
+        masses.append(mass)
+    for m in masses[1:]:
+        torch.testing.assert_close(m, masses[0], rtol=1e-6, atol=1e-6)
+
+
+def _exact_probs(b, heads, nq, nk, dtype, device):
+    """Rows of 1/nk (a power of two), except that the first half of the rows move key 0's share to
+    key 1: every sum is exact in floating point, key 0 has mass 0.5, key 1 1.5, the others exactly 1."""
+    probs = torch.full((b, heads, nq, nk), 1.0 / nk, dtype=dtype, device=device)
+    probs[:, :, : nq // 2, 0] = 0.0
+    probs[:, :, : nq // 2, 1] = 2.0 / nk
+    return probs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_probs_mass_exactly_at_threshold_is_false(dtype, device):
+    b, heads, n = 2, 3, 64
+    probs = _exact_probs(b, heads, n, n, dtype, device)
+    ref = ref_mass_probs(probs)
+    assert (ref == 1.0).sum() == b * (n - 2)  # the construction is exact
+    expected = torch.zeros(b, n, dtype=torch.bool)
+    expected[:, 1] = True
+    out = mask_from_probs(probs, (8, 8))
+    assert torch.equal(out.cpu().view(b, n), expected)
+    assert not mask_from_probs(probs, (8, 8), threshold=1.5).any()  # key 1 sits exactly at 1.5
+    assert mask_from_probs(probs, (8, 8), threshold=0.5).sum() == b * (n - 1)
+
+
+@triton_path
+def test_probs_repeated_runs_are_identical(device):
+    probs = random_probs((3, 4, 55, 55), torch.float16, device)
+    first_mask, first_mass = launch_mask_from_probs(probs, 1.0, return_mass=True)
+    for _ in range(2):
+        mask, mass = launch_mask_from_probs(probs, 1.0, return_mass=True)
+        assert torch.equal(mask, first_mask)
+        assert torch.equal(mass.view(torch.int32), first_mass.view(torch.int32))  # bitwise
+
+
+def test_probs_float64_cpu_path():
+    probs = random_probs((2, 3, 24, 24), torch.float64, "cpu")
+    assert_mask(mask_from_probs(probs, (4, 6)), ref_mass_probs(probs), (4, 6), 1.0)
+
+
+def test_probs_batch_zero(device):
+    out = mask_from_probs(torch.zeros((0, 2, 5, 6), device=device), (2, 3))
+    assert out.shape == (0, 2, 3) and out.dtype == torch.bool
+
+
+# --------------------------------------------------------------------------------- mask_from_qk
+def qk_views(b, heads, nq, nk, d, dtype, device, peak=1.5):
+    """q, k as attention processors make them: (B, N, heads*d).view(B, N, heads, d).transpose(1, 2)."""
+    q = (torch.randn(b, nq, heads * d) * peak).to(device=device, dtype=dtype)
+    k = torch.randn(b, nk, heads * d).to(device=device, dtype=dtype)
+    return (q.view(b, nq, heads, d).transpose(1, 2), k.view(b, nk, heads, d).transpose(1, 2))
+
+
+QK_CASES = [  # (B, heads, Nq, Nk, d, grid)
+    (1, 1, 64, 64, 16, (8, 8)),
+    (5, 3, 37, 21, 40, (3, 7)),
+    (2, 5, 50, 65, 8, (5, 13)),
+    (2, 2, 29, 67, 64, (67, 1)),
+    (1, 2, 40, 36, 160, (4, 9)),  # SD1 mid block head dim: padded to 256
+]
+
+
+@triton_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", QK_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_qk_mass_and_mask_match_reference(case, dtype, device):
+    b, heads, nq, nk, d, grid = case
+    q, k = qk_views(b, heads, nq, nk, d, dtype, device)
+    assert heads == 1 or not q.is_contiguous()
+    ref = ref_mass_qk(q, k)
+    thr = nq / nk
+    mask, mass = launch_mask_from_qk(q, k, thr, 1.0 / math.sqrt(d), return_mass=True)
+    torch.testing.assert_close(mass.cpu().double(), ref, rtol=2e-5, atol=2e-5)
+    assert_mask(mask.view(b, *grid), ref, grid, thr)
+    assert_mask(mask_from_qk(q, k, grid, threshold=thr), ref, grid, thr)
+
+
+@triton_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_qk_contiguous_and_scale(dtype, device):
+    q = torch.randn(2, 3, 45, 32, dtype=dtype, device=device)
+    k = torch.randn(2, 3, 30, 32, dtype=dtype, device=device)
+    ref = ref_mass_qk(q, k, scale=0.4)
+    assert_mask(mask_from_qk(q, k, (5, 6), threshold=1.1, scale=0.4), ref, (5, 6), 1.1)
+
+
+@triton_path
+def test_qk_query_split_does_not_change_the_mask(device):
+    q, k = qk_views(2, 3, 100, 30, 24, torch.float32, device)
+    ref = ref_mass_qk(q, k)
+    for n_split in (1, 3, 7):
+        mask, mass = launch_mask_from_qk(q, k, 100 / 30, 24 ** -0.5, n_split=n_split, return_mass=True)
+        torch.testing.assert_close(mass.double().cpu(), ref, rtol=2e-5, atol=2e-5)
+        assert_mask(mask.view(2, 6, 5), ref, (6, 5), 100 / 30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_qk_mass_exactly_at_threshold_is_false(dtype, device):
+    """q = 0: every row is uniform, 1/64 exactly, so each key's mass is Nq/64 exactly."""
+    b, heads, nk, d = 2, 3, 64, 16
+    k = torch.randn(b, heads, nk, d, dtype=dtype, device=device)
+    for nq, threshold in ((64, 1.0), (128, 2.0)):
+        q = torch.zeros(b, heads, nq, d, dtype=dtype, device=device)
+        assert (ref_mass_qk(q, k) == threshold).all()
+        assert not mask_from_qk(q, k, (8, 8), threshold=threshold).any()
+        assert mask_from_qk(q, k, (8, 8), threshold=threshold - 2**-10).all()
+
+
+@triton_path
+def test_qk_repeated_runs_are_identical(device):
+    q, k = qk_views(3, 2, 42, 42, 32, torch.float16, device)
+    first_mask, first_mass = launch_mask_from_qk(q, k, 1.0, 32 ** -0.5, return_mass=True)
+    for _ in range(2):
+        mask, mass = launch_mask_from_qk(q, k, 1.0, 32 ** -0.5, return_mass=True)
+        assert torch.equal(mask, first_mask)
+        assert torch.equal(mass.view(torch.int32), first_mass.view(torch.int32))
+
+
+def test_qk_float64_cpu_path():
+    q, k = qk_views(2, 2, 20, 20, 12, torch.float64, "cpu")
+    assert_mask(mask_from_qk(q, k, (4, 5)), ref_mass_qk(q, k), (4, 5), 1.0)
+
+
+# ------------------------------------------------------------------------------------- errors
+def test_probs_errors():
+    p = random_probs((2, 3, 8, 12), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="grid_hw"):
+        mask_from_probs(p, (3, 5))
+    with pytest.raises(ValueError, match="grid_hw"):
+        mask_from_probs(p, (0, 12))
+    with pytest.raises(TypeError, match="grid_hw"):
+        mask_from_probs(p, 12)
+    with pytest.raises(ValueError, match="probs"):
+        mask_from_probs(p[0, 0], (3, 4))
+    with pytest.raises(ValueError, match="probs"):
+        mask_from_probs(p.to(torch.int32), (3, 4))
+    with pytest.raises(TypeError, match="probs"):
+        mask_from_probs(p.numpy(), (3, 4))
+    with pytest.raises(ValueError, match="heads"):
+        mask_from_probs(p.view(6, 8, 12), (3, 4))  # 3-D needs heads
+    with pytest.raises(ValueError, match="heads"):
+        mask_from_probs(p.view(6, 8, 12), (3, 4), heads=4)  # 4 does not divide 6
+    with pytest.raises(ValueError, match="heads"):
+        mask_from_probs(p, (3, 4), heads=2)  # disagrees with the 4-D shape
+    with pytest.raises(ValueError, match="threshold"):
+        mask_from_probs(p, (3, 4), threshold=float("nan"))
+    with pytest.raises(ValueError, match="threshold"):
+        mask_from_probs(p, (3, 4), threshold=float("inf"))
+    with pytest.raises(TypeError, match="threshold"):
+        mask_from_probs(p, (3, 4), threshold=torch.tensor(1.0))
+
+
+def test_qk_errors():
+    q = torch.randn(2, 3, 10, 8)
+    k = torch.randn(2, 3, 12, 8)
+    with pytest.raises(ValueError, match="grid_hw"):
+        mask_from_qk(q, k, (2, 5))
+    with pytest.raises(ValueError, match="k"):
+        mask_from_qk(q, k[:, :2], (3, 4))
+    with pytest.raises(ValueError, match="k"):
+        mask_from_qk(q, k[..., :4], (3, 4))
+    with pytest.raises(ValueError, match="q"):
+        mask_from_qk(q[0], k, (3, 4))
+    with pytest.raises(ValueError, match="k must have the dtype"):
+        mask_from_qk(q, k.half(), (3, 4))
+    with pytest.raises(ValueError, match="q"):
+        mask_from_qk(q.to(torch.int64), k, (3, 4))
+    with pytest.raises(ValueError, match="k is on meta"):
+        mask_from_qk(q, k.to("meta"), (3, 4))
+    with pytest.raises(ValueError, match="threshold"):
+        mask_from_qk(q, k, (3, 4), threshold=float("-inf"))
+    with pytest.raises(ValueError, match="scale"):
+        mask_from_qk(q, k, (3, 4), scale=float("nan"))
+
+
+@triton_path
+def test_qk_head_dim_limit(device):
+    q = torch.randn(1, 1, 4, 257, device=device)
+    with pytest.raises(ValueError, match="d=257"):
+        mask_from_qk(q, q, (2, 2))
+
+
+@pytest.mark.gpu
+def test_float64_on_gpu_is_rejected():
+    p = random_probs((1, 1, 4, 4), torch.float64, "cuda")
+    with pytest.raises(ValueError, match="float64"):
+        mask_from_probs(p, (2, 2))
+    with pytest.raises(ValueError, match="float64"):
+        mask_from_qk(p, p, (2, 2))
+
+
+# ------------------------------------------------------------------------ torch.library / compile
+def test_opcheck_mask_from_probs():
+    probs = random_probs((2, 3, 20, 12), torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.sag_fast.mask_from_probs.default, (probs, 3, 4, 1.0, 3))
+    torch.library.opcheck(torch.ops.sag_fast.mask_from_probs.default, (probs.view(6, 20, 12), 4, 3, 0.9, 3))
+
+
+def test_opcheck_mask_from_qk():
+    q, k = qk_views(2, 3, 20, 12, 16, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.sag_fast.mask_from_qk.default, (q, k, 3, 4, 1.0, 0.25))
+
+
+def test_torch_compile_fullgraph():
+    probs = random_probs((2, 3, 20, 12), torch.float32, "cpu")
+    q, k = qk_views(2, 3, 20, 12, 16, torch.float32, "cpu")
+
+    def both(p, q, k):
+        return mask_from_probs(p, (3, 4)) | mask_from_qk(q, k, (4, 3)).view(2, 3, 4)
+
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(probs, q, k), both(probs, q, k))
+
+
+# ---------------------------------------------------------------------------- AOT / ptxas spills
+_PTR = {"p_ptr": None, "q_ptr": None, "k_ptr": None, "lse_ptr": "*fp32", "part_ptr": "*fp32",
+        "mass_ptr": "*fp32", "count_ptr": "*i32", "mask_ptr": "*u8"}
+_CONTIGUOUS_LAST = ("stride_k", "sq_d", "sk_d")  # stride 1 is specialised to a constexpr at launch
+_FLOATS = ("threshold", "qk_scale")
+
+
+def _aot_spec(fn, dtype: str, constexprs: dict):
+    """The signature a launch with contiguous last dims compiles: tensors, ints, fp32 scalars, constexprs."""
+    cx = {**constexprs, **{n: 1 for n in _CONTIGUOUS_LAST if n in fn.arg_names}}
+    if "WRITE_MASS" in fn.arg_names:
+        cx["WRITE_MASS"] = False  # what the custom ops launch
+    sig = {}
+    for name in fn.arg_names:
+        if name in cx:
+            sig[name] = "constexpr"
+        elif name in _PTR:
+            sig[name] = _PTR[name] or f"*{dtype}"
+        else:
+            sig[name] = "fp32" if name in _FLOATS else "i32"
+    return sig, cx
+
+
+def _aot_cases():
+    cases = []
+    for dt, tdt in (("fp16", torch.float16), ("fp32", torch.float32)):
+        cfg = dict(ops.probs_config(tdt))
+        cases.append(("_probs_mass_kernel", dt, cfg))
+        for d_pad in (64, 128, 256):  # the largest head dim of each block-size bucket
+            lse, mass = ops.qk_configs(tdt, d_pad)
+            cases += [("_qk_lse_kernel", dt, dict(lse)), ("_qk_mass_kernel", dt, dict(mass))]
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("case", _aot_cases(), ids=lambda c: f"{c[0]}-{c[1]}-d{c[2].get('D_PAD', '')}")
+def test_kernels_compile_without_spills(case, arch):
+    from triton_aot import compile_report, spilled_bytes
+
+    name, dtype, cfg = case
+    cfg = dict(cfg)  # shared by the arch parametrisations
+    num_warps = cfg.pop("num_warps")
+    sig, cx = _aot_spec(getattr(ops, name), dtype, cfg)
+    report = compile_report(f"sag_fast.ops.mask:{name}", sig, cx, arch, num_warps=num_warps)
+    assert spilled_bytes(report) == 0, report
+
+
+# ------------------------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+def test_gpu_bfloat16():
+    probs = random_probs((2, 3, 256, 256), torch.bfloat16, "cuda")
+    ref = ref_mass_probs(probs)
+    mask, mass = launch_mask_from_probs(probs, 1.0, return_mass=True)
+    torch.testing.assert_close(mass.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    assert_mask(mask.view(2, 16, 16), ref, (16, 16), 1.0)
+    q, k = qk_views(2, 3, 256, 256, 64, torch.bfloat16, "cuda")
+    ref = ref_mass_qk(q, k)
+    mask, mass = launch_mask_from_qk(q, k, 1.0, 0.125, return_mass=True)
+    torch.testing.assert_close(mass.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+    near = (ref - 1.0).abs() < 1e-3
+    assert torch.equal(mask.cpu()[~near], (ref > 1.0)[~near])
+
+
+def _agree_away_from_threshold(mask, ref, threshold=1.0, tol=1e-4):
+    far = (ref - threshold).abs() > tol
+    assert far.float().mean() > 0.9
+    assert torch.equal(mask.cpu()[far], (ref > threshold)[far])
+
+
+@pytest.mark.gpu
+def test_gpu_large_probs_and_determinism():
+    probs = random_probs((2, 20, 4096, 4096), torch.float16, "cuda", peak=3.0, work=torch.float32)
+    ref = reference.attention_mass(probs.double()).cpu()  # 11 GB of float64 on the GPU
+    mask, mass = launch_mask_from_probs(probs, 1.0, return_mass=True)
+    torch.testing.assert_close(mass.double().cpu(), ref, rtol=1e-5, atol=1e-4)
+    _agree_away_from_threshold(mask, ref)
+    assert torch.equal(mask_from_probs(probs, (64, 64)).view(2, -1), mask)
+    for _ in range(3):
+        again, mass2 = launch_mask_from_probs(probs, 1.0, return_mass=True)
+        assert torch.equal(again, mask) and torch.equal(mass2.view(torch.int32), mass.view(torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 160])
+def test_gpu_large_qk_and_determinism(d):
+    q, k = qk_views(2, 10, 4096, 4096, d, torch.float16, "cuda", peak=2.0)
+    ref = reference.attention_mass_from_qk(q, k).double().cpu()  # fp32 reference (fp64 would be 2.7 GB x 2)
+    mask, mass = launch_mask_from_qk(q, k, 1.0, d ** -0.5, return_mass=True)
+    torch.testing.assert_close(mass.double().cpu(), ref, rtol=1e-4, atol=1e-3)
+    _agree_away_from_threshold(mask, ref, tol=1e-3)
+    for _ in range(3):
+        again, mass2 = launch_mask_from_qk(q, k, 1.0, d ** -0.5, return_mass=True)
+        assert torch.equal(again, mask) and torch.equal(mass2.view(torch.int32), mass.view(torch.int32))
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_qk_is_not_tf32():
+    q, k = qk_views(2, 4, 256, 256, 64, torch.float32, "cuda")
+    ref = ref_mass_qk(q, k)
+    mask, mass = launch_mask_from_qk(q, k, 1.0, 0.125, return_mass=True)
+    torch.testing.assert_close(mass.double().cpu(), ref, rtol=2e-5, atol=2e-5)  # tf32 would miss by ~1e-3
