@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import QUICK, record_e2e, time_fn
+from conftest import QUICK, record_dispatch, record_e2e, time_fn
 
 HAS_CUDA = torch.cuda.is_available()
 # SAG_FAST_BENCH_FULL=1 also compiles the SDXL UNet on a GPU and compiles the tiny one on a CPU (minutes)
@@ -389,3 +389,39 @@ def test_e2e_step(spec: ModelSpec, variant: str):
                mem_kind=mem_kind, note=note)
     print(f"\n[bench_e2e] {spec.name} / {variant}: {step * 1e3:.2f} ms/step"
           + (f", peak +{peak / 2**20:.0f} MiB" if peak is not None else ""))
+
+
+# ------------------------------------------------------------------------------ ops per sampling step
+def _ops_per_step(setup: Setup, pipe, **call) -> tuple[int, int]:
+    """Ops (and host syncs) dispatched by one step: a 2-step run minus a 1-step run of the same pipeline."""
+    from sag_fast._profiling import count_dispatched_ops, host_syncs
+
+    kw = dict(setup.call_kwargs, **call)
+    counts = []
+    for steps in (1, 2):
+        _, c = count_dispatched_ops(lambda: pipe(**dict(kw, num_inference_steps=steps)))
+        counts.append(c)
+    step = counts[1] - counts[0]  # Counter subtraction keeps positive counts: the ops of the extra step
+    return sum(step.values()), sum(host_syncs(step).values())
+
+
+def test_dispatched_ops_per_step():
+    """The cost of a guided step in launches (each op is a kernel on a GPU), against diffusers' SAG step."""
+    spec = model_specs()[0]
+    if spec.sdxl:
+        pytest.skip("counted on an SD-style UNet")
+    setup = get_setup(spec)
+    if isinstance(sag_api(), str):
+        pytest.skip(sag_api())
+    set_compiled(setup, False)
+    with warnings.catch_warnings(), (contextlib.nullcontext() if HAS_CUDA else _cpu_path()):
+        warnings.simplefilter("ignore")
+        plain = make_pipeline(setup)
+        ops, syncs = _ops_per_step(setup, plain, guidance_scale=CFG_SCALE)
+        record_dispatch(spec.name, "CFG", ops, syncs)
+        ops, syncs = _ops_per_step(setup, make_pipeline(setup, deprecated_sag=True), guidance_scale=CFG_SCALE,
+                                   sag_scale=SAG_SCALE)
+        record_dispatch(spec.name, "diffusers SAG+CFG", ops, syncs, baseline="CFG")
+        with sag_enabled(plain):
+            ops, syncs = _ops_per_step(setup, plain, guidance_scale=CFG_SCALE)
+        record_dispatch(spec.name, "sag_fast enable_sag SAG+CFG", ops, syncs, baseline="CFG")

@@ -22,6 +22,7 @@ import torch
 QUICK = os.environ.get("SAG_FAST_BENCH_QUICK") == "1"
 ROWS: list[dict] = []
 E2E_ROWS: list[dict] = []
+DISPATCH_ROWS: list[dict] = []
 
 
 def sync(device) -> None:
@@ -86,6 +87,14 @@ def record_e2e(model: str, variant: str, step_seconds: float | None, *, steps: i
                peak_bytes=peak_bytes, mem_kind=mem_kind, note=note, extra=extra)
     E2E_ROWS.append(row)
     _stream("e2e", row)
+
+
+def record_dispatch(model: str, variant: str, ops: int, host_syncs: int, baseline: str | None = None) -> None:
+    """Operators dispatched in one sampling step of `variant` (counted with TorchDispatchMode) and how many
+    of them read a device value on the host (a sync on CUDA)."""
+    row = dict(model=model, variant=variant, ops=ops, host_syncs=host_syncs, baseline=baseline)
+    DISPATCH_ROWS.append(row)
+    _stream("dispatch", row)
 
 
 def bench_seconds(benchmark) -> float:
@@ -182,6 +191,15 @@ def e2e_overhead_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def dispatch_table_lines(rows: list[dict]) -> list[str]:
+    lines = ["| model | variant | aten ops / step | host syncs / step | vs baseline |", "|---|---|---:|---:|---|"]
+    for r in rows:
+        base = [b for b in rows if b["model"] == r["model"] and b["variant"] == r["baseline"]]
+        vs = f"{r['ops'] - base[0]['ops']:+d} ops vs {r['baseline']}" if base else ""
+        lines.append(f"| {r['model']} | {r['variant']} | {r['ops']} | {r['host_syncs']} | {vs} |")
+    return lines
+
+
 def _all_lines() -> list[str]:
     lines: list[str] = []
     if ROWS:
@@ -191,6 +209,8 @@ def _all_lines() -> list[str]:
         overhead = e2e_overhead_lines(E2E_ROWS)
         if overhead:
             lines += ["", "SAG overhead (SAG+CFG step / CFG step):"] + overhead
+    if DISPATCH_ROWS:
+        lines += ["", "Ops dispatched in one sampling step:"] + dispatch_table_lines(DISPATCH_ROWS)
     return lines
 
 

@@ -138,18 +138,18 @@ def _run_part(name: str, files: list[str], env: dict, args, timeout: float) -> d
                 command=shlex.join(["python", *cmd[1:]]))
 
 
-def _read_rows(path: str) -> tuple[list[dict], list[dict]]:
-    ops, e2e = [], []
+def _read_rows(path: str) -> tuple[list[dict], list[dict], list[dict]]:
+    rows = {"op": [], "e2e": [], "dispatch": []}
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 if line.strip():
                     row = json.loads(line)
-                    (ops if row.pop("kind") == "op" else e2e).append(row)
-    return ops, e2e
+                    rows[row.pop("kind")].append(row)
+    return rows["op"], rows["e2e"], rows["dispatch"]
 
 
-def render(header: dict, parts: list[dict], ops: list[dict], e2e: list[dict], fmt) -> str:
+def render(header: dict, parts: list[dict], ops: list[dict], e2e: list[dict], dispatch: list[dict], fmt) -> str:
     h = header
     lines = [
         f"# sag_fast benchmarks: {h['date']}, {h['device_slug']}",
@@ -182,6 +182,11 @@ def render(header: dict, parts: list[dict], ops: list[dict], e2e: list[dict], fm
             lines += ["", "SAG overhead (SAG+CFG step / CFG step):", ""] + overhead
     else:
         lines.append("(no end-to-end rows)")
+    if dispatch:
+        lines += ["", "## Ops dispatched in one sampling step", "",
+                  "Counted with TorchDispatchMode on the CPU path (a 2-step minus a 1-step run): every op is a "
+                  "kernel launch on a GPU; host syncs must be 0.", ""]
+        lines += fmt.dispatch_table_lines(dispatch)
     return "\n".join(lines) + "\n"
 
 
@@ -242,13 +247,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.budget is not None:
                 limit = min(timeout, max(args.budget - (time.perf_counter() - start), 10.0))
             parts.append(_run_part("end to end", [e2e_file], e2e_env, args, limit))
-        ops, e2e = _read_rows(jsonl)
+        ops, e2e, dispatch = _read_rows(jsonl)
 
     header = dict(date=date, device_slug=slug, device=device, torch=torch.__version__, triton=_version("triton"),
                   diffusers=_version("diffusers"), sag_fast=sag_version, extension=ext,
                   command=_command(argv), quick=args.quick, full=args.full, copy=copy,
                   seconds=time.perf_counter() - start)
-    text = render(header, parts, ops, e2e, fmt)
+    text = render(header, parts, ops, e2e, dispatch, fmt)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
