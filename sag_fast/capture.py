@@ -322,6 +322,13 @@ class AttentionCapture:
                 F.scaled_dot_product_attention = self._sdpa_original
                 self._sdpa_original = None
 
+    def observe_input(self, *args, **kwargs) -> None:
+        """Record the model's input geometry (as its forward pre-hook would) for a forward that bypasses
+        `model.__call__`: a hook that replaced `model.forward` and calls the original forward directly
+        (sag_fast.diffusers) never runs the model's own pre-hooks, and DiT's only 4-D input is the model's."""
+        if self._geometry and self._geometry[-1] is self.model:
+            self._make_shape_hook(len(self._geometry) - 1)(self.model, args, kwargs)
+
     def remove(self) -> None:
         """Removes every hook; the model is exactly as before."""
         for handle in self._handles:

@@ -1,0 +1,275 @@
+"""Tiny diffusers pipelines with random weights: for tests, the CLI's default model and quick demos.
+
+Everything is built from small configs under a fixed seed, never downloaded: a byte-level CLIP
+tokenizer from an in-memory vocabulary, CLIP text encoders, a 4-level AutoencoderKL (8x down, so a
+64x64 image has 8x8 latents), UNet2DConditionModel (SD1/SD2/SDXL flavours), DiT and UNet2DModel.
+The images are noise-like; what matters is that every code path of a real pipeline runs, fast
+(a 64x64 SD image in 10 steps takes well under a second on a CPU) and bit-for-bit reproducibly.
+
+Conventions the deprecated diffusers SAG pipeline relies on are kept: UNet2DConditionModel's
+`attention_head_dim` is an int and is the number of heads of every attention layer (diffusers' legacy
+naming), and the SAG layer `mid_block.attentions[0].transformer_blocks[0].attn1` exists.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+SCHEDULERS = ("ddim", "pndm", "ddpm", "dpm", "dpm_karras", "dpm_sde", "unipc", "deis", "euler", "euler_a",
+              "heun", "lms")
+
+# sizes shared by the tiny models
+TEXT_HIDDEN = 32
+TEXT_MAX_LENGTH = 77
+LATENT_CHANNELS = 4
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run model construction under a fixed CPU seed without disturbing the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the others to code points 256+."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A few hundred tokens: every byte symbol alone and word-final (needed so that any text encodes),
+    merges of frequent English letter pairs, and CLIP's two special tokens last (as in real CLIP)."""
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    frequent = "etaoinshrdl"
+    for a in frequent:
+        for b in frequent:
+            merges.append((a, b + "</w>"))
+    for a in "etaoin":
+        for b in "etaoin":
+            merges.append((a, b))
+    for a, b in merges:
+        tokens.append(a + b)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    return vocab, merges
+
+
+def tiny_tokenizer():
+    """A CLIPTokenizer over the tiny vocabulary; pads/truncates to TEXT_MAX_LENGTH tokens."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=TEXT_MAX_LENGTH)
+
+
+def _text_config(projection_dim: int = TEXT_HIDDEN):
+    from transformers import CLIPTextConfig
+
+    vocab, _ = _vocab_and_merges()
+    eos = vocab["<|endoftext|>"]
+    return CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=TEXT_MAX_LENGTH, projection_dim=projection_dim,
+        hidden_act="quick_gelu", bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
+    )
+
+
+def tiny_text_encoder(seed: int = 0, with_projection: bool = False):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    with _seeded(seed):
+        cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+        return cls(_text_config()).eval()
+
+
+def tiny_vae(seed: int = 0, latent_channels: int = LATENT_CHANNELS):
+    """AutoencoderKL with 4 levels (vae_scale_factor 8) and 8-16 channels."""
+    from diffusers import AutoencoderKL
+
+    with _seeded(seed):
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=latent_channels,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64,
+        ).eval()
+
+
+def tiny_unet(seed: int = 0, sdxl: bool = False, use_linear_projection: bool = False, sample_size: int = 8):
+    """UNet2DConditionModel: 2 levels (16, 32 channels), attention at the second level and in the mid
+    block (a 4x4 grid for 8x8 latents). attention_head_dim=2 is the number of heads (diffusers' naming)."""
+    from diffusers import UNet2DConditionModel
+
+    kwargs: dict[str, Any] = {}
+    cross_dim = TEXT_HIDDEN
+    if sdxl:
+        time_embed = 8
+        cross_dim = 2 * TEXT_HIDDEN  # SDXL concatenates the hidden states of both text encoders
+        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=time_embed,
+                      # 6 micro-conditioning numbers (original size, crop, target size) + the pooled text
+                      projection_class_embeddings_input_dim=6 * time_embed + TEXT_HIDDEN,
+                      transformer_layers_per_block=1)
+    with _seeded(seed):
+        return UNet2DConditionModel(
+            sample_size=sample_size, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+            cross_attention_dim=cross_dim, attention_head_dim=2, use_linear_projection=use_linear_projection,
+            **kwargs,
+        ).eval()
+
+
+def tiny_scheduler(name: str = "ddim", prediction_type: str = "epsilon", **overrides):
+    """A scheduler with Stable Diffusion's training schedule (scaled_linear betas 0.00085..0.012)."""
+    import diffusers
+
+    base = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type=prediction_type, steps_offset=1)
+    table = {
+        "ddim": ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False)),
+        "pndm": ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=False)),
+        "ddpm": ("DDPMScheduler", dict(clip_sample=False)),
+        "dpm": ("DPMSolverMultistepScheduler", {}),
+        "dpm_karras": ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
+        "dpm_sde": ("DPMSolverSinglestepScheduler", {}),
+        "unipc": ("UniPCMultistepScheduler", {}),
+        "deis": ("DEISMultistepScheduler", {}),
+        "euler": ("EulerDiscreteScheduler", {}),
+        "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+        "heun": ("HeunDiscreteScheduler", {}),
+        "lms": ("LMSDiscreteScheduler", {}),
+    }
+    if name not in table:
+        raise ValueError(f"scheduler={name!r} is not one of {SCHEDULERS}")
+    cls_name, extra = table[name]
+    cls = getattr(diffusers, cls_name)
+    kwargs = {**base, **extra, **overrides}
+    if "steps_offset" not in inspect.signature(cls.__init__).parameters:
+        kwargs.pop("steps_offset")
+    return cls(**kwargs)
+
+
+def _place(pipe, device, dtype):
+    if device is not None or dtype is not None:
+        pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd_components(prediction_type: str = "epsilon", scheduler: str = "ddim", seed: int = 0) -> dict:
+    """Components of a tiny SD1 (epsilon) or SD2-like (v_prediction, linear projections) pipeline, usable
+    as `StableDiffusionPipeline(**c)` and by diffusers' deprecated `StableDiffusionSAGPipeline(**c)`."""
+    return dict(
+        vae=tiny_vae(seed + 1),
+        text_encoder=tiny_text_encoder(seed + 2),
+        tokenizer=tiny_tokenizer(),
+        unet=tiny_unet(seed, use_linear_projection=prediction_type == "v_prediction"),
+        scheduler=tiny_scheduler(scheduler, prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sd_pipeline(cls=None, prediction_type: str = "epsilon", scheduler: str = "ddim", seed: int = 0,
+                     device=None, dtype=None):
+    """A tiny Stable Diffusion pipeline of class `cls` (default StableDiffusionPipeline; any class taking SD's
+    components works: img2img, diffusers' deprecated SAG pipeline, sag_fast's). 64x64 images, 8x8 latents."""
+    if cls is None:
+        from diffusers import StableDiffusionPipeline as cls
+    return _place(cls(**tiny_sd_components(prediction_type, scheduler, seed)), device, dtype)
+
+
+def tiny_sdxl_components(prediction_type: str = "epsilon", scheduler: str = "euler", seed: int = 0) -> dict:
+    return dict(
+        vae=tiny_vae(seed + 1),
+        text_encoder=tiny_text_encoder(seed + 2),
+        text_encoder_2=tiny_text_encoder(seed + 3, with_projection=True),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
+        unet=tiny_unet(seed, sdxl=True),
+        scheduler=tiny_scheduler(scheduler, prediction_type),
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def tiny_sdxl_pipeline(cls=None, prediction_type: str = "epsilon", scheduler: str = "euler", seed: int = 0,
+                       device=None, dtype=None):
+    """A tiny SDXL pipeline (two text encoders, text_time micro-conditioning). 64x64 images, 8x8 latents."""
+    if cls is None:
+        from diffusers import StableDiffusionXLPipeline as cls
+    return _place(cls(**tiny_sdxl_components(prediction_type, scheduler, seed)), device, dtype)
+
+
+TINY_LABELS = {0: "tench, Tinca tinca", 1: "goldfish", 2: "white shark", 3: "umbrella"}
+
+
+def tiny_dit_pipeline(scheduler: str = "ddim", seed: int = 0, learned_sigma: bool = True, device=None, dtype=None):
+    """A tiny DiTPipeline: 8x8 latents, patch 2 (a 4x4 token grid), 1000 classes + the null class,
+    learned sigma (8 output channels for 4 latent channels) unless learned_sigma=False."""
+    from diffusers import DiTPipeline, DiTTransformer2DModel
+
+    with _seeded(seed):
+        transformer = DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS,
+            out_channels=2 * LATENT_CHANNELS if learned_sigma else LATENT_CHANNELS, num_layers=3,
+            sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+        ).eval()
+    sched = tiny_scheduler(scheduler, "epsilon", beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(seed + 1), scheduler=sched, id2label=TINY_LABELS)
+    return _place(pipe, device, dtype)
+
+
+def tiny_unet2d(seed: int = 0, learned_variance: bool = False, sample_size: int = 16):
+    """UNet2DModel on 3-channel pixels: 2 levels, attention at the second level and in the mid block (8x8)."""
+    from diffusers import UNet2DModel
+
+    with _seeded(seed):
+        return UNet2DModel(
+            sample_size=sample_size, in_channels=3, out_channels=6 if learned_variance else 3,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+        ).eval()
+
+
+def tiny_unet2d_pipeline(cls=None, scheduler: str | None = None, seed: int = 0, learned_variance: bool = False,
+                         device=None, dtype=None):
+    """A tiny unconditional pixel-space pipeline (the paper's ADM setting): DDPMPipeline (default) or
+    DDIMPipeline with a UNet2DModel on 16x16 images. learned_variance=True (DDPM only) makes the model
+    output 6 channels and the scheduler use variance_type="learned_range"."""
+    from diffusers import DDIMPipeline, DDPMPipeline
+
+    cls = DDPMPipeline if cls is None else cls
+    if scheduler is None:
+        scheduler = "ddim" if cls is DDIMPipeline else "ddpm"
+    overrides: dict[str, Any] = dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    if learned_variance:
+        if scheduler != "ddpm":
+            raise ValueError(f"learned_variance=True needs scheduler='ddpm', got scheduler={scheduler!r}")
+        overrides["variance_type"] = "learned_range"
+    sched = tiny_scheduler(scheduler, "epsilon", **overrides)
+    if scheduler == "ddim":
+        # DDIMPipeline converts any scheduler to DDIM; keep the SD-style DDIM options
+        sched = tiny_scheduler("ddim", "epsilon", **overrides)
+    pipe = cls(unet=tiny_unet2d(seed, learned_variance), scheduler=sched)
+    return _place(pipe, device, dtype)
