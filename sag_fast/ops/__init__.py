@@ -1,6 +1,4 @@
-"""The fused ops, one module each: Triton kernels (mask, degrade) and the C++/CUDA guidance combination."""
-from .degrade import degrade
-from .guidance import guidance_combine, guidance_shift_
-from .mask import mask_from_probs, mask_from_qk
+"""The fused ops, one module each (import the function from its module, e.g.
+`from sag_fast.ops.degrade import degrade`): mask.py and degrade.py (Triton), guidance.py (C++/CUDA in csrc/).
 
-__all__ = ["degrade", "guidance_combine", "guidance_shift_", "mask_from_probs", "mask_from_qk"]
+Nothing is re-exported here: `sag_fast.ops.degrade` must stay the module, not the function of the same name."""
