@@ -74,7 +74,10 @@ def _load_pipeline(model: str | None, device, dtype):
     if model is None:
         from sag_fast.diffusers.tiny import tiny_sd_pipeline
 
-        return tiny_sd_pipeline(seed=0).to(device=device, dtype=dtype), "built-in tiny SD (random weights)"
+        pipe = tiny_sd_pipeline(seed=0).to(device)
+        if dtype != torch.float32:  # built in fp32
+            pipe = pipe.to(dtype=dtype)
+        return pipe, "built-in tiny SD (random weights)"
     from diffusers import DiffusionPipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: a local folder or the local HF cache only
