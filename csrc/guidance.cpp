@@ -2,6 +2,7 @@
 // mirrors every check in the fakes, with the same messages.
 #include "guidance.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 namespace sag_fast {
@@ -59,6 +60,13 @@ ShiftShape check_shift(const at::Tensor& pred, const at::Tensor& degraded, int64
   TORCH_CHECK_VALUE(uncond_index >= 0 && uncond_index < ways, op, ": uncond_index=", uncond_index,
                     " must be in 0..", ways - 1, " (pred holds ", ways, " ways)");
   const int64_t g = check_guided(op, pred, degraded, guided_channels);
+  // pred is written in place: each element needs its own memory, and degraded must not alias it.
+  TORCH_CHECK_VALUE(at::has_internal_overlap(pred) != at::MemOverlap::Yes, op,
+                    ": pred has elements that share memory (an expanded view?); it is written in place, so every "
+                    "element needs its own memory");
+  const auto overlap = at::get_overlap_status(pred, degraded);
+  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+                    ": degraded shares memory with pred, which is written in place");
   return {b, ways, uncond_index, pred.size(1), g, c10::multiply_integers(pred.sizes().slice(2))};
 }
 

@@ -32,6 +32,7 @@ struct ShiftShape {
 // the argument. CUDA has no fp64 kernel, so it passes allow_fp64 = false.
 CombineShape check_combine(const at::Tensor& pred, const at::Tensor& degraded, int64_t guided_channels,
                            bool allow_fp64);
+// check_shift also refuses a pred with self-overlapping elements or one that aliases degraded.
 ShiftShape check_shift(const at::Tensor& pred, const at::Tensor& degraded, int64_t guided_channels,
                        int64_t uncond_index, bool allow_fp64);
 

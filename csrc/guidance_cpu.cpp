@@ -5,7 +5,6 @@
 // element, so the inner loops are plain pointer loops the compiler vectorises (fp32/fp64).
 // Arithmetic is in at::opmath_type: fp32 for fp16/bf16/fp32, fp64 for fp64.
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -113,12 +112,6 @@ at::Tensor guidance_combine_cpu(const at::Tensor& pred, const at::Tensor& degrad
 void guidance_shift_cpu(at::Tensor& pred, const at::Tensor& degraded, double sag_scale, int64_t guided_channels,
                         int64_t uncond_index) {
   const ShiftShape sh = check_shift(pred, degraded, guided_channels, uncond_index, /*allow_fp64=*/true);
-  TORCH_CHECK_VALUE(at::has_internal_overlap(pred) != at::MemOverlap::Yes,
-                    "guidance_shift_: pred has elements that share memory (an expanded view?); it is written in "
-                    "place, so every element needs its own memory");
-  const auto overlap = at::get_overlap_status(pred, degraded);
-  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
-                    "guidance_shift_: degraded shares memory with pred, which is written in place");
   // A pred whose planes are not flat is shifted in a contiguous copy that is then written back, so the
   // result always lands in pred itself.
   at::Tensor work = planes_are_flat(pred) ? pred : pred.contiguous();

@@ -2,7 +2,6 @@
 // checks and launches on the current stream; the kernels are in guidance_kernels.cuh.
 // Only c10/cuda headers (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE): the stream, the
 // device guard and error checks are all this file needs.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -79,12 +78,6 @@ at::Tensor guidance_combine_cuda(const at::Tensor& pred, const at::Tensor& degra
 void guidance_shift_cuda(at::Tensor& pred, const at::Tensor& degraded, double sag_scale, int64_t guided_channels,
                          int64_t uncond_index) {
   const ShiftShape sh = check_shift(pred, degraded, guided_channels, uncond_index, /*allow_fp64=*/false);
-  TORCH_CHECK_VALUE(at::has_internal_overlap(pred) != at::MemOverlap::Yes,
-                    "guidance_shift_: pred has elements that share memory (an expanded view?); it is written in "
-                    "place, so every element needs its own memory");
-  const auto overlap = at::get_overlap_status(pred, degraded);
-  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
-                    "guidance_shift_: degraded shares memory with pred, which is written in place");
   const c10::cuda::CUDAGuard guard(pred.device());
   // Non-flat planes: shift a contiguous copy and write it back, so the result lands in pred itself.
   at::Tensor work = planes_are_flat(pred) ? pred : pred.contiguous();

@@ -7,22 +7,9 @@ import os
 import sys
 import time
 
-SCHEDULERS = {
-    # name -> (diffusers class, extra config)
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "deis": ("DEISMultistepScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {}),
-    "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "dpm-single": ("DPMSolverSinglestepScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "kdpm2": ("KDPM2DiscreteScheduler", {}),
-}
+# the names of sag_fast.diffusers.schedulers.SCHEDULERS, kept here so `--help` does not import diffusers
+SCHEDULER_NAMES = ("ddim", "ddpm", "pndm", "deis", "unipc", "dpm", "dpm_karras", "dpm_single", "euler", "euler_a",
+                   "heun", "lms", "kdpm2")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -36,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     s.add_argument("--negative-prompt", default=None)
     s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
+    s.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default=None, help="default: the model's own")
     s.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (1.0 = no CFG)")
     s.add_argument("--sag-scale", type=float, default=0.75)
     s.add_argument("--blur-sigma", type=float, default=1.0)
@@ -92,10 +79,9 @@ def _load_pipeline(model: str | None, device, dtype):
 def _set_scheduler(pipe, name: str | None) -> None:
     if name is None:
         return
-    import diffusers
+    from sag_fast.diffusers.schedulers import make_scheduler
 
-    cls_name, extra = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+    pipe.scheduler = make_scheduler(name, config=pipe.scheduler.config)
 
 
 def _run(pipe, a, generator_seed: int, device, sync):

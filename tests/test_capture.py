@@ -9,30 +9,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor
 
 from sag_fast import reference
 from sag_fast.capture import AttentionCapture, resolve_layer
+from tiny_models import tiny_unet, tiny_unet_cond
 
 THRESHOLD = 1.0
 MARGIN = 1e-4  # masses this close to the threshold may round either way in fp32: not compared
-
-
-def tiny_unet_cond():
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
-def tiny_unet():
-    return UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, attention_head_dim=4,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
 
 
 def tiny_dit():

@@ -53,3 +53,16 @@ def test_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "sag_fast", "--help"], capture_output=True, text=True,
                          env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")})
     assert res.returncode == 0 and "sample" in res.stdout and "bench" in res.stdout
+
+
+def test_scheduler_names_are_the_table():
+    from sag_fast.__main__ import SCHEDULER_NAMES
+    from sag_fast.diffusers.schedulers import SCHEDULERS
+
+    assert sorted(SCHEDULER_NAMES) == sorted(SCHEDULERS)
+
+
+def test_scheduler_option_replaces_the_pipeline_scheduler(tmp_path):
+    main(["sample", "--steps", "2", "--scheduler", "euler_a", "--no-progress", "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert report["settings"]["scheduler"] == "EulerAncestralDiscreteScheduler"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
 from sag_fast import reference
 from sag_fast.capture import AttentionCapture
 from sag_fast.guidance import SAGConfig, sag_guided_forward
 from sag_fast.sampler import SAGSampler
+from tiny_models import tiny_unet, tiny_unet_cond
 
 STEPS = 3
 
@@ -22,22 +23,6 @@ def reference_degrade(request, monkeypatch):
     if not request.node.name.startswith("test_fused_ops"):
         import sag_fast.guidance
         monkeypatch.setattr(sag_fast.guidance, "_degrade", reference.degrade)
-
-
-def tiny_unet(out_channels=3):
-    return UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=out_channels, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, attention_head_dim=4,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
-def tiny_unet_cond():
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    ).eval()
 
 
 def ddim():

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from typing import Any
 
 import torch
 
-SCHEDULERS = ("ddim", "pndm", "ddpm", "dpm", "dpm_karras", "dpm_sde", "unipc", "deis", "euler", "euler_a",
-              "heun", "lms")
+from .schedulers import SCHEDULERS, make_scheduler
 
 # sizes shared by the tiny models
 TEXT_HIDDEN = 32
@@ -137,32 +135,10 @@ def tiny_unet(seed: int = 0, sdxl: bool = False, use_linear_projection: bool = F
 
 def tiny_scheduler(name: str = "ddim", prediction_type: str = "epsilon", **overrides):
     """A scheduler with Stable Diffusion's training schedule (scaled_linear betas 0.00085..0.012)."""
-    import diffusers
-
-    base = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type=prediction_type, steps_offset=1)
-    table = {
-        "ddim": ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False)),
-        "pndm": ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=False)),
-        "ddpm": ("DDPMScheduler", dict(clip_sample=False)),
-        "dpm": ("DPMSolverMultistepScheduler", {}),
-        "dpm_karras": ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
-        "dpm_sde": ("DPMSolverSinglestepScheduler", {}),
-        "unipc": ("UniPCMultistepScheduler", {}),
-        "deis": ("DEISMultistepScheduler", {}),
-        "euler": ("EulerDiscreteScheduler", {}),
-        "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-        "heun": ("HeunDiscreteScheduler", {}),
-        "lms": ("LMSDiscreteScheduler", {}),
-    }
-    if name not in table:
-        raise ValueError(f"scheduler={name!r} is not one of {SCHEDULERS}")
-    cls_name, extra = table[name]
-    cls = getattr(diffusers, cls_name)
-    kwargs = {**base, **extra, **overrides}
-    if "steps_offset" not in inspect.signature(cls.__init__).parameters:
-        kwargs.pop("steps_offset")
-    return cls(**kwargs)
+    # SD's scheduler settings; each class takes the ones it has
+    sd = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+              steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+    return make_scheduler(name, defaults=sd, prediction_type=prediction_type, **overrides)
 
 
 def _place(pipe, device, dtype):
