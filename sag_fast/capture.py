@@ -146,6 +146,9 @@ class AttentionCapture:
                  grid_hw: tuple[int, int] | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if hasattr(model, "_orig_mod"):  # torch.compile(module) wraps it: its layers are hidden under _orig_mod
+            raise TypeError("model is a torch.compile'd module: install SAG on the module itself (model._orig_mod) "
+                            "and compile its forward instead, e.g. `unet.forward = torch.compile(unet.forward)`")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
             raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
         if grid_hw is not None:

@@ -313,3 +313,9 @@ def test_layer_that_never_attends_raises():
     capture = AttentionCapture(model, layer="lin", grid_hw=(1, 1))
     with pytest.raises(RuntimeError, match="scaled_dot_product_attention"):
         captured(capture, lambda: model(torch.randn(1, 4)))
+
+
+def test_compiled_module_is_refused_with_the_way_out():
+    model = tiny_unet_cond()
+    with pytest.raises(TypeError, match="_orig_mod"):
+        AttentionCapture(torch.compile(model))
