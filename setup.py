@@ -2,9 +2,11 @@
 
 SAG_FAST_CUDA_ARCHS chooses the GPU architectures (default "80;90"), e.g. SAG_FAST_CUDA_ARCHS="90".
 SAG_FAST_FORCE_CPU=1 builds the CPU-only extension even where CUDA is available.
+SAG_FAST_NINJA=1 compiles with ninja, in parallel, where ninja is on PATH.
 """
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -48,6 +50,8 @@ setup(
     install_requires=["torch>=2.6", "diffusers>=0.30", "tqdm", "pillow"],
     extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)},
+    # SAG_FAST_NINJA=1 (bench/gpu_check.sh): ninja compiles the sources in parallel; else one by one
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(
+        use_ninja=os.environ.get("SAG_FAST_NINJA") == "1" and shutil.which("ninja") is not None)},
     entry_points={"console_scripts": ["sag-fast=sag_fast.__main__:main"]},
 )

@@ -8,10 +8,14 @@
 #
 # Environment: PYTHON (a python with a CUDA torch; default: the first of python3, python that has one),
 # VENV (default .venv, or .venv-gpu when .venv holds a CPU-only torch), SAG_FAST_CUDA_ARCHS (default: this
-# GPU's, e.g. 90), GPU_CHECK_BUDGET (seconds, default 570), SAG_FAST_OFFLINE=1/0 (default: probed).
+# GPU's, e.g. 90), GPU_CHECK_BUDGET (seconds, default 570), SAG_FAST_OFFLINE=1/0 (default 1: nothing is
+# downloaded, pip and the Hugging Face libraries are told so; 0 lets bootstrap install requirements.txt),
+# GPU_CHECK_WORKERS (pytest-xdist workers for the tests where xdist is installed, default 8; 0: serial).
 # Offline machines (no package index): put the missing wheels in .whl/ first, e.g. on a machine with network
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
 # they are installed with --no-deps, and packages the machine already has are used at their own versions.
+# On this workplace's device machine (python3 is a CUDA torch in /opt/torch/.venv, no diffusers, no network):
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
@@ -43,11 +47,16 @@ VPY="$VENV/bin/python"
 export VPY
 if [ ! -x "$VPY" ]; then
   log "creating $VENV on top of $PY's packages"
-  "$PY" -m venv --system-site-packages "$VENV" || die "python -m venv $VENV"
+  if ! "$PY" -m venv --system-site-packages "$VENV" 2>"$LOGDIR/venv.log"; then
+    # e.g. Debian/Ubuntu's python without python3-venv (no ensurepip): pip then comes from $PY's packages
+    log "python -m venv failed ($(tail -1 "$LOGDIR/venv.log")): retrying with --without-pip"
+    rm -rf "$VENV"
+    "$PY" -m venv --system-site-packages --without-pip "$VENV" || die "python -m venv $VENV (log: $LOGDIR/venv.log)"
+  fi
   echo '*' > "$VENV/.gitignore"  # a venv that git ignores wherever it is made
   # When $PY itself lives in a venv (e.g. /opt/torch/.venv), --system-site-packages reaches only its base
   # interpreter: point the new venv at $PY's own site-packages, after the venv's own.
-  if ! "$VPY" -c "import torch" 2>/dev/null; then
+  if ! "$VPY" -c "import torch, pip" 2>/dev/null; then
     purelib=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     "$PY" -c "import site, sys; print('\n'.join(site.getsitepackages() + [site.getusersitepackages()]))" \
       > "$purelib/_sag_fast_system_torch.pth"
@@ -59,17 +68,16 @@ if [ -z "${SAG_FAST_CUDA_ARCHS:-}" ]; then
   SAG_FAST_CUDA_ARCHS=$("$VPY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability(0))")
 fi
 export SAG_FAST_CUDA_ARCHS  # one architecture: half the nvcc time of the default "80;90"
+export SAG_FAST_NINJA=${SAG_FAST_NINJA:-1}  # setup.py: compile the extension's sources in parallel
 
-if [ -z "${SAG_FAST_OFFLINE:-}" ]; then
-  if "$VPY" -c "import socket; socket.create_connection(('pypi.org', 443), timeout=3)" 2>/dev/null; then
-    SAG_FAST_OFFLINE=0
-  else
-    SAG_FAST_OFFLINE=1
-  fi
+SAG_FAST_OFFLINE=${SAG_FAST_OFFLINE:-1}
+if [ "$SAG_FAST_OFFLINE" = 1 ]; then  # nothing may reach for the network (it may hang, or change the torch)
+  export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 fi
+"$VPY" -m pip --version >/dev/null 2>&1 || die "$VPY has no pip (bootstrap builds the extension with it)"
 stamp="$VENV/.deps-$(cksum requirements.txt | cut -d' ' -f1)"  # the stamp scripts/bootstrap.sh looks for
 if [ "$SAG_FAST_OFFLINE" = 1 ] && [ ! -f "$stamp" ]; then
-  log "no package index reachable: wheels from .whl/ (if any), then the packages already installed"
+  log "offline: wheels from .whl/ (if any), then the packages already installed"
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$VPY" -m pip install -q --no-index --no-deps --no-cache-dir .whl/*.whl || die "installing .whl/*.whl"
   fi
@@ -90,17 +98,24 @@ import torch, triton, diffusers, transformers
 print(f'torch {torch.__version__}, triton {triton.__version__}, diffusers {diffusers.__version__}, '
       f'transformers {transformers.__version__}')")"
 
+PYTEST_ARGS="-q"
+workers=${GPU_CHECK_WORKERS:-8}
+if [ "$workers" -gt 0 ] && "$VPY" -c "import xdist" 2>/dev/null; then
+  PYTEST_ARGS="-q -n $workers"  # ~750 tests, many compiling Triton/inductor kernels: serial would not fit
+fi
+export PYTEST_ARGS
 if command -v make >/dev/null 2>&1; then
-  run_test() { make --no-print-directory test VENV="$VENV" PYTEST_ARGS="-q"; }
+  run_test() { make --no-print-directory test VENV="$VENV" PYTEST_ARGS="$PYTEST_ARGS"; }
   run_bench() { make --no-print-directory bench VENV="$VENV"; }
 else  # the Makefile's recipes, spelled out
-  run_test() { TRITON_INTERPRET=0 "$VPY" -m pytest tests -q; }
+  run_test() { TRITON_INTERPRET=0 "$VPY" -m pytest tests $PYTEST_ARGS; }
   run_bench() { TRITON_INTERPRET=0 "$VPY" -m sag_fast bench; }
 fi
 
 # ------------------------------------------------------------------ 2. tests on the GPU
 test_limit=$(( $(left) * 55 / 100 ))
-log "tests: make test (limit ${test_limit}s)"
+[ "$test_limit" -gt 0 ] || test_limit=1  # (timeout 0 would mean no limit at all)
+log "tests: make test PYTEST_ARGS='$PYTEST_ARGS' (limit ${test_limit}s)"
 timeout "$test_limit" bash -c "$(declare -f run_test); run_test" 2>&1 | tee "$LOGDIR/test.log"
 test_rc=${PIPESTATUS[0]}
 test_line=$(grep -E "^(=+ )?[0-9]+ (passed|failed|error)" "$LOGDIR/test.log" | tail -1 | tr -d '=')
@@ -108,10 +123,16 @@ gpu_skips=$(grep -c "needs a CUDA GPU" "$LOGDIR/test.log" || true)
 
 # ------------------------------------------------------------------ 3. benchmarks
 bench_limit=$(( $(left) - 15 ))
-log "bench: make bench (limit ${bench_limit}s)"
-export SAG_FAST_BENCH_BUDGET=$(( bench_limit - 20 ))  # bench/run.py shares it between its parts
-timeout "$bench_limit" bash -c "$(declare -f run_bench); run_bench" 2>&1 | tee "$LOGDIR/bench.log"
-bench_rc=${PIPESTATUS[0]}
+if [ "$bench_limit" -lt 60 ]; then  # (timeout 0 would mean no limit at all)
+  log "bench: skipped, ${bench_limit}s left"
+  echo "bench: skipped, no time left" > "$LOGDIR/bench.log"
+  bench_rc=124
+else
+  log "bench: make bench (limit ${bench_limit}s)"
+  export SAG_FAST_BENCH_BUDGET=$(( bench_limit - 20 ))  # bench/run.py shares it between its parts
+  timeout "$bench_limit" bash -c "$(declare -f run_bench); run_bench" 2>&1 | tee "$LOGDIR/bench.log"
+  bench_rc=${PIPESTATUS[0]}
+fi
 result=$(grep -E "^bench: wrote " "$LOGDIR/bench.log" | tail -1 | sed 's/^bench: wrote //')
 
 # ------------------------------------------------------------------ 4. summary

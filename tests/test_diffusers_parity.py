@@ -104,12 +104,16 @@ def test_interpreted_kernels_end_to_end(monkeypatch):
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
 def test_cuda_matches_deprecated_pipeline(scheduler):
     """The CUDA kernels inside a pipeline (fp32, TF32 off so both pipelines compute alike)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # restored: global state
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, False
-    call = dict(guidance_scale=7.5, num_images_per_prompt=2, height=64, width=96)
-    old = _pipe(DeprecatedSAGPipeline, scheduler).to("cuda")
-    new = _pipe(StableDiffusionSAGPipeline, scheduler).to("cuda")
-    expected = images(old, PROMPTS, sag_scale=0.75, **call)
-    np.testing.assert_allclose(images(new, PROMPTS, sag_scale=0.75, **call), expected, rtol=0, atol=1e-4)
-    half = tiny_sd_pipeline(StableDiffusionSAGPipeline, scheduler=scheduler, device="cuda", dtype=torch.float16)
-    out16 = images(half, PROMPTS, sag_scale=0.75, **call)
-    assert np.isfinite(out16).all() and np.abs(out16 - expected).max() < 0.1
+    try:
+        call = dict(guidance_scale=7.5, num_images_per_prompt=2, height=64, width=96)
+        old = _pipe(DeprecatedSAGPipeline, scheduler).to("cuda")
+        new = _pipe(StableDiffusionSAGPipeline, scheduler).to("cuda")
+        expected = images(old, PROMPTS, sag_scale=0.75, **call)
+        np.testing.assert_allclose(images(new, PROMPTS, sag_scale=0.75, **call), expected, rtol=0, atol=1e-4)
+        half = tiny_sd_pipeline(StableDiffusionSAGPipeline, scheduler=scheduler, device="cuda", dtype=torch.float16)
+        out16 = images(half, PROMPTS, sag_scale=0.75, **call)
+        assert np.isfinite(out16).all() and np.abs(out16 - expected).max() < 0.1
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
