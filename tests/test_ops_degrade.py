@@ -69,15 +69,31 @@ def test_fp64_uses_fp64_path(device):
     _close(degrade(x, o, mask, c1, c2, 5, 1.3), _expect(x, o, mask, c1, c2, 5, 1.3), torch.float64)
 
 
-def test_strips_and_row_chunks(device):
+@pytest.mark.parametrize("W,k,block_w,rows", [
+    (37, 9, 16, 10),   # odd width: reflected gathers, 3 strips of 2 threads
+    (37, 3, 16, 2),
+    (24, 9, 8, 10),    # W % 8 == 0: edge mirroring in registers, one thread per strip (3 strips)
+    (32, 15, 16, 2),   # widest kernel with mirroring (P = 7 < 8), first and last thread in different strips
+    (24, 17, 8, 19),   # P = 8: too wide to mirror from the centre chunk, gathers
+])
+def test_strips_and_row_chunks(device, W, k, block_w, rows):
     """Several column strips and row chunks per plane (the default plan uses one on tiny images)."""
     if not dg.use_triton(torch.empty(0, device=device)):
         pytest.skip("launcher blocking only applies to the Triton path")
-    x, o, mask = _inputs(1, 2, 23, 37, torch.float32, device, (5, 7))
+    x, o, mask = _inputs(1, 2, 23, W, torch.float32, device, (5, 7))
     c1, c2 = torch.tensor([0.9], device=device), torch.tensor([-0.4], device=device)
-    for k, rows in ((9, 10), (3, 2)):
-        y = dg._launch(x, o, mask, c1, c2, k, 1.2, block_w=16, rows=rows)
-        _close(y, _expect(x, o, mask, c1, c2, k, 1.2), torch.float32)
+    y = dg._launch(x, o, mask, c1, c2, k, 1.2, block_w=block_w, rows=rows)
+    _close(y, _expect(x, o, mask, c1, c2, k, 1.2), torch.float32)
+
+
+@pytest.mark.parametrize("W", [8, 40])
+def test_even_width_mirroring(device, W):
+    """W % 8 == 0 (the edge-mirroring path): W = 8 is one thread holding both edges, kernel 9."""
+    x, o, mask = _inputs(2, 3, 11, W, torch.float16, device, (3, 3))
+    c1, c2 = torch.tensor([1.0, 0.7], device=device), torch.tensor([-0.3, -0.9], device=device)
+    _close(degrade(x, o, mask, c1, c2), _expect(x, o, mask, c1, c2), torch.float16)
+    x, o, _ = _inputs(1, 2, 9, W, torch.float32, device, None)
+    _close(degrade(x, o, None, 0.8, -0.6, 7, 0.9), _expect(x, o, None, 0.8, -0.6, 7, 0.9), torch.float32)
 
 
 def test_channels_last_and_sliced(device):
@@ -211,6 +227,10 @@ def test_cpu_torch_path_matches_reference():
 
 
 # ------------------------------------------------------------------------------ ahead of time
+# a contiguous launch passes unit strides as constants (Triton specialises ints equal to 1)
+_UNIT = ("sxw", "sow", "syw", "smw", "sc1", "sc2")
+
+
 def _signature(dtype: str) -> dict:
     sig = {"x_ptr": f"*{dtype}", "o_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "m_ptr": "*i1",
            "c1_ptr": "*fp32", "c2_ptr": "*fp32"}
@@ -218,7 +238,8 @@ def _signature(dtype: str) -> dict:
     sig.update({n: "fp32" for n in ("scale_h", "scale_w", "neg_half_inv_var")})
     sig.update({n: "i32" for n in ("rows_per_prog n_strips n_chunks sxb sxc sxh sxw sob soc soh sow "
                                    "syb syc syh syw smb smh smw sc1 sc2").split()})
-    sig.update({n: "constexpr" for n in ("K", "BW", "HAS_MASK")})
+    sig.update({n: "constexpr" for n in ("K", "T", "V", "LOG2V", "PP", "LOG2PP", "HAS_MASK", "EVEN_W", "ROW64")
+                + _UNIT})
     return sig
 
 
@@ -226,12 +247,15 @@ def _signature(dtype: str) -> dict:
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_aot_compiles_without_spills(arch, dtype):
-    """The blocks the launcher uses for (8, 16, 256, 256): BW=128 (4 warps), kernel 9, with a mask."""
+    """The blocks the launcher uses for (8, 16, 256, 256): 32 threads x 8 columns, kernel 9, with a mask.
+
+    (Without the runtime's divisibility hints the loads compile as scalars: a conservative spill check.)"""
     from triton_aot import compile_report, spilled_bytes
 
-    bw, num_warps = dg._plan(8 * 16, 256, 256, 9, 132, None, None)[:2]
-    report = compile_report("sag_fast.ops.degrade:_degrade_kernel", _signature(dtype),
-                            {"K": 9, "BW": bw, "HAS_MASK": True}, arch, num_warps)
+    T, V, pp, num_warps, *_ = dg._plan(8 * 16, 256, 256, 9, 132, None, None)
+    consts = {"K": 9, "T": T, "V": V, "LOG2V": V.bit_length() - 1, "PP": pp, "LOG2PP": pp.bit_length() - 1,
+              "HAS_MASK": True, "EVEN_W": True, "ROW64": False, **{n: 1 for n in _UNIT}}
+    report = compile_report("sag_fast.ops.degrade:_degrade_kernel", _signature(dtype), consts, arch, num_warps)
     assert spilled_bytes(report) == 0, report
 
 

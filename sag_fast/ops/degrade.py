@@ -8,20 +8,21 @@ Where it runs (custom op `sag_fast::degrade`):
   CPU tensors with TRITON_INTERPRET=1    the same kernel, interpreted (how it is tested without a GPU)
   other CPU tensors, and fp64 anywhere   `_degrade_torch`: separable conv2d in fp32 (fp64 for fp64 x)
 
-Kernel design. Triton gives no shared memory and no register shuffles, so a tile cannot be shifted
-for the two separable passes. Each program owns (b, c, a strip of BW = 32*num_warps columns, one
-column per thread, and a chunk of rows) and walks down the rows: the horizontal blur of an input row
-is K shifted loads of x and of model_output (L1/L2 hits: each byte comes from DRAM about once), and
-the last K horizontal rows are a register ring held as a tuple of K [BW] vectors. The row loop is
-unrolled by K (`static_range`), so which slot is written and which slot is vertical tap t are
-compile-time facts: the ring update is register renaming and the vertical pass is K FMAs (checked in
-the PTX: no selects, no shared memory, no barriers, the tl.exp weights hoisted out of the loop).
-Row chunks (K-1 halo rows) give enough programs to fill the GPU; the reflected tap columns are
-loop invariant, so reflection costs nothing in the loop. Cost per output element (PTX, K=9): 2K+3
-loads, ~2K 64-bit address adds, ~3K FMAs, one store; for fp16 also 2K+2 conversions. That is issue
-bound rather than DRAM bound for fp16 on an H100 (estimate ~40-60% of copy bandwidth, fp32 ~80-100%;
-not measured here). The next step would be a register window: V columns per thread, one vector
-load of V + 2P values per row, reused by all taps. Channels-last inputs work through the strides.
+Kernel design. Triton gives no shared memory and no register shuffles, so neighbours' values come
+from loads. Each program owns (b, c, a strip of T*V columns, a chunk of rows); thread t owns V = 8
+adjacent columns and walks down the rows. Per input row it loads a window of V + 2*PP columns as three
+aligned vectors per tensor (x and model_output; L1/L2 hits past the first read), forms
+s = c1*x + c2*o once per window value, splits the window into per-thread scalars (reshape/permute/split
+on a dimension a thread owns: register renaming) and does the K horizontal taps from registers. The
+last K horizontal rows are a ring of [T, V] tensors; the row loop is unrolled by K (`static_range`), so
+the ring update is register renaming and the vertical pass is K FMAs. Reflection: for W % V == 0 the
+loads are clamped whole into the row and the first/last thread mirrors P edge values in registers;
+other widths gather each window position's reflected column (slower, any width). The mask row is
+reloaded only when the nearest source row changes and applied as one FFMA. Row chunks (K-1 halo rows)
+give enough programs to fill the GPU. SASS (sm_90, (8, 16, 256, 256), kernel 9, runtime-specialised
+like a contiguous launch), steady-state loop per output element: fp16 38 instructions (was 199),
+fp32 46 (was 178); see the report in bench/bench_degrade.py's docstring. Channels-last inputs work
+through the strides (scalar loads). Not measured on a GPU here.
 """
 from __future__ import annotations
 
@@ -42,11 +43,52 @@ _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, t
 
 # ------------------------------------------------------------------------------------ kernel
 @triton.jit
+def _columns(t, T: tl.constexpr, N: tl.constexpr, LOG2N: tl.constexpr):
+    """[T, N] -> tuple of N [T] tensors in column order. A thread owns a whole row, so the
+    reshape/permute/split chain only renames registers (checked in the SASS: no shuffles, no shared memory)."""
+    parts = (t,)
+    for lvl in tl.static_range(LOG2N):
+        new = ()
+        for i in tl.static_range(1 << lvl):
+            lo, hi = tl.split(tl.permute(tl.reshape(parts[i], [T, 2, N >> (lvl + 1)]), (0, 2, 1)))
+            new = new + (lo, hi)
+        parts = new
+    out = ()
+    for i in tl.static_range(N):
+        out = out + (tl.reshape(parts[i], [T]),)
+    return out
+
+
+@triton.jit
+def _stack(vals, T: tl.constexpr, N: tl.constexpr, LOG2N: tl.constexpr):
+    """Inverse of `_columns`: tuple of N [T] tensors -> [T, N]."""
+    parts = ()
+    for i in tl.static_range(N):
+        parts = parts + (tl.reshape(vals[i], [T, 1]),)
+    for lvl in tl.static_range(LOG2N):
+        new = ()
+        for i in tl.static_range(N >> (lvl + 1)):
+            ab = tl.join(parts[2 * i], parts[2 * i + 1])  # [T, n, 2]
+            new = new + (tl.reshape(tl.permute(ab, (0, 2, 1)), [T, 2 << lvl]),)
+        parts = new
+    return parts[0]
+
+
+@triton.jit
+def _reflect(c, n):
+    """Reflect-pad index (one reflection: |offset| < n), clamped into [0, n) for lanes past the edge."""
+    c = tl.where(c < 0, -c, c)
+    c = tl.where(c >= n, 2 * (n - 1) - c, c)
+    return tl.minimum(tl.maximum(c, 0), n - 1)
+
+
+@triton.jit
 def _degrade_kernel(
     x_ptr, o_ptr, y_ptr, m_ptr, c1_ptr, c2_ptr,
     C, H, W, mh, mw, scale_h, scale_w, neg_half_inv_var, rows_per_prog, n_strips, n_chunks,
     sxb, sxc, sxh, sxw, sob, soc, soh, sow, syb, syc, syh, syw, smb, smh, smw, sc1, sc2,
-    K: tl.constexpr, BW: tl.constexpr, HAS_MASK: tl.constexpr,
+    K: tl.constexpr, T: tl.constexpr, V: tl.constexpr, LOG2V: tl.constexpr, PP: tl.constexpr,
+    LOG2PP: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_W: tl.constexpr, ROW64: tl.constexpr,
 ):
     P: tl.constexpr = K // 2
     pid = tl.program_id(0)
@@ -66,58 +108,99 @@ def _degrade_kernel(
         norm += gs[u]
     inv_norm = 1.0 / norm
 
-    col0 = strip * BW
-    cols = col0 + tl.arange(0, BW)
-    cols_c = tl.minimum(cols, W - 1)  # lanes past W read a valid column, their store is masked
-    # reflected tap columns: loop invariant, so the row loop only adds the row offset
-    x_offs = ()
-    o_offs = ()
-    for u in tl.static_range(K):
-        cu = cols_c + (u - P)
-        cu = tl.where(cu < 0, -cu, cu)
-        cu = tl.where(cu >= W, 2 * (W - 1) - cu, cu)
-        x_offs = x_offs + (cu * sxw,)
-        o_offs = o_offs + (cu * sow,)
-    x_col = cols_c * sxw
-    o_col = cols_c * sow
-    y_col = cols_c * syw
+    # thread t owns columns c0 .. c0+V-1 and reads a window c0-PP .. c0+V+PP-1 as three aligned
+    # chunks (vector loads); the taps then reuse the window's registers
+    c0 = strip * (T * V) + tl.arange(0, T) * V
+    cc = c0[:, None] + tl.arange(0, V)[None, :]
+    cl = c0[:, None] + (tl.arange(0, PP)[None, :] - PP)
+    cr = c0[:, None] + (tl.arange(0, PP)[None, :] + V)
+    if EVEN_W:
+        # W % V == 0 and V > P: chunks clamped whole into the row (no masks, still aligned vectors);
+        # the first and last thread of a row then mirror P edge values from their centre chunk
+        W = tl.multiple_of(W, V)
+        c0c = tl.minimum(c0, W - V)  # threads past W read the last chunk, their store is masked
+        gl = tl.maximum(c0c - PP, 0)[:, None] + tl.arange(0, PP)[None, :]
+        gc = c0c[:, None] + tl.arange(0, V)[None, :]
+        gr = tl.minimum(c0c + V, W - PP)[:, None] + tl.arange(0, PP)[None, :]
+        is_left = c0 == 0
+        is_right = c0 + V == W
+    else:
+        # any width: each window position reads its reflected column (gathers, no edge fix-up)
+        gl = _reflect(cl, W)
+        gc = _reflect(cc, W)  # the centre chunk of the last thread can hold taps past W too
+        gr = _reflect(cr, W)
+    okc = cc < W
+    # loop-invariant column pointers (int32 offsets); the row loop adds one scalar offset per tensor
     x_plane = x_ptr + b.to(tl.int64) * sxb + ch.to(tl.int64) * sxc
     o_plane = o_ptr + b.to(tl.int64) * sob + ch.to(tl.int64) * soc
-    y_plane = y_ptr + b.to(tl.int64) * syb + ch.to(tl.int64) * syc
+    y_ptrs = y_ptr + b.to(tl.int64) * syb + ch.to(tl.int64) * syc + cc * syw
+    xl_ptrs = x_plane + gl * sxw
+    xc_ptrs = x_plane + gc * sxw
+    xr_ptrs = x_plane + gr * sxw
+    ol_ptrs = o_plane + gl * sow
+    oc_ptrs = o_plane + gc * sow
+    or_ptrs = o_plane + gr * sow
     c1 = tl.load(c1_ptr + b * sc1).to(tl.float32)
     c2 = tl.load(c2_ptr + b * sc2).to(tl.float32)
     c1n = c1 * (inv_norm * inv_norm)  # both passes use the unnormalised taps
     c2n = c2 * (inv_norm * inv_norm)
     if HAS_MASK:
-        m_plane = m_ptr + b.to(tl.int64) * smb
         # PyTorch nearest: src = min(floor(dst * scale), in - 1), scale = fp32(in) / fp32(out); dst >= 0
-        m_col = tl.minimum((cols_c.to(tl.float32) * scale_w).to(tl.int32), mw - 1) * smw
+        m_ptrs = m_ptr + b.to(tl.int64) * smb \
+            + tl.minimum((tl.minimum(cc, W - 1).to(tl.float32) * scale_w).to(tl.int32), mw - 1) * smw
+        m_last = -1  # mask row held in m_on (1.0 / 0.0); reloaded only when the nearest source row changes
+        m_on = tl.zeros([T, V], dtype=tl.float32)
 
-    # row arithmetic in int64: scalar (uniform) on the GPU, and the interpreter skips its overflow checks
-    r0 = chunk.to(tl.int64) * rows_per_prog
+    # row arithmetic in int32 (uniform registers); offsets in int64 only where a plane needs it (ROW64)
+    r0 = chunk * rows_per_prog
     r_end = tl.minimum(r0 + rows_per_prog, H)
     n_in = r_end - r0 + (K - 1)  # input rows r0-P .. r_end-1+P
     # ring[q] = horizontal blur (times c/norm) of input row it - (K-1) + ((q - it - 1) mod K) + r0 - P
     ring = ()
     for q in tl.static_range(K):
-        ring = ring + (tl.zeros([BW], dtype=tl.float32),)
+        ring = ring + (tl.zeros([T, V], dtype=tl.float32),)
     for grp in range(0, (n_in + K - 1) // K):
         row_base = r0 + grp * K - P
         for ph in tl.static_range(K):
-            # horizontal pass of input row row_base + ph (reflected; clamped for the tail past r_end)
+            # s = c1*x + c2*o over the window of input row row_base + ph (reflected; clamped past r_end)
             ri = row_base + ph
             ri = tl.where(ri < 0, -ri, ri)
             ri = tl.where(ri >= H, 2 * (H - 1) - ri, ri)
             ri = tl.minimum(tl.maximum(ri, 0), H - 1)
-            hx = tl.zeros([BW], dtype=tl.float32)
-            ho = tl.zeros([BW], dtype=tl.float32)
-            x_row = x_plane + ri * sxh
-            o_row = o_plane + ri * soh
-            for u in tl.static_range(K):
-                hx += gs[u] * tl.load(x_row + x_offs[u]).to(tl.float32)
-                ho += gs[u] * tl.load(o_row + o_offs[u]).to(tl.float32)
+            if ROW64:
+                ri = ri.to(tl.int64)
+            xo = ri * sxh
+            oo = ri * soh
+            # every address is inside the plane, so no load needs a mask
+            s_l = c1n * tl.load(xl_ptrs + xo).to(tl.float32) + c2n * tl.load(ol_ptrs + oo).to(tl.float32)
+            s_c = c1n * tl.load(xc_ptrs + xo).to(tl.float32) + c2n * tl.load(oc_ptrs + oo).to(tl.float32)
+            s_r = c1n * tl.load(xr_ptrs + xo).to(tl.float32) + c2n * tl.load(or_ptrs + oo).to(tl.float32)
+            wl = _columns(s_l, T, PP, LOG2PP)
+            wc = _columns(s_c, T, V, LOG2V)
+            wr = _columns(s_r, T, PP, LOG2PP)
+            # win[i] is column c0 + i - P, i in [0, V + 2P)
+            win = ()
+            for i in tl.static_range(P):
+                if EVEN_W:
+                    win = win + (tl.where(is_left, wc[P - i], wl[PP - P + i]),)
+                else:
+                    win = win + (wl[PP - P + i],)
+            for i in tl.static_range(V):
+                win = win + (wc[i],)
+            for i in tl.static_range(P):
+                if EVEN_W:
+                    win = win + (tl.where(is_right, wc[V - 2 - i], wr[i]),)
+                else:
+                    win = win + (wr[i],)
+            hs = ()
+            for j in tl.static_range(V):
+                acc = win[j + P]  # the centre tap is exp(0) = 1: no multiply
+                for u in tl.static_range(K):
+                    if u != P:
+                        acc += gs[u] * win[j + u]
+                hs = hs + (acc,)
+            h = _stack(hs, T, V, LOG2V)
             # slot ph takes the new row; the loop is unrolled by K, so this is register renaming
-            h = c1n * hx + c2n * ho
             new_ring = ()
             for q in tl.static_range(K):
                 if q == ph:
@@ -126,23 +209,33 @@ def _degrade_kernel(
                     new_ring = new_ring + (ring[q],)
             ring = new_ring
 
-            # vertical pass for output row r = row_base + ph - P - ... : slot (ph + 1 + t) % K is tap t
-            blurred = gs[0] * ring[(ph + 1) % K]
-            for t in tl.static_range(1, K):
-                blurred += gs[t] * ring[(ph + 1 + t) % K]
+            # vertical pass for output row r: slot (ph + 1 + t) % K is tap t
+            blurred = ring[(ph + 1 + P) % K]
+            for t in tl.static_range(K):
+                if t != P:
+                    blurred += gs[t] * ring[(ph + 1 + t) % K]
             r = row_base + ph - (K - 1 - P)
-            # (a scalar-bool & tensor-bool mask breaks the interpreter: fold the row test into a bound)
-            ok = cols < tl.where(r >= r0, tl.where(r < r_end, W, 0), 0)
-            rc = tl.maximum(r, 0)
-            xv = tl.load(x_plane + rc * sxh + x_col, mask=ok, other=0.0)
-            ov = tl.load(o_plane + rc * soh + o_col, mask=ok, other=0.0).to(tl.float32)
+            # (a scalar-bool & tensor-bool mask breaks the interpreter; a select keeps okc's vector width)
+            ok = tl.where((r >= r0) & (r < r_end), okc, False)
+            rc = tl.minimum(tl.maximum(r, 0), H - 1)
+            if ROW64:
+                rc = rc.to(tl.int64)
+            xv = tl.load(xc_ptrs + rc * sxh)
+            ov = tl.load(oc_ptrs + rc * soh).to(tl.float32)
             xf = xv.to(tl.float32)
-            delta = blurred - (c1 * xf + c2 * ov)
+            if K == 1:
+                delta = blurred - (c1 * xf + c2 * ov)  # the same rounding as blurred: exactly x
+            else:
+                delta = blurred - c1 * xf - c2 * ov  # two FFMAs
             if HAS_MASK:
-                m_row = tl.minimum((rc.to(tl.float32) * scale_h).to(tl.int64), mh - 1)
-                mv = tl.load(m_plane + m_row * smh + m_col, mask=ok, other=0)
-                delta = tl.where(mv != 0, delta, 0.0)
-            tl.store(y_plane + rc * syh + y_col, (xf + delta).to(xv.dtype), mask=ok)
+                m_row = tl.minimum((rc.to(tl.float32) * scale_h).to(tl.int32), mh - 1)
+                if m_row != m_last:
+                    m_on = tl.where(tl.load(m_ptrs + m_row * smh) != 0, 1.0, 0.0)
+                    m_last = m_row
+                yv = xf + m_on * delta  # one FFMA instead of a predicate per column
+            else:
+                yv = xf + delta
+            tl.store(y_ptrs + rc * syh, yv.to(xv.dtype), mask=ok)
 
 
 # ----------------------------------------------------------------------------------- launcher
@@ -159,17 +252,31 @@ def _nearest_scale(n_in: int, n_out: int) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(planes: int, H: int, W: int, K: int, n_sm: int, block_w: int | None, rows: int | None):
-    """(BW, num_warps, n_strips, rows_per_prog, n_chunks): one column per thread."""
-    bw = block_w or min(128, max(16, triton.next_power_of_2(W)))
-    n_strips = triton.cdiv(W, bw)
-    num_warps = max(1, bw // 32)
+    """(T, V, PP, num_warps, n_strips, rows_per_prog, n_chunks, even_w): T threads of V columns each.
+
+    V = 8 columns per thread (one 16-byte fp16 vector); PP = the window's halo chunk (a power of two
+    >= K//2). EVEN_W (edge mirroring in registers) needs W % V == 0 and V > K//2, else gathers.
+    """
+    P = K // 2
+    V = 8
+    pp = triton.next_power_of_2(max(P, 1))
+    bw = block_w or min(32 * V * 4, max(V, triton.next_power_of_2(W)))
+    T = max(1, bw // V)
+    n_strips = triton.cdiv(W, T * V)
+    num_warps = max(1, T // 32)
     if rows is None:  # enough programs for ~32 resident warps per SM
         want_chunks = triton.cdiv(32 * n_sm // num_warps, planes * n_strips)
-        rows = max(triton.cdiv(H, want_chunks), 4 * (K - 1) + 1, 8)  # halo <= ~25% of the rows
+        rows = max(triton.cdiv(H, want_chunks), 2 * (K - 1) + 1, 8)  # halo <= ~50% of the rows
     # rows = m*K + 1 makes the K-1 halo rows plus the chunk a whole number of K-row groups
     m = max(1, triton.cdiv(rows - 1, K))
     rows = m * K + 1
-    return bw, num_warps, n_strips, rows, triton.cdiv(H, rows)
+    even_w = W % V == 0 and V > P
+    return T, V, pp, num_warps, n_strips, rows, triton.cdiv(H, rows), even_w
+
+
+def _row64(*tensors) -> bool:
+    """Whether a row offset (row * stride_h) inside one plane can pass int32."""
+    return any(t.shape[2] * abs(t.stride(2)) >= 2**31 for t in tensors)
 
 
 def _launch(x, model_output, mask, c1, c2, kernel_size, sigma, block_w=None, rows=None):
@@ -179,7 +286,7 @@ def _launch(x, model_output, mask, c1, c2, kernel_size, sigma, block_w=None, row
         return y
     n_sm = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
         if x.is_cuda else 1
-    bw, num_warps, n_strips, rows_pp, n_chunks = _plan(B * C, H, W, kernel_size, n_sm, block_w, rows)
+    T, V, pp, num_warps, n_strips, rows_pp, n_chunks, even_w = _plan(B * C, H, W, kernel_size, n_sm, block_w, rows)
     if mask is None:
         m, mh, mw, ms = x, 1, 1, (0, 0, 0)  # never read (HAS_MASK=False)
     else:
@@ -190,7 +297,8 @@ def _launch(x, model_output, mask, c1, c2, kernel_size, sigma, block_w=None, row
         rows_pp, n_strips, n_chunks,
         *x.stride(), *model_output.stride(), *y.stride(), *ms,
         c1.stride(0) if c1.dim() else 0, c2.stride(0) if c2.dim() else 0,
-        K=kernel_size, BW=bw, HAS_MASK=mask is not None,
+        K=kernel_size, T=T, V=V, LOG2V=V.bit_length() - 1, PP=pp, LOG2PP=pp.bit_length() - 1,
+        HAS_MASK=mask is not None, EVEN_W=even_w, ROW64=_row64(x, model_output, y),
         num_warps=num_warps,
     )
     return y
