@@ -61,12 +61,14 @@ SDXL_UNET = dict(
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
-VARIANTS = ("no guidance", "CFG", "diffusers SAG+CFG", "sag_fast SAG+CFG", "sag_fast SAG+CFG, SAGSampler",
+VARIANTS = ("no guidance", "CFG", "diffusers SAG+CFG", "sag_fast SAG+CFG", "CFG, SAGSampler", "sag_fast SAG+CFG, SAGSampler",
             "CFG, compiled unet", "sag_fast SAG+CFG, compiled unet", "sag_fast SAG+CFG, SAGSampler CUDA graph")
 # what each variant's step time is divided by in the table (SAG over CFG: the SAG overhead)
 BASELINE = {"CFG": "no guidance", "diffusers SAG+CFG": "CFG", "sag_fast SAG+CFG": "CFG",
-            "sag_fast SAG+CFG, SAGSampler": "CFG", "CFG, compiled unet": "CFG",
-            "sag_fast SAG+CFG, compiled unet": "CFG, compiled unet", "sag_fast SAG+CFG, SAGSampler CUDA graph": "CFG"}
+            # the sampler's own loop has less per-step overhead than a pipeline's: compare it with itself at scale 0
+            "CFG, SAGSampler": "CFG", "sag_fast SAG+CFG, SAGSampler": "CFG, SAGSampler",
+            "CFG, compiled unet": "CFG", "sag_fast SAG+CFG, compiled unet": "CFG, compiled unet",
+            "sag_fast SAG+CFG, SAGSampler CUDA graph": "CFG, SAGSampler"}
 
 
 @dataclass
@@ -218,14 +220,14 @@ def sampler_class():
     return sampler
 
 
-def sampler_call(setup: Setup, cuda_graph: bool):
+def sampler_call(setup: Setup, cuda_graph: bool, sag_scale: float = SAG_SCALE):
     """SAGSampler doing the pipelines' work: CFG (7.5) + SAG (0.75) over the same latents, embeddings and
     DDIM steps. With cuda_graph=True the guided step is captured on the first step of each call and replayed
     on the others (the capture is part of the timed call)."""
     from sag_fast.guidance import SAGConfig
 
     kw = setup.call_kwargs
-    sampler = sampler_class()(setup.unet, _scheduler(), SAGConfig(scale=SAG_SCALE), guidance_scale=CFG_SCALE,
+    sampler = sampler_class()(setup.unet, _scheduler(), SAGConfig(scale=sag_scale), guidance_scale=CFG_SCALE,
                               progress=False, cuda_graph=cuda_graph)
     cond = {"encoder_hidden_states": kw["prompt_embeds"]}
     uncond = {"encoder_hidden_states": kw["negative_prompt_embeds"]}
@@ -335,7 +337,8 @@ def _variant_call(setup: Setup, variant: str):
         if isinstance(sampler_class(), str):
             return sampler_class()
         set_compiled(setup, False)
-        return sampler_call(setup, cuda_graph="CUDA graph" in variant), contextlib.nullcontext()
+        scale = 0.0 if variant.startswith("CFG") else SAG_SCALE  # scale 0: one plain CFG forward per step
+        return sampler_call(setup, cuda_graph="CUDA graph" in variant, sag_scale=scale), contextlib.nullcontext()
     if "sag_fast" in variant and isinstance(sag_api(), str):
         return sag_api()
     set_compiled(setup, compiled)

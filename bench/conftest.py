@@ -114,6 +114,11 @@ def _gbs(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.3f}"
 
 
+def _shape_dtype(row: dict) -> tuple:
+    extra = row.get("extra") or {}
+    return extra.get("shape"), extra.get("dtype")
+
+
 def op_table_lines(rows: list[dict]) -> list[str]:
     head = "| op | case | shape | dtype | impl | time (us) | GB/s | % copy BW | vs baseline |"
     lines = [head, "|---|---|---|---|---|---:|---:|---:|---|"]
@@ -127,7 +132,9 @@ def op_table_lines(rows: list[dict]) -> list[str]:
             if r.get("copy_s"):
                 pct = f"{100 * r['copy_s'] / sec:.0f}%"
         if r.get("baseline"):
-            base = [b for b in rows if b["op"] == r["op"] and b["case"] == r["case"] and b["impl"] == r["baseline"]]
+            # the baseline row of the same op, case, shape and dtype
+            base = [b for b in rows if b["op"] == r["op"] and b["case"] == r["case"] and b["impl"] == r["baseline"]
+                    and _shape_dtype(b) == _shape_dtype(r)]
             if base and base[0].get("seconds") and sec:
                 ratio = _speedup(base[0]["seconds"] / sec, r["baseline"])
         tail = " ".join(f"{k}={v}" for k, v in extra.items())
@@ -180,7 +187,7 @@ def e2e_overhead_lines(rows: list[dict]) -> list[str]:
         parts = []
         for variant, sec in step.items():
             base = next((r.get("baseline") for r in rows if r["model"] == model and r["variant"] == variant), None)
-            if "SAG" in variant and base in step:
+            if "SAG+CFG" in variant and base in step:
                 parts.append(f"{variant}: {sec / step[base]:.2f}x {base}")
         if not parts:
             continue
