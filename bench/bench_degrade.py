@@ -5,8 +5,10 @@ the output written once, plus the low-resolution mask and c1/c2) over its time -
 device copy of the same bytes, for (8, 16, 256, 256) and (8, 4, 128, 128), fp16 and fp32, and the
 launch time of an empty Triton kernel for the small case (the floor a single launch can reach).
 Times are per call from 50 back-to-back calls per synchronised measurement; the copy is timed the same way.
-CPU (always): the CPU path of degrade against the deprecated diffusers SAG pipeline's sequence for the
-same stage (x0 = (x - sigma*eps)/alpha, blur, upsample the mask, blend, DDIM add_noise), SD latents.
+CPU (always): the CPU path of degrade (the fused C++ kernel sag_fast::degrade_cpu when the extension is
+built, else the conv2d torch path) and the unfused torch path against the deprecated diffusers SAG
+pipeline's sequence for the same stage (x0 = (x - sigma*eps)/alpha, blur, upsample the mask, blend, DDIM
+add_noise), SD latents; (2, 4, 128, 128) also with one thread.
 
     .venv/bin/python -m pytest bench/bench_degrade.py -q -s
 
@@ -101,8 +103,19 @@ def _diffusers_sequence(x, eps, mask, alpha, sigma, add_noise):
     return add_noise(degraded, eps)
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 64, 64)] + ([] if QUICK else [(2, 4, 128, 128)]), ids=str)
-def test_bench_degrade_cpu(shape):
+@pytest.mark.parametrize("shape,threads", [((2, 4, 64, 64), None)]
+                         + ([] if QUICK else [((2, 4, 128, 128), None), ((2, 4, 128, 128), 1)]), ids=str)
+def test_bench_degrade_cpu(shape, threads):
+    before = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        _bench_degrade_cpu(shape)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bench_degrade_cpu(shape):
     from diffusers import DDIMScheduler
 
     torch.manual_seed(0)
@@ -118,7 +131,9 @@ def test_bench_degrade_cpu(shape):
         return scheduler.add_noise(sample, noise, t[None])
 
     def ours():
-        if dg.use_triton(x):  # under TRITON_INTERPRET=1, time the CPU torch path, not the interpreter
+        if dg.use_triton(x):  # under TRITON_INTERPRET=1, time the CPU path degrade takes without it
+            if dg._use_cpp(x):
+                return torch.ops.sag_fast.degrade_cpu(x, eps, mask, c1, c2, 9, 1.0)
             return dg._degrade_torch(x, eps, mask, c1, c2, 9, 1.0)
         return dg.degrade(x, eps, mask, c1, c2)
 
@@ -126,7 +141,12 @@ def test_bench_degrade_cpu(shape):
     torch.testing.assert_close(ours(), _diffusers_sequence(x, eps, mask, alpha, sigma, add_noise), atol=1e-4, rtol=1e-4)
     base = time_fn(lambda: _diffusers_sequence(x, eps, mask, alpha, sigma, add_noise), "cpu")
     mine = time_fn(ours, "cpu")
-    case, cols = "cpu, SD latents, eps-prediction DDIM", dict(shape=str(shape), dtype="float32")
+    unfused = time_fn(lambda: dg._degrade_torch(x, eps, mask, c1, c2, 9, 1.0), "cpu")
+    case = f"cpu ({torch.get_num_threads()} threads), SD latents, eps-prediction DDIM"
+    cols = dict(shape=str(shape), dtype="float32")
     nbytes = _moved_bytes(x, mask, c1, c2)
     record("degrade", case, "diffusers SAG sequence", base, nbytes, **cols)
-    record("degrade", case, "sag_fast cpu path", mine, nbytes, baseline="diffusers SAG sequence", **cols)
+    record("degrade", case, "sag_fast torch path (conv2d, unfused)", unfused, nbytes,
+           baseline="diffusers SAG sequence", **cols)
+    label = "sag_fast C++ kernel (degrade_cpu)" if dg._use_cpp(x) else "sag_fast cpu path (no extension)"
+    record("degrade", case, label, mine, nbytes, baseline="diffusers SAG sequence", **cols)

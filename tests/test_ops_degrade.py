@@ -277,3 +277,131 @@ def test_gpu_deterministic():
     first = degrade(x, o, mask, c1, c2)
     for _ in range(3):
         assert torch.equal(degrade(x, o, mask, c1, c2), first)
+
+
+# ------------------------------------------------------------------- the fused C++ CPU kernel
+# torch.ops.sag_fast.degrade_cpu is what degrade runs on CPU tensors without the interpreter; these
+# tests call it directly, so they check it under TRITON_INTERPRET=1 too.
+needs_ext = pytest.mark.skipif(not dg.extension_available(), reason="sag_fast._C is not built")
+
+
+def _cpp(x, o, mask, c1, c2, k=9, sigma=1.0):
+    c1, c2 = (torch.as_tensor(c, dtype=torch.float32) if not isinstance(c, torch.Tensor) else c for c in (c1, c2))
+    return torch.ops.sag_fast.degrade_cpu(x, o, mask, c1, c2, k, sigma)
+
+
+@needs_ext
+@pytest.mark.parametrize("B,C,H,W,mask_hw,k,sigma", [
+    (1, 3, 17, 23, (3, 5), 9, 1.0),    # grid divides neither H nor W
+    (3, 4, 5, 70, (2, 9), 9, 2.3),     # smallest legal height for kernel 9, wide rows (32/8/scalar column blocks)
+    (1, 16, 67, 5, None, 3, 0.5),      # blur guidance, narrow rows (scalar tail only)
+    (3, 3, 41, 37, (41, 37), 1, 1.0),  # kernel 1: x~ == x; full-resolution mask
+    (1, 4, 2, 3, (1, 1), 3, 3.0),      # smallest legal size for kernel 3
+    (3, 16, 13, 53, (20, 60), 9, 0.7), # mask finer than the image (nearest downsampling)
+    (1, 3, 70, 61, (7, 6), 5, 1.6),    # 3 planes over the threads: row chunks
+])
+def test_cpp_matches_reference(B, C, H, W, mask_hw, k, sigma):
+    x, o, mask = _inputs(B, C, H, W, torch.float32, "cpu", mask_hw)
+    c1, c2 = torch.rand(B) + 0.5, -torch.rand(B)
+    y = _cpp(x, o, mask, c1, c2, k, sigma)
+    _close(y, _expect(x, o, mask, c1, c2, k, sigma), torch.float32)
+    assert y.is_contiguous()
+    if k == 1:
+        assert torch.equal(y, x)
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpp_row_chunks_and_threads(threads):
+    """Planes that do not split evenly over the threads are cut into row chunks (halo rows recomputed)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        x, o, mask = _inputs(1, 1, 97, 45, torch.float32, "cpu", (5, 4))
+        y = _cpp(x, o, mask, torch.tensor([0.8]), torch.tensor([-0.6]), 9, 1.5)
+        _close(y, _expect(x, o, mask, 0.8, -0.6, 9, 1.5), torch.float32)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_half_dtypes(dtype):
+    x, o, mask = _inputs(3, 4, 19, 43, dtype, "cpu", (4, 6))
+    c1, c2 = torch.tensor([1.0, 0.6, 0.9]), torch.tensor([-0.3, -0.8, -0.1])
+    _close(_cpp(x, o, mask, c1, c2, 9, 1.2), _expect(x, o, mask, c1, c2, 9, 1.2), dtype)
+    xl, ol = x.to(memory_format=torch.channels_last), o.to(memory_format=torch.channels_last)
+    y = _cpp(xl, ol, None, c1, c2, 3, 0.8)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    _close(y, _expect(x, o, None, c1, c2, 3, 0.8), dtype)
+
+
+@needs_ext
+def test_cpp_strided_inputs_and_coefficients():
+    big = torch.randn(3, 5, 23, 40)
+    x = big[:, 1:5, 2:21, 3:38:2]  # offset, row and column strides (18 columns)
+    o = torch.randn(3, 4, 19, 18).to(memory_format=torch.channels_last)
+    mask = (torch.rand(3, 8, 5) > 0.4)[:, ::2, :]  # sliced mask (3, 4, 5)
+    c1 = torch.tensor([0.7, 9.0, 0.4, 9.0, 1.1, 9.0], dtype=torch.float64)[::2]  # (B,) fp64, stride 2
+    c2 = torch.tensor(-0.35)
+    y = _cpp(x, o, mask, c1, c2, 7, 1.1)
+    _close(y, _expect(x, o, mask, c1, c2, 7, 1.1), torch.float32)
+    xl = torch.randn(2, 3, 11, 16).to(memory_format=torch.channels_last)
+    ol = torch.randn(2, 3, 11, 16)
+    y = _cpp(xl, ol, None, torch.rand(2), -torch.rand(2).half(), 9, 1.0)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_ext
+@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.int64, torch.float32, torch.bfloat16])
+def test_cpp_mask_dtypes(mask_dtype):
+    x, o, mask = _inputs(2, 3, 12, 9, torch.float32, "cpu", (3, 2), mask_dtype)
+    want = _cpp(x, o, mask.bool(), 1.0, -0.5, 3, 0.8)
+    assert torch.equal(_cpp(x, o, mask, 1.0, -0.5, 3, 0.8), want)
+    _close(want, _expect(x, o, mask, 1.0, -0.5, 3, 0.8), torch.float32)
+
+
+@needs_ext
+def test_cpp_is_the_cpu_branch(monkeypatch):
+    """Without the interpreter, degrade on CPU fp32/fp16/bf16 runs the C++ op; fp64 the torch path."""
+    monkeypatch.setattr(dg, "use_triton", lambda t: False)
+    calls = []
+    torch_path = dg._degrade_torch
+    monkeypatch.setattr(dg, "_degrade_torch", lambda *a: calls.append(a[0].dtype) or torch_path(*a))
+    x, o, mask = _inputs(2, 3, 11, 13, torch.float32, "cpu", (3, 3))
+    _close(degrade(x, o, mask, 1.0, -0.4, 5, 1.0), _expect(x, o, mask, 1.0, -0.4, 5, 1.0), torch.float32)
+    degrade(x.double(), o.double(), mask, 1.0, -0.4, 5, 1.0)
+    assert calls == [torch.float64]
+
+
+@needs_ext
+def test_cpp_opcheck():
+    x, o, mask = _inputs(2, 3, 9, 10, torch.float32, "cpu", (3, 2))
+    torch.library.opcheck(torch.ops.sag_fast.degrade_cpu.default, (x, o, mask, torch.rand(2), torch.tensor(-0.5), 3, 1.0))
+    xh, oh, _ = _inputs(1, 4, 7, 12, torch.bfloat16, "cpu", None)
+    torch.library.opcheck(torch.ops.sag_fast.degrade_cpu.default, (xh, oh, None, torch.rand(1), torch.rand(1), 5, 0.9))
+
+
+@needs_ext
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=torch.randn(1, 3, 12, 12, dtype=torch.float64), model_output=torch.randn(1, 3, 12, 12, dtype=torch.float64)), "x must be"),
+    (dict(x=torch.randn(3, 12, 12), model_output=torch.randn(3, 12, 12)), "x must be"),
+    (dict(model_output=torch.randn(1, 3, 11, 12)), "model_output"),
+    (dict(model_output=torch.randn(1, 3, 12, 12).half()), "model_output"),
+    (dict(mask=torch.ones(2, 3, 3, dtype=torch.bool)), "mask"),
+    (dict(mask=torch.ones(1, 3, 0, dtype=torch.bool)), "mask"),
+    (dict(mask=torch.ones(1, 3, 3, dtype=torch.complex64)), "mask"),
+    (dict(c1=torch.ones(2)), "c1"),
+    (dict(c2=torch.ones(1, dtype=torch.int64)), "c2"),
+    (dict(kernel_size=4), "kernel_size"),
+    (dict(kernel_size=25), "kernel_size=25.*height=12"),
+    (dict(sigma=0.0), "sigma"),
+    (dict(sigma=float("inf")), "sigma"),
+])
+def test_cpp_bad_inputs_name_the_argument(bad, match):
+    args = dict(x=torch.randn(1, 3, 12, 12), model_output=torch.randn(1, 3, 12, 12),
+                mask=torch.ones(1, 3, 3, dtype=torch.bool), c1=torch.tensor(1.0), c2=torch.tensor(-0.5),
+                kernel_size=9, sigma=1.0)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.sag_fast.degrade_cpu(*args.values())

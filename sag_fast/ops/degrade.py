@@ -6,7 +6,9 @@ inside the kernel with PyTorch's index rule. See DESIGN.md and sag_fast/referenc
 Where it runs (custom op `sag_fast::degrade`):
   CUDA tensors (fp32/fp16/bf16)          the Triton kernel below
   CPU tensors with TRITON_INTERPRET=1    the same kernel, interpreted (how it is tested without a GPU)
-  other CPU tensors, and fp64 anywhere   `_degrade_torch`: separable conv2d in fp32 (fp64 for fp64 x)
+  other CPU fp32/fp16/bf16 tensors       the fused C++ kernel `sag_fast::degrade_cpu` (csrc/degrade_cpu.cpp),
+                                         one pass per plane, when the extension is built
+  fp64, and CPU without the extension    `_degrade_torch`: separable conv2d in fp32 (fp64 for fp64 x)
 
 Kernel design. Triton gives no shared memory and no register shuffles, so neighbours' values come
 from loads. Each program owns (b, c, a strip of T*V columns, a chunk of rows); thread t owns V = 8
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .._lib import extension_available
 from ._dispatch import check_float, check_same_device, use_triton
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
@@ -378,10 +381,17 @@ def _check(x, model_output, mask, c1, c2, kernel_size, sigma) -> None:
                          f"got height={H}, width={W}")
 
 
+def _use_cpp(x) -> bool:
+    """The fused C++ CPU kernel: CPU fp32/fp16/bf16 tensors, when the extension is built."""
+    return x.device.type == "cpu" and x.dtype != torch.float64 and extension_available()
+
+
 def _degrade_impl(x, model_output, mask, c1, c2, kernel_size, sigma):
     _check(x, model_output, mask, c1, c2, kernel_size, sigma)
     if x.dtype != torch.float64 and use_triton(x):
         return _launch(x, model_output, mask, c1, c2, kernel_size, float(sigma))
+    if _use_cpp(x):
+        return torch.ops.sag_fast.degrade_cpu(x, model_output, mask, c1, c2, kernel_size, float(sigma))
     return _degrade_torch(x, model_output, mask, c1, c2, kernel_size, float(sigma))
 
 
@@ -398,6 +408,15 @@ def degrade_op(x, model_output, mask, c1, c2, kernel_size, sigma):
 def _(x, model_output, mask, c1, c2, kernel_size, sigma):
     _check(x, model_output, mask, c1, c2, kernel_size, sigma)
     return torch.empty_like(x)
+
+
+if extension_available():
+    @torch.library.register_fake("sag_fast::degrade_cpu")
+    def _(x, model_output, mask, c1, c2, kernel_size, sigma):
+        _check(x, model_output, mask, c1, c2, kernel_size, sigma)
+        if x.dtype == torch.float64:
+            raise ValueError("degrade_cpu: x must be float32, float16 or bfloat16, got torch.float64")
+        return torch.empty_like(x)
 
 
 def _as_coefficient(c, like: torch.Tensor):

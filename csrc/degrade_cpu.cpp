@@ -1,0 +1,214 @@
+// sag_fast::degrade_cpu: the fused CPU kernel of the degrade pass (sag_fast/ops/degrade.py uses it for
+// CPU tensors when the extension is built):
+//     y = x + M * (G_sigma * s - s),  s = c1*x + c2*model_output
+// G_sigma: the normalised 1-D Gaussian of reference.gaussian_kernel1d (double, then fp32), applied along
+// the width and then the height with reflect padding. M: the (B, h, w) mask, nonzero = blur,
+// nearest-upsampled with PyTorch's rule src = min(floor(dst * scale), in - 1), scale = fp32(in) / fp32(out).
+//
+// One pass per (b, c) plane, parallel over planes (and row chunks when the planes do not split evenly
+// over the threads); the loops are in degrade_cpu_kernel.h. Math in fp32; x and model_output are fp32,
+// fp16 or bf16 and are read through their strides (any layout, no copies), the output is empty_like(x)
+// (x's memory format) written through its strides. Rows with unit column stride take plain pointer loops.
+// The kernel is compiled twice, baseline x86-64 and AVX2, and picked at run time.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace sag_fast {
+namespace degrade_cpu {
+
+// Elements per thread below which a task is not worth a thread of its own.
+constexpr int64_t kMinElementsPerThread = 16384;
+
+struct DegradeArgs {
+  int64_t B, C, H, W, K;
+  const void* x;
+  const void* o;
+  void* y;
+  int64_t sx[4], so[4], sy[4];  // element strides (b, c, h, w)
+  const float* g;               // K normalised taps
+  const float* c1;              // B coefficients each
+  const float* c2;
+  const float* mask;            // (B, mh, mw) contiguous 0/1, or nullptr (blur everywhere)
+  int64_t mh, mw;
+  const int64_t* mrow;          // H: the mask row each output row reads
+  const int64_t* mcol;          // W: the mask column each output column reads
+  int64_t chunks;               // row chunks per plane
+};
+
+}  // namespace degrade_cpu
+}  // namespace sag_fast
+
+// GCC vector types wider than the baseline ISA only live in registers inside inlined functions.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define SAG_DEGRADE_ISA generic
+#include "degrade_cpu_kernel.h"
+#undef SAG_DEGRADE_ISA
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SAG_DEGRADE_HAS_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define SAG_DEGRADE_ISA avx2
+#include "degrade_cpu_kernel.h"
+#undef SAG_DEGRADE_ISA
+#pragma GCC pop_options
+#endif
+#pragma GCC diagnostic pop
+
+namespace sag_fast {
+namespace degrade_cpu {
+namespace {
+
+std::vector<float> gaussian_taps(int64_t K, double sigma) {
+  // reference.gaussian_kernel1d: linspace(-(K-1)/2, (K-1)/2, K) is the integers -P..P exactly
+  const int64_t P = K / 2;
+  std::vector<double> pdf(K);
+  double sum = 0.0;
+  for (int64_t i = 0; i < K; ++i) {
+    const double t = static_cast<double>(i - P) / sigma;
+    pdf[i] = std::exp(-0.5 * (t * t));
+    sum += pdf[i];
+  }
+  std::vector<float> g(K);
+  for (int64_t i = 0; i < K; ++i) g[i] = static_cast<float>(pdf[i] / sum);
+  return g;
+}
+
+// F.interpolate(mode="nearest")'s source index of every output index.
+std::vector<int64_t> nearest_index(int64_t in, int64_t out) {
+  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  std::vector<int64_t> idx(out);
+  for (int64_t d = 0; d < out; ++d)
+    idx[d] = std::min(static_cast<int64_t>(std::floor(static_cast<float>(d) * scale)), in - 1);
+  return idx;
+}
+
+// A 0-dim or (B,) floating tensor as B fp32 values (any stride, fp16/bf16/fp32/fp64).
+std::vector<float> per_sample(const at::Tensor& c, int64_t B, const char* name) {
+  TORCH_CHECK_VALUE(c.device().is_cpu(), "degrade_cpu: ", name, " must be a CPU tensor, got ", c.device());
+  TORCH_CHECK_VALUE(at::isFloatingType(c.scalar_type()), "degrade_cpu: ", name,
+                    " must be a floating point tensor, got ", c.scalar_type());
+  TORCH_CHECK_VALUE(c.dim() == 0 || (c.dim() == 1 && c.size(0) == B), "degrade_cpu: ", name,
+                    " must be 0-dim or have shape (", B, ",), got ", c.sizes());
+  std::vector<float> v(B);
+  const int64_t stride = c.dim() == 0 ? 0 : c.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "degrade_cpu", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) v[b] = static_cast<float>(p[b * stride]);
+  });
+  return v;
+}
+
+// The low-resolution mask as contiguous fp32 0/1 (nonzero = 1), read through its strides.
+std::vector<float> mask_values(const at::Tensor& m) {
+  const int64_t B = m.size(0), h = m.size(1), w = m.size(2);
+  std::vector<float> v(B * h * w);
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, m.scalar_type(), "degrade_cpu", [&] {
+    const scalar_t* p = m.const_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < h; ++i)
+        for (int64_t j = 0; j < w; ++j)
+          v[(b * h + i) * w + j] =
+              static_cast<float>(p[b * m.stride(0) + i * m.stride(1) + j * m.stride(2)]) != 0.0f ? 1.0f : 0.0f;
+  });
+  return v;
+}
+
+// Row chunks per plane: one when the planes spread evenly over the threads (or there are many),
+// else enough chunks for ~4 tasks per thread, each at least 16 rows (halo recomputation <= 2P/16).
+int64_t row_chunks(int64_t planes, int64_t H, int64_t P) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || planes % threads == 0 || planes >= 8 * threads) return 1;
+  const int64_t want = (4 * threads + planes - 1) / planes;
+  const int64_t min_rows = std::max<int64_t>(16, 2 * P);
+  const int64_t chunks = std::max<int64_t>(1, std::min(want, H / min_rows));
+  const int64_t rows = (H + chunks - 1) / chunks;
+  return (H + rows - 1) / rows;
+}
+
+bool has_avx2() {
+#ifdef SAG_DEGRADE_HAS_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+at::Tensor degrade_cpu(const at::Tensor& x, const at::Tensor& model_output, const std::optional<at::Tensor>& mask,
+                       const at::Tensor& c1, const at::Tensor& c2, int64_t kernel_size, double sigma) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "degrade_cpu: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+                    "degrade_cpu: x must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK_VALUE(x.dim() == 4, "degrade_cpu: x must be (B, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(model_output.device().is_cpu(), "degrade_cpu: model_output must be a CPU tensor, got ",
+                    model_output.device());
+  TORCH_CHECK_VALUE(model_output.scalar_type() == dt, "degrade_cpu: model_output must have x's dtype ", dt,
+                    ", got ", model_output.scalar_type());
+  TORCH_CHECK_VALUE(model_output.sizes() == x.sizes(), "degrade_cpu: model_output must have x's shape ",
+                    x.sizes(), ", got ", model_output.sizes());
+  TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1, "degrade_cpu: kernel_size must be a positive odd int, got ",
+                    kernel_size);
+  TORCH_CHECK_VALUE(sigma > 0 && std::isfinite(sigma), "degrade_cpu: sigma must be a positive finite number, got ",
+                    sigma);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = kernel_size / 2;
+  TORCH_CHECK_VALUE(P < H && P < W, "degrade_cpu: kernel_size=", kernel_size, " needs height and width > ", P,
+                    " for reflect padding, got height=", H, ", width=", W);
+  const std::vector<float> cv1 = per_sample(c1, B, "c1"), cv2 = per_sample(c2, B, "c2");
+  std::vector<float> mv;
+  std::vector<int64_t> mrow, mcol;
+  int64_t mh = 0, mw = 0;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK_VALUE(m.device().is_cpu(), "degrade_cpu: mask must be a CPU tensor, got ", m.device());
+    TORCH_CHECK_VALUE(m.dim() == 3 && m.size(0) == B && m.size(1) >= 1 && m.size(2) >= 1,
+                      "degrade_cpu: mask must be (B=", B, ", h, w) with h, w >= 1, got ", m.sizes());
+    TORCH_CHECK_VALUE(!at::isComplexType(m.scalar_type()), "degrade_cpu: mask must be bool, integer or floating point, got ",
+                      m.scalar_type());
+    mh = m.size(1);
+    mw = m.size(2);
+    mv = mask_values(m);
+    mrow = nearest_index(mh, H);
+    mcol = nearest_index(mw, W);
+  }
+  at::Tensor y = at::empty_like(x);  // x's memory format (contiguous, channels_last, or x's dense strides)
+  if (y.numel() == 0) return y;
+  const std::vector<float> g = gaussian_taps(kernel_size, sigma);
+  DegradeArgs a{};
+  a.B = B, a.C = C, a.H = H, a.W = W, a.K = kernel_size;
+  a.x = x.const_data_ptr(), a.o = model_output.const_data_ptr(), a.y = y.mutable_data_ptr();
+  for (int d = 0; d < 4; ++d) {
+    a.sx[d] = x.stride(d);
+    a.so[d] = model_output.stride(d);
+    a.sy[d] = y.stride(d);
+  }
+  a.g = g.data(), a.c1 = cv1.data(), a.c2 = cv2.data();
+  a.mask = mask.has_value() ? mv.data() : nullptr;
+  a.mh = mh, a.mw = mw, a.mrow = mrow.data(), a.mcol = mcol.data();
+  a.chunks = row_chunks(B * C, H, P);
+#ifdef SAG_DEGRADE_HAS_AVX2
+  if (has_avx2()) {
+    avx2::dispatch(a, dt);
+    return y;
+  }
+#endif
+  generic::dispatch(a, dt);
+  return y;
+}
+
+}  // namespace
+}  // namespace degrade_cpu
+}  // namespace sag_fast
+
+TORCH_LIBRARY_IMPL(sag_fast, CPU, m) { m.impl("degrade_cpu", &sag_fast::degrade_cpu::degrade_cpu); }
