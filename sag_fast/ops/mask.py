@@ -255,6 +255,14 @@ def _outputs(bsz: int, n_kb: int, n_split: int, nk: int, device, return_mass: bo
     return part, count, mask, mass
 
 
+def _split_queries(nq: int, block: int, programs: int, target: int, n_split: int | None) -> tuple[int, int]:
+    """(splits, query rows per split): chosen by query_split for `target` programs, or from a forced n_split."""
+    if n_split is None:
+        return query_split(nq, block, programs, target)
+    rows = triton.cdiv(triton.cdiv(nq, block), n_split) * block
+    return triton.cdiv(nq, rows), rows
+
+
 def launch_mask_from_probs(probs: torch.Tensor, threshold: float, *, n_split: int | None = None,
                            return_mass: bool = False):
     """Triton path for 4-D probs (B, heads, Nq, Nk), any strides. -> (mask (B, Nk) bool, mass or None)."""
@@ -264,13 +272,9 @@ def launch_mask_from_probs(probs: torch.Tensor, threshold: float, *, n_split: in
     sb, sh, sq, sk = probs.stride()
     _check_tile_offsets("probs", (bq - 1) * sq + (bk - 1) * sk)
     n_kb = triton.cdiv(nk, bk)
-    if n_split is None:
-        # B * Nk/256 programs alone are too few (32 at (2, 20, 4096, 4096)): split queries to ~16
-        # programs per SM, several waves of ~4 resident ones, so that the last wave's tail is short.
-        n_split, rows = query_split(nq, bq, bsz * n_kb, _target_programs(probs, 16))
-    else:
-        rows = triton.cdiv(triton.cdiv(nq, bq), n_split) * bq
-        n_split = triton.cdiv(nq, rows)
+    # B * Nk/256 programs alone are too few (32 at (2, 20, 4096, 4096)): split queries to ~16
+    # programs per SM, several waves of ~4 resident ones, so that the last wave's tail is short.
+    n_split, rows = _split_queries(nq, bq, bsz * n_kb, _target_programs(probs, 16), n_split)
     part, count, mask, mass = _outputs(bsz, n_kb, n_split, nk, probs.device, return_mass)
     with _device_ctx(probs):
         _probs_mass_kernel[(n_kb, n_split, bsz)](
@@ -297,11 +301,7 @@ def launch_mask_from_qk(q: torch.Tensor, k: torch.Tensor, threshold: float, scal
     lse = torch.empty((bsz, heads, nq), dtype=torch.float32, device=q.device)
     bm, bn = mass_cfg["BLOCK_M"], mass_cfg["BLOCK_N"]
     n_kb = triton.cdiv(nk, bn)
-    if n_split is None:
-        n_split, rows = query_split(nq, bm, bsz * n_kb, _target_programs(q, 8))
-    else:
-        rows = triton.cdiv(triton.cdiv(nq, bm), n_split) * bm
-        n_split = triton.cdiv(nq, rows)
+    n_split, rows = _split_queries(nq, bm, bsz * n_kb, _target_programs(q, 8), n_split)
     part, count, mask, mass = _outputs(bsz, n_kb, n_split, nk, q.device, return_mass)
     with _device_ctx(q):
         _qk_lse_kernel[(triton.cdiv(nq, lse_cfg["BLOCK_M"]), bsz * heads)](
