@@ -27,6 +27,7 @@ import torch
 
 from ..capture import AttentionCapture
 from ..guidance import SAGConfig, sag_guided_forward
+from ..schedule import check_supported, signal_coefficients_for
 
 try:
     from diffusers.hooks import HookRegistry, ModelHook
@@ -36,18 +37,6 @@ except ImportError:  # pragma: no cover - very old diffusers: the wrapper below 
 _HOOK_NAME = "sag_fast"
 _STATE_ATTR = "_sag_fast_state"
 _DENOISERS = ("unet", "transformer")
-
-
-# ---------------------------------------------------------------------------------- schedule
-def _schedule():
-    """sag_fast.schedule: (c1, c2) of a step for any diffusers scheduler, and the support check."""
-    from .. import schedule
-
-    return schedule
-
-
-def _coefficients(scheduler, t):
-    return _schedule().signal_coefficients_for(scheduler, t)
 
 
 # ----------------------------------------------------------------------------- model binding
@@ -88,7 +77,7 @@ class _SAGSession:
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is None:
             raise ValueError(f"pipe: {type(pipe).__name__} has no `scheduler`; SAG needs one to degrade the input")
-        _schedule().check_supported(scheduler)
+        check_supported(scheduler)
         self.model_attr = model_attr
         self.model: torch.nn.Module = getattr(pipe, model_attr)
         self.config = config
@@ -233,7 +222,7 @@ class _SAGSession:
             return original(*args, **kwargs)
 
         ways, uncond_index = self._ways(pipe, x.shape[0])
-        c1, c2 = _coefficients(scheduler, t)
+        c1, c2 = signal_coefficients_for(scheduler, t)
         return_dict = arguments.pop("return_dict", True) if has_return_dict else None
         capture = self.capture
         first: list = []
