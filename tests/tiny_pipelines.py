@@ -1,0 +1,227 @@
+"""Tiny random-weight pipelines for the batch-contract tests (tests/test_diffusers_contract.py): every
+pipeline of sag_fast's batch-contract table that sag_fast/diffusers/tiny.py does not build, plus the refused
+ones (PAG, AnimateDiff, Flux, Sana-like linear attention, the latent upscaler).
+
+Built from configs under a fixed seed (no download), 8x8 latents (64x64 images with the tiny 8x VAE, or 8x8
+pixels for IF), from tiny.py's text encoder / tokenizer / VAE / scheduler builders. Pipelines whose text
+encoder is T5 (IF, PixArt) are built without one: their tests pass prompt embeddings."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from sag_fast.diffusers.tiny import (LATENT_CHANNELS, TEXT_HIDDEN, _seeded, tiny_scheduler, tiny_sd_components,
+                                     tiny_sdxl_components, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae)
+
+EMBED_LEN = 8  # token length of the prompt embeddings passed to the T5-based pipelines
+
+
+def _place(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def cond_unet(in_channels: int = LATENT_CHANNELS, out_channels: int = LATENT_CHANNELS, seed: int = 0,
+              cross_dim: int = TEXT_HIDDEN, **extra):
+    """tiny.py's UNet2DConditionModel layout with other input/output channels and extra config entries."""
+    from diffusers import UNet2DConditionModel
+
+    with _seeded(seed):
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=in_channels, out_channels=out_channels,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+            cross_attention_dim=cross_dim, attention_head_dim=2, **extra,
+        ).eval()
+
+
+def _sd(cls, unet=None, **extra):
+    c = tiny_sd_components()
+    if unet is not None:
+        c["unet"] = unet
+    c.update(extra)
+    return _place(cls(**c))
+
+
+def sd_inpaint_pipeline(channels: int = 9):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    return _sd(StableDiffusionInpaintPipeline, cond_unet(in_channels=channels))
+
+
+def sd_pix2pix_pipeline():
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    return _sd(StableDiffusionInstructPix2PixPipeline, cond_unet(in_channels=2 * LATENT_CHANNELS),
+               scheduler=tiny_scheduler("euler"))
+
+
+def sdxl_pix2pix_pipeline():
+    from diffusers import StableDiffusionXLInstructPix2PixPipeline
+
+    c = tiny_sdxl_components()
+    sdxl = tiny_unet(sdxl=True)
+    c["unet"] = cond_unet(in_channels=2 * LATENT_CHANNELS, cross_dim=2 * TEXT_HIDDEN,
+                          addition_embed_type="text_time", addition_time_embed_dim=8,
+                          projection_class_embeddings_input_dim=sdxl.config.projection_class_embeddings_input_dim,
+                          transformer_layers_per_block=1)
+    for k in ("image_encoder", "feature_extractor"):
+        c.pop(k)
+    return _place(StableDiffusionXLInstructPix2PixPipeline(**c))
+
+
+def sdxl_inpaint_pipeline():
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    c = tiny_sdxl_components()
+    c["unet"] = cond_unet(in_channels=9, cross_dim=2 * TEXT_HIDDEN, addition_embed_type="text_time",
+                          addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + TEXT_HIDDEN,
+                          transformer_layers_per_block=1)
+    return _place(StableDiffusionXLInpaintPipeline(**c, requires_aesthetics_score=False))
+
+
+def depth2img_pipeline():
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    c = tiny_sd_components()
+    return _place(StableDiffusionDepth2ImgPipeline(
+        vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+        unet=cond_unet(in_channels=LATENT_CHANNELS + 1), scheduler=c["scheduler"], depth_estimator=None,
+        feature_extractor=None))
+
+
+def x4_upscaler_pipeline():
+    """[x_t (4), low-res image (3)] = 7 input channels, noise level in class_labels (num_class_embeds)."""
+    from diffusers import DDPMScheduler, StableDiffusionUpscalePipeline
+
+    c = tiny_sd_components()
+    return _place(StableDiffusionUpscalePipeline(
+        vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+        unet=cond_unet(in_channels=LATENT_CHANNELS + 3, num_class_embeds=1000),
+        low_res_scheduler=DDPMScheduler(), scheduler=tiny_scheduler("ddim"), max_noise_level=350))
+
+
+def controlnet_model(unet, seed: int = 5):
+    from diffusers import ControlNetModel
+
+    with _seeded(seed):
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).eval()
+        for p in cn.parameters():  # from_unet zero-inits the output convs: random weights make residuals matter
+            torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else None
+    return cn
+
+
+def controlnet_pipeline(sdxl: bool = False):
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    if sdxl:
+        c = tiny_sdxl_components()
+        c.pop("image_encoder"), c.pop("feature_extractor")
+        c["controlnet"] = controlnet_model(c["unet"])
+        return _place(StableDiffusionXLControlNetPipeline(**c))
+    c = tiny_sd_components()
+    c["controlnet"] = controlnet_model(c["unet"])
+    return _place(StableDiffusionControlNetPipeline(**c))
+
+
+def gligen_pipeline():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import StableDiffusionGLIGENPipeline
+    c = tiny_sd_components()
+    c.pop("image_encoder")
+    return _place(StableDiffusionGLIGENPipeline(**{**c, "unet": cond_unet(attention_type="gated")}))
+
+
+def pixart_pipeline(sigma: bool = False):
+    from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    with _seeded(0):
+        transformer = PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS,
+            out_channels=2 * LATENT_CHANNELS, num_layers=2, sample_size=8, patch_size=2,
+            caption_channels=TEXT_HIDDEN, cross_attention_dim=16, norm_num_groups=8,
+        ).eval()
+    cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    return _place(cls(tokenizer=None, text_encoder=None, vae=tiny_vae(1), transformer=transformer,
+                      scheduler=tiny_scheduler("ddim", beta_schedule="linear", beta_start=0.0001, beta_end=0.02)))
+
+
+def _if_scheduler():
+    return tiny_scheduler("ddpm", beta_schedule="squaredcos_cap_v2", variance_type="learned_range")
+
+
+def if_pipeline():
+    """IF stage I: 3 pixel channels in, 6 out (learned variance), on 8x8 images."""
+    from diffusers import IFPipeline
+
+    return _place(IFPipeline(tokenizer=None, text_encoder=None, unet=cond_unet(3, 6), scheduler=_if_scheduler(),
+                             safety_checker=None, feature_extractor=None, watermarker=None,
+                             requires_safety_checker=False))
+
+
+def if_superresolution_pipeline():
+    """IF stage II: [x_t (3), noised upscaled image (3)] in, 6 out, noise level in class_labels."""
+    from diffusers import DDPMScheduler, IFSuperResolutionPipeline
+
+    unet = cond_unet(6, 6, class_embed_type="timestep")
+    return _place(IFSuperResolutionPipeline(
+        tokenizer=None, text_encoder=None, unet=unet, scheduler=_if_scheduler(),
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), safety_checker=None,
+        feature_extractor=None, watermarker=None, requires_safety_checker=False))
+
+
+def embeds(batch: int, seed: int) -> torch.Tensor:
+    """Prompt embeddings for the T5-based pipelines (IF, PixArt)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, EMBED_LEN, TEXT_HIDDEN, generator=g)
+
+
+# ------------------------------------------------------------------------------------------ refused ones
+def pag_pipeline(sdxl: bool = False):
+    from diffusers import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+
+    if sdxl:
+        return _place(StableDiffusionXLPAGPipeline(**tiny_sdxl_components(), pag_applied_layers="mid"))
+    return _place(StableDiffusionPAGPipeline(**tiny_sd_components(), pag_applied_layers="mid"))
+
+
+def animatediff_pipeline():
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+
+    c = tiny_sd_components()
+    with _seeded(3):
+        adapter = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_norm_num_groups=8,
+                                motion_num_attention_heads=2, motion_max_seq_length=8)
+    return _place(AnimateDiffPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+                                      unet=c["unet"], motion_adapter=adapter, scheduler=c["scheduler"]))
+
+
+def flux_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    with _seeded(0):
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, axes_dims_rope=(2, 2, 4))
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(1), text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def latent_upscaler_pipeline():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionLatentUpscalePipeline
+
+    c = tiny_sd_components()
+    return StableDiffusionLatentUpscalePipeline(vae=c["vae"], text_encoder=c["text_encoder"],
+                                                tokenizer=c["tokenizer"], unet=cond_unet(8, 5),
+                                                scheduler=EulerDiscreteScheduler())
+
+
+def text_tokenizer():
+    return tiny_tokenizer()
+
+
+def text_encoder():
+    return tiny_text_encoder(2)
