@@ -108,8 +108,11 @@ def controlnet_model(unet, seed: int = 5):
 
     with _seeded(seed):
         cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).eval()
-        for p in cn.parameters():  # from_unet zero-inits the output convs: random weights make residuals matter
-            torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else None
+        # from_unet copies the UNet's encoder and zero-inits the convs that feed the UNet (as when training
+        # starts): random small weights there stand for a trained ControlNet whose residuals matter
+        zero_init = [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]
+        for conv in zero_init:
+            torch.nn.init.normal_(conv.weight, std=0.1)
     return cn
 
 
