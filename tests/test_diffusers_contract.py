@@ -53,6 +53,17 @@ def t5_text(n: int = 1, seed: int = 30, mask: bool = False) -> dict:
     return out
 
 
+def kandinsky_embeds(n: int = 1, seed: int = 40) -> dict:
+    return dict(image_embeds=_randn(n, tp.IMAGE_EMBED, seed=seed),
+                negative_image_embeds=_randn(n, tp.IMAGE_EMBED, seed=seed + 1))
+
+
+def _neg_image_embeds(rows_kwargs, call, x_rows=None, latent=None):
+    neg = call["negative_image_embeds"]
+    emb = rows_kwargs["added_cond_kwargs"]["image_embeds"]
+    return torch.equal(emb, neg.repeat_interleave(emb.shape[0] // neg.shape[0], 0))
+
+
 def _neg_text(rows_kwargs, call, x_rows=None, latent=None):
     """The unconditional rows carry the negative prompt embeddings."""
     neg = call["negative_prompt_embeds"]
@@ -90,6 +101,10 @@ CASES = {
     "if_stage_2": (tp.if_superresolution_pipeline, dict(image=LOW_RES, **t5_text(), height=16, width=16),
                    (2, 0, 3), _neg_text),
     "ddpm": (tiny_unet2d_pipeline, dict(batch_size=1), (1, 0, 3), None),
+    "kandinsky22": (tp.kandinsky22_pipeline, dict(**kandinsky_embeds(), height=16, width=16), (2, 0, 4), None),
+    "kandinsky22_controlnet": (lambda: tp.kandinsky22_pipeline(controlnet=True),
+                               dict(**kandinsky_embeds(), hint=torch.rand(1, 3, 64, 64, generator=gen(4)), height=16,
+                                    width=16), (2, 0, 4), None),
 }
 # the CFG-off call of each (None: the pipeline has no CFG)
 CFG_OFF = {"pix2pix": dict(image_guidance_scale=0.5), "sdxl_pix2pix": dict(image_guidance_scale=0.5), "ddpm": None}
@@ -103,6 +118,8 @@ def _uncond_check(name):
         return _pix2pix_uncond
     if name == "dit":
         return lambda kw, call, x, lat: bool((kw["class_labels"] == 1000).all())
+    if name.startswith("kandinsky"):
+        return _neg_image_embeds
     if name == "gligen":
         return lambda kw, call, x, lat: bool((kw["cross_attention_kwargs"]["gligen"]["masks"] == 0).all())
     return lambda kw, call, x, lat: True
@@ -490,11 +507,13 @@ def test_item7_flux_refused_at_enable():
 
 
 # -- item 10: CFG kept in a local variable ---------------------------------------------------------------
-@pytest.mark.parametrize("name", ["if_stage_1", "pixart", "pixart_sigma", "gligen", "x4_upscaler"])
+@pytest.mark.parametrize("name", ["if_stage_1", "pixart", "pixart_sigma", "gligen", "x4_upscaler",
+                                  "kandinsky22_controlnet"])
 def test_item10_local_cfg_extra_forward_is_the_uncond_rows(name):
     pipe = _pipe(name)
     per_row = {"pixart": ("encoder_hidden_states", "encoder_attention_mask"),
                "pixart_sigma": ("encoder_hidden_states", "encoder_attention_mask"),
+               "kandinsky22_controlnet": ("added_cond_kwargs.image_embeds", "added_cond_kwargs.hint"),
                "x4_upscaler": ("encoder_hidden_states", "class_labels")}.get(name, ("encoder_hidden_states",))
     check_extra_forward(name, pipe, dict(CASES[name][1]), ways=2, uncond=0, latent=CASES[name][2][2],
                         per_row=per_row)

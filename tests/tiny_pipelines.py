@@ -176,6 +176,31 @@ def if_superresolution_pipeline():
         feature_extractor=None, watermarker=None, requires_safety_checker=False))
 
 
+IMAGE_EMBED = 16  # Kandinsky 2.2 image embedding size
+
+
+def kandinsky22_pipeline(controlnet: bool = False):
+    """Kandinsky 2.2 decoder: a UNet with image-embedding conditioning (image_proj + addition_embed_type
+    "image", or "image_hint" with a 64x64 hint for the ControlNet variant), learned variance (4 -> 8 channels),
+    a 2-level VQ movq (16x16 images, 8x8 latents)."""
+    from diffusers import KandinskyV22ControlnetPipeline, KandinskyV22Pipeline, VQModel
+
+    # image_hint: the UNet concatenates the 4-channel hint embedding to its input itself (in_channels 8)
+    unet = cond_unet(2 * LATENT_CHANNELS if controlnet else LATENT_CHANNELS, 2 * LATENT_CHANNELS,
+                     encoder_hid_dim=IMAGE_EMBED,
+                     encoder_hid_dim_type="image_proj", addition_embed_type="image_hint" if controlnet else "image",
+                     resnet_time_scale_shift="scale_shift")
+    with _seeded(4):
+        movq = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                       latent_channels=LATENT_CHANNELS, norm_num_groups=8, num_vq_embeddings=16,
+                       vq_embed_dim=LATENT_CHANNELS).eval()
+    sched = tiny_scheduler("ddpm", beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                           variance_type="learned_range")
+    cls = KandinskyV22ControlnetPipeline if controlnet else KandinskyV22Pipeline
+    return _place(cls(unet=unet, scheduler=sched, movq=movq))
+
+
 def embeds(batch: int, seed: int) -> torch.Tensor:
     """Prompt embeddings for the T5-based pipelines (IF, PixArt)."""
     g = torch.Generator().manual_seed(seed)

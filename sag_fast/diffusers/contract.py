@@ -236,6 +236,10 @@ def _half_in_channels(model) -> int:  # IF super-resolution: [x_t (3), upscaled 
     return int(model.config.in_channels) // 2
 
 
+def _half_out_channels(model) -> int:  # learned variance: [eps (C), variance (C)] out; input may carry more
+    return int(model.config.out_channels) // 2
+
+
 _UNET = ("UNet2DConditionModel",)
 _SD = "pipeline_stable_diffusion.py: torch.cat([negative_prompt_embeds, prompt_embeds]), [latents] * 2"
 
@@ -307,6 +311,19 @@ TABLE: dict[str, Row] = {
                                             "deepfloyd_if/pipeline_if_img2img_superresolution.py"),
     "IFInpaintingSuperResolutionPipeline": Row(_scale_above_one, 2, 0, _half_in_channels, _UNET,
                                                "deepfloyd_if/pipeline_if_inpainting_superresolution.py"),
+    # Kandinsky 2.2 decoders: [negative image embeds, image embeds] in added_cond_kwargs (ControlNet: the hint
+    # too, [hint, hint]); learned variance (8 output channels for 4 latent ones); inpaint: [x_t, masked image,
+    # mask] (9 channels). CFG: the `do_classifier_free_guidance` property, or a local (ControlNet variants)
+    "KandinskyV22Pipeline": Row(_scale_above_one, 2, 0, _half_out_channels, _UNET,
+                                "kandinsky2_2/pipeline_kandinsky2_2.py"),
+    "KandinskyV22Img2ImgPipeline": Row(_scale_above_one, 2, 0, _half_out_channels, _UNET,
+                                       "kandinsky2_2/pipeline_kandinsky2_2_img2img.py"),
+    "KandinskyV22InpaintPipeline": Row(_scale_above_one, 2, 0, _half_out_channels, _UNET,
+                                       "kandinsky2_2/pipeline_kandinsky2_2_inpainting.py"),
+    "KandinskyV22ControlnetPipeline": Row(_scale_above_one, 2, 0, _half_out_channels, _UNET,
+                                          "kandinsky2_2/pipeline_kandinsky2_2_controlnet.py"),
+    "KandinskyV22ControlnetImg2ImgPipeline": Row(_scale_above_one, 2, 0, _half_out_channels, _UNET,
+                                                 "kandinsky2_2/pipeline_kandinsky2_2_controlnet_img2img.py"),
 }
 
 _WAY_OUT = ("declare the batch layout of its denoiser calls with sag_fast.SAGLayout and pass it as "
