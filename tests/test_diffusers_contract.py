@@ -600,6 +600,27 @@ def test_item14_controlnet_residuals_recomputed_at_the_degraded_input(name):
         assert not torch.equal(kwd["mid_block_additional_residual"], kw["mid_block_additional_residual"][:1])
 
 
+def test_item14_controlnet_recorder_only_lives_during_a_call():
+    """The ControlNet recorder is a hook only between begin_call and end_call: nothing on the ControlNet between
+    calls (copies and pickles of the pipeline see nothing), nothing after remove()."""
+    import copy
+    import pickle
+
+    pipe = _pipe("controlnet")
+    hooks = dict(pipe.controlnet._forward_hooks)
+    contract = contract_for(pipe, pipe.unet)
+    assert dict(pipe.controlnet._forward_hooks) == hooks
+    contract.begin_call(pipe)
+    assert len(pipe.controlnet._forward_hooks) == len(hooks) + 1
+    contract.end_call()
+    assert dict(pipe.controlnet._forward_hooks) == hooks
+    copy.deepcopy(contract)  # holds no tensors or hooks between calls
+    pickle.dumps(pipe.controlnet)
+    contract.begin_call(pipe)
+    contract.remove()
+    assert dict(pipe.controlnet._forward_hooks) == hooks
+
+
 def test_item14_controlnet_guess_mode_uncond_residuals_are_zeros():
     pipe = _pipe("controlnet")
     with spy_controlnet(pipe.controlnet) as cn:

@@ -43,7 +43,6 @@ input re-injects undegraded signal through every skip connection). See `_Control
 from __future__ import annotations
 
 import inspect
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -401,56 +400,44 @@ class BatchContract:
 class _ControlNetReplay:
     """Recomputes the ControlNet residuals for the degraded rows.
 
-    A forward hook on `pipe.controlnet` records its last call during a SAG pipeline call (arguments and output).
-    When the denoiser call being guided received exactly that output as its residuals (the pipeline passed the
-    ControlNet's result through), the extra forward gets the ControlNet run again at the degraded latents with
-    its per-row arguments (text, control image, SDXL added conditions) cut to the degraded rows, and the same
-    conditioning scale and guess mode. Otherwise (guess mode with CFG: the unconditional rows got zeros; or
-    residuals the pipeline built itself) the residuals are cut to the rows like any per-row argument."""
+    During a SAG pipeline call (begin_call to end_call) a forward hook on `pipe.controlnet` records its last call
+    (arguments and output); there is no hook between calls, so copying or pickling the pipeline sees nothing of
+    it. When the denoiser call being guided received exactly that output as its residuals (the pipeline passed
+    the ControlNet's result through), the extra forward gets the ControlNet run again at the degraded latents
+    with its per-row arguments (text, control image, SDXL added conditions) cut to the degraded rows, and the
+    same conditioning scale and guess mode. Otherwise (guess mode with CFG: the unconditional rows got zeros;
+    or residuals the pipeline built itself) the residuals are cut to the rows like any per-row argument."""
 
     def __init__(self, pipe):
         self._module = None
         self._handle = None
         self._signature = None
         self._record = None
-        self._recording = False
         self._replaying = False
         self.replays = 0          # ControlNet re-runs in this contract's life (tests read it)
-        self._attach(getattr(pipe, "controlnet", None))
 
-    def _attach(self, module) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self._module = module
-        if isinstance(module, torch.nn.Module):
-            self._signature = inspect.signature(module.forward)
-            ref = weakref.ref(self)
-
-            def hook(mod, args, kwargs, output):
-                me = ref()
-                if me is not None and me._recording and not me._replaying:
-                    me._record = (args, kwargs, output)
-
-            self._handle = module.register_forward_hook(hook, with_kwargs=True)
+    def _hook(self, module, args, kwargs, output):
+        if not self._replaying:
+            self._record = (args, kwargs, output)
 
     def begin_call(self, pipe) -> None:
+        self.end_call()
         module = getattr(pipe, "controlnet", None)
-        if module is not self._module:
-            self._attach(module)
-        self._record = None
-        self._recording = True
+        if isinstance(module, torch.nn.Module):
+            if self._signature is None or self._module is not module:
+                self._signature = inspect.signature(module.forward)
+            self._module = module
+            self._handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
     def end_call(self) -> None:
         self._record = None
-        self._recording = False
-
-    def remove(self) -> None:
-        self.end_call()
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self._module = None
+
+    def remove(self) -> None:
+        self.end_call()
+        self._module = self._signature = None
 
     def replay(self, out: dict, model_kwargs: dict, rows: slice, total: int, x_degraded, t_rows) -> None:
         record = self._record
@@ -570,7 +557,9 @@ def contract_for(pipe, model: torch.nn.Module, layout: SAGLayout | None = None) 
     why = _refusal(pipe, model)
     if why is not None:
         raise ValueError(why)
-    model_name = type(model).__name__
+    # the denoiser's class, or the diffusers class it derives from
+    model_name = next((c.__name__ for c in type(model).__mro__ if c.__name__ in DENOISER_PER_ROW),
+                      type(model).__name__)
     cls, table_name = _table_class(pipe)
     controlnet = isinstance(getattr(pipe, "controlnet", None), torch.nn.Module)
     if layout is not None:
