@@ -364,6 +364,7 @@ REFUSED = {
     "animatediff": (tp.animatediff_pipeline, "video SAG is not supported yet"),
     "flux": (tp.flux_pipeline, "packed.*not supported yet"),
     "latent_upscaler": (tp.latent_upscaler_pipeline, "Karras-preconditioned"),
+    "gligen_text_image": (tp.gligen_text_image_pipeline, "calls the UNet twice per step"),
 }
 
 

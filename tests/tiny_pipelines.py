@@ -247,6 +247,17 @@ def latent_upscaler_pipeline():
                                                 scheduler=EulerDiscreteScheduler())
 
 
+def gligen_text_image_pipeline():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import StableDiffusionGLIGENTextImagePipeline
+    c = tiny_sd_components()
+    return StableDiffusionGLIGENTextImagePipeline(
+        vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], processor=None, image_encoder=None,
+        image_project=None, unet=cond_unet(attention_type="gated-text-image"), scheduler=c["scheduler"],
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def text_tokenizer():
     return tiny_tokenizer()
 

@@ -34,7 +34,18 @@ Refused whatever the layout (at enable_sag time): 5-D video denoisers (AnimateDi
 3-D transformers: video SAG is not supported yet), packed-latent transformers (Flux family: not supported yet),
 linear-attention models (Sana: no softmax attention map to build SAG's mask from), PAG pipelines (see
 `_refuse_pag`), the latent upscaler (its model output is Karras-preconditioned, not the scheduler's
-parameterisation, so SAG's x0 estimate would be wrong).
+parameterisation, so SAG's x0 estimate would be wrong), GLIGEN text-image (two UNet calls per step whose ways
+its CFG mixes).
+
+Supported (TABLE; each row's CFG condition and batch order are read from diffusers 0.42's source, and
+tests/test_diffusers_contract.py checks each against the pipeline's real denoiser call):
+SD 1/2 txt2img, img2img, inpaint (4- or 9-channel UNet), Depth2Img (5 ch), the x4 upscaler (7 ch, noise level in
+class_labels), InstructPix2Pix SD and SDXL (3 ways [text+image, image, none]: uncond_index 2, 8 ch), SDXL
+txt2img/img2img/inpaint, ControlNet SD/SDXL txt2img/img2img/inpaint (guess mode included), GLIGEN, DiT (cond
+first: uncond_index 1), PixArt-alpha/Sigma, DDPM/DDIM with UNet2DModel (1 way), DeepFloyd IF stage I and II
+(all variants; pixel space, 3 latent channels), Kandinsky 2.2 decoders (txt2img, img2img, inpaint, ControlNet).
+With CFG off every row is one way. Adding the same SAG shift to every way is exact for guidance whose weights
+sum to 1 (CFG, pix2pix's 3-way guidance).
 
 ControlNet: the ControlNet residuals of the degraded forward are recomputed from the degraded input (the
 paper's eps(x~) is the whole model's prediction at the degraded input; reusing the residuals of the undegraded
@@ -285,9 +296,6 @@ TABLE: dict[str, Row] = {
     # GLIGEN: local CFG; boxes/phrases per row in cross_attention_kwargs["gligen"] (uncond rows masked to 0)
     "StableDiffusionGLIGENPipeline": Row(_scale_above_one, 2, 0, _out_channels, _UNET,
                                          "deprecated/stable_diffusion_gligen/pipeline_stable_diffusion_gligen.py"),
-    "StableDiffusionGLIGENTextImagePipeline": Row(_scale_above_one, 2, 0, _out_channels, _UNET,
-                                                  "deprecated/stable_diffusion_gligen/"
-                                                  "pipeline_stable_diffusion_gligen_text_image.py"),
     # DiT: [cond, null class] (cond first); CFG if guidance_scale > 1; learned sigma doubles the output
     "DiTPipeline": Row(_scale_above_one, 2, 1, _in_channels, ("DiTTransformer2DModel", "Transformer2DModel"),
                        "dit/pipeline_dit.py: torch.cat([class_labels, class_null])"),
@@ -524,11 +532,21 @@ def _refusal(pipe, model) -> str | None:
         if "LinearAttention" in type(module).__name__ or (proc is not None and "LinearAttn" in type(proc).__name__):
             return (f"{model_name} uses linear attention ({type(proc or module).__name__}): it has no softmax "
                     "attention map to build SAG's mask from, so SAG is not supported on it")
-    if name == "StableDiffusionLatentUpscalePipeline":
-        return (f"{name}: its UNet output is Karras-preconditioned (the pipeline turns it into a noise prediction "
-                "after the call, and drops a variance channel), not the scheduler's parameterisation, so SAG's "
-                "estimate of x0 from the raw output would be wrong; the latent upscaler is not supported")
-    return None
+    return _REFUSED_PIPELINES.get(name)
+
+
+# pipelines whose denoiser calls no declared layout can describe (checked by exact class name)
+_REFUSED_PIPELINES = {
+    "StableDiffusionLatentUpscalePipeline": (
+        "StableDiffusionLatentUpscalePipeline: its UNet output is Karras-preconditioned (the pipeline turns it into "
+        "a noise prediction after the call, and drops a variance channel), not the scheduler's parameterisation, "
+        "so SAG's estimate of x0 from the raw output would be wrong; the latent upscaler is not supported"),
+    "StableDiffusionGLIGENTextImagePipeline": (
+        "StableDiffusionGLIGENTextImagePipeline calls the UNet twice per step (with and without grounding) and "
+        "takes the conditional way from the first call and the unconditional way from the second, so a SAG shift "
+        "added inside each call would not cancel in its CFG; it is not supported (StableDiffusionGLIGENPipeline "
+        "is)"),
+}
 
 
 def _refuse_pag(name: str) -> str:
