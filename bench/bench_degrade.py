@@ -5,8 +5,8 @@ the output written once, plus the low-resolution mask and c1/c2) over its time -
 device copy of the same bytes, for (8, 16, 256, 256) and (8, 4, 128, 128), fp16 and fp32, and the
 launch time of an empty Triton kernel for the small case (the floor a single launch can reach).
 Times are per call from 50 back-to-back calls per synchronised measurement; the copy is timed the same way.
-CPU (always): the CPU path of degrade (the fused C++ kernel sag_fast::degrade_cpu when the extension is
-built, else the conv2d torch path) and the unfused torch path against the deprecated diffusers SAG
+CPU (always): the CPU kernel of sag_fast::degrade (the fused C++ kernel, whatever TRITON_INTERPRET says)
+and the unfused torch reference (sag_fast.reference.degrade, conv2d) against the deprecated diffusers SAG
 pipeline's sequence for the same stage (x0 = (x - sigma*eps)/alpha, blur, upsample the mask, blend, DDIM
 add_noise), SD latents; (2, 4, 128, 128) also with one thread.
 
@@ -29,9 +29,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 from conftest import QUICK, record, time_fn  # bench/conftest.py
+from sag_fast import reference
 from sag_fast.ops import degrade as dg
 
 GPU = torch.cuda.is_available()
@@ -131,22 +131,18 @@ def _bench_degrade_cpu(shape):
         return scheduler.add_noise(sample, noise, t[None])
 
     def ours():
-        if dg.use_triton(x):  # under TRITON_INTERPRET=1, time the CPU path degrade takes without it
-            if dg._use_cpp(x):
-                return torch.ops.sag_fast.degrade_cpu(x, eps, mask, c1, c2, 9, 1.0)
-            return dg._degrade_torch(x, eps, mask, c1, c2, 9, 1.0)
-        return dg.degrade(x, eps, mask, c1, c2)
+        return dg.degrade(x, eps, mask, c1, c2)  # one sag_fast::degrade: the C++ kernel on CPU tensors
 
     # same stage, same answer (blur and re-noising are linear)
     torch.testing.assert_close(ours(), _diffusers_sequence(x, eps, mask, alpha, sigma, add_noise), atol=1e-4, rtol=1e-4)
     base = time_fn(lambda: _diffusers_sequence(x, eps, mask, alpha, sigma, add_noise), "cpu")
     mine = time_fn(ours, "cpu")
-    unfused = time_fn(lambda: dg._degrade_torch(x, eps, mask, c1, c2, 9, 1.0), "cpu")
+    unfused = time_fn(lambda: reference.degrade(x, eps, mask, c1, c2, 9, 1.0), "cpu")
     case = f"cpu ({torch.get_num_threads()} threads), SD latents, eps-prediction DDIM"
     cols = dict(shape=str(shape), dtype="float32")
     nbytes = _moved_bytes(x, mask, c1, c2)
     record("degrade", case, "diffusers SAG sequence", base, nbytes, **cols)
-    record("degrade", case, "sag_fast torch path (conv2d, unfused)", unfused, nbytes,
+    record("degrade", case, "torch reference (conv2d, unfused)", unfused, nbytes,
            baseline="diffusers SAG sequence", **cols)
-    label = "sag_fast C++ kernel (degrade_cpu)" if dg._use_cpp(x) else "sag_fast cpu path (no extension)"
-    record("degrade", case, label, mine, nbytes, baseline="diffusers SAG sequence", **cols)
+    record("degrade", case, "sag_fast C++ kernel (sag_fast::degrade on CPU)", mine, nbytes,
+           baseline="diffusers SAG sequence", **cols)

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
-import inspect
 import os
 import threading
 import time
@@ -35,6 +33,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import QUICK, record_dispatch, record_e2e, time_fn
+
+from sag_fast.diffusers import disable_sag, enable_sag
+from sag_fast.sampler import SAGSampler
 
 HAS_CUDA = torch.cuda.is_available()
 # SAG_FAST_BENCH_FULL=1 also compiles the SDXL UNet on a GPU and compiles the tiny one on a CPU (minutes)
@@ -182,42 +183,13 @@ def make_pipeline(setup: Setup, deprecated_sag: bool = False):
 
 
 # ------------------------------------------------------------------------------- the pieces of sag_fast
-def sag_api():
-    """(enable_sag, disable_sag), or a string saying why they are not there."""
-    try:
-        mod = importlib.import_module("sag_fast.diffusers")
-    except ImportError as exc:
-        return f"sag_fast.diffusers is not importable ({exc})"
-    if not (hasattr(mod, "enable_sag") and hasattr(mod, "disable_sag")):
-        return "sag_fast.diffusers has no enable_sag/disable_sag yet"
-    return mod.enable_sag, mod.disable_sag
-
-
 @contextlib.contextmanager
 def sag_enabled(pipe):
-    api = sag_api()
-    if isinstance(api, str):
-        raise RuntimeError(api)
-    enable, disable = api
-    enable(pipe, scale=SAG_SCALE)
+    enable_sag(pipe, scale=SAG_SCALE)
     try:
         yield pipe
     finally:
-        disable(pipe)
-
-
-def sampler_class():
-    """sag_fast.sampler.SAGSampler, or a string saying why it is not there."""
-    try:
-        mod = importlib.import_module("sag_fast.sampler")
-    except ImportError as exc:
-        return f"sag_fast.sampler is not importable ({exc})"
-    sampler = getattr(mod, "SAGSampler", None)
-    if sampler is None:
-        return "sag_fast.sampler has no SAGSampler yet"
-    if "cuda_graph" not in inspect.signature(sampler).parameters:
-        return "SAGSampler has no cuda_graph option yet"
-    return sampler
+        disable_sag(pipe)
 
 
 def sampler_call(setup: Setup, cuda_graph: bool, sag_scale: float = SAG_SCALE):
@@ -227,7 +199,7 @@ def sampler_call(setup: Setup, cuda_graph: bool, sag_scale: float = SAG_SCALE):
     from sag_fast.guidance import SAGConfig
 
     kw = setup.call_kwargs
-    sampler = sampler_class()(setup.unet, _scheduler(), SAGConfig(scale=sag_scale), guidance_scale=CFG_SCALE,
+    sampler = SAGSampler(setup.unet, _scheduler(), SAGConfig(scale=sag_scale), guidance_scale=CFG_SCALE,
                               progress=False, cuda_graph=cuda_graph)
     cond = {"encoder_hidden_states": kw["prompt_embeds"]}
     uncond = {"encoder_hidden_states": kw["negative_prompt_embeds"]}
@@ -334,13 +306,9 @@ def _variant_call(setup: Setup, variant: str):
     if "SAGSampler" in variant:
         if "CUDA graph" in variant and not HAS_CUDA:
             return "CUDA graphs need a GPU"
-        if isinstance(sampler_class(), str):
-            return sampler_class()
         set_compiled(setup, False)
         scale = 0.0 if variant.startswith("CFG") else SAG_SCALE  # scale 0: one plain CFG forward per step
         return sampler_call(setup, cuda_graph="CUDA graph" in variant, sag_scale=scale), contextlib.nullcontext()
-    if "sag_fast" in variant and isinstance(sag_api(), str):
-        return sag_api()
     set_compiled(setup, compiled)
     if variant == "no guidance":
         pipe = make_pipeline(setup)
@@ -414,8 +382,6 @@ def test_dispatched_ops_per_step():
     if spec.sdxl:
         pytest.skip("counted on an SD-style UNet")
     setup = get_setup(spec)
-    if isinstance(sag_api(), str):
-        pytest.skip(sag_api())
     set_compiled(setup, False)
     with warnings.catch_warnings(), (contextlib.nullcontext() if HAS_CUDA else _cpu_path()):
         warnings.simplefilter("ignore")

@@ -1,9 +1,14 @@
-"""sag_fast::guidance_combine vs the eager PyTorch expression it replaces, and vs a copy's bandwidth.
+"""sag_fast::guidance_combine and sag_fast::guidance_shift_ vs the eager PyTorch expressions they replace,
+and vs a copy's bandwidth.
 
     .venv/bin/python -m pytest bench/bench_guidance.py
 
-Eager: `u, c = pred.chunk(2); u + w*(c - u) + s*(u - d)`, six elementwise kernels and five temporaries.
-The op reads u, c and d once and writes the output once: 4 tensors of (B, C, H, W) of traffic.
+combine, eager: `u, c = pred.chunk(2); u + w*(c - u) + s*(u - d)`, six elementwise kernels and five
+temporaries. The op reads u, c and d once and writes the output once: 4 tensors of (B, C, H, W) of traffic.
+shift_ (what the integration runs: SAG's term added to every way in place, the pipeline's CFG follows),
+eager: `delta = s*(u - d); pred.view(2, B, ...).add_(delta)`, three kernels and one temporary. The op reads
+u and d once and reads and writes both ways of pred: 6 tensors of (B, C, H, W) of traffic (u is read
+again as part of pred).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import torch
 from conftest import bench_seconds, copy_seconds, record, time_fn
 
 from sag_fast import _lib
-from sag_fast.ops.guidance import guidance_combine
+from sag_fast.ops.guidance import guidance_combine, guidance_shift_
 
 pytestmark = pytest.mark.skipif(not _lib.extension_available(), reason="sag_fast._C is not built")
 
@@ -101,3 +106,34 @@ def test_sag_fast(benchmark, shape, device):
         impl = f"sag_fast._C ({torch.get_num_threads()} threads)" if device == "cpu" else "sag_fast._C"
         record("guidance_combine", _case(shape, device), impl, seconds, _nbytes(shape), _copy_floor(shape, device),
                baseline="eager", shape=f"pred {tuple(shape)}", dtype="fp32")
+
+
+def eager_shift_(pred, degraded, s):
+    u = pred[: degraded.shape[0]]
+    delta = s * (u - degraded)
+    pred.view(2, *degraded.shape).add_(delta)  # both ways, the unconditional one included
+    return pred
+
+
+def _shift_nbytes(shape):
+    b2, c, h, wd = shape
+    return 6 * (b2 // 2) * c * h * wd * 4  # read u, d, read + write both ways of pred, fp32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["eager", "sag_fast"])
+def test_shift(benchmark, shape, device, impl):
+    pred, degraded = _inputs(shape, device)
+    fast = f"sag_fast._C ({torch.get_num_threads()} threads)" if device == "cpu" else "sag_fast._C"
+    if impl == "sag_fast":
+        torch.testing.assert_close(guidance_shift_(pred.clone(), degraded, S), eager_shift_(pred.clone(), degraded, S),
+                                   rtol=1e-5, atol=1e-5)
+        fn = lambda: guidance_shift_(pred, degraded, S)  # noqa: E731  (values drift; the traffic does not)
+    else:
+        fn = lambda: eager_shift_(pred, degraded, S)  # noqa: E731
+    seconds = _timed(benchmark, fn, device)
+    if seconds is not None:
+        record("guidance_shift_", _case(shape, device), "eager" if impl == "eager" else fast, seconds,
+               _shift_nbytes(shape), _copy_floor(shape, device) * 1.5,
+               baseline=None if impl == "eager" else "eager", shape=f"pred {tuple(shape)}", dtype="fp32")

@@ -1,5 +1,5 @@
-// sag_fast::degrade_cpu: the fused CPU kernel of the degrade pass (sag_fast/ops/degrade.py uses it for
-// CPU tensors when the extension is built):
+// The CPU kernel of sag_fast::degrade (schema in module.cpp; the CUDA kernel is the Triton one that
+// sag_fast/ops/degrade.py registers):
 //     y = x + M * (G_sigma * s - s),  s = c1*x + c2*model_output
 // G_sigma: the normalised 1-D Gaussian of reference.gaussian_kernel1d (double, then fp32), applied along
 // the width and then the height with reflect padding. M: the (B, h, w) mask, nonzero = blur,
@@ -9,8 +9,10 @@
 // over the threads); the loops are in degrade_cpu_kernel.h. Math in fp32; x and model_output are fp32,
 // fp16 or bf16 and are read through their strides (any layout, no copies), the output is empty_like(x)
 // (x's memory format) written through its strides. Rows with unit column stride take plain pointer loops.
-// The kernel is compiled twice, baseline x86-64 and AVX2, and picked at run time.
+// The kernel is compiled twice, baseline x86-64 and AVX2, and picked at run time. float64 inputs take a
+// composite ATen path in float64 (reflection pad, two 1-D convolutions, nearest upsampling).
 #include <ATen/Dispatch.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -69,7 +71,12 @@ namespace sag_fast {
 namespace degrade_cpu {
 namespace {
 
-std::vector<float> gaussian_taps(int64_t K, double sigma) {
+void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), "degrade: ", name, " is on ", t.device(), " but x is on ", x.device(),
+                    "; they must be on the same device");
+}
+
+std::vector<double> gaussian_taps(int64_t K, double sigma) {
   // reference.gaussian_kernel1d: linspace(-(K-1)/2, (K-1)/2, K) is the integers -P..P exactly
   const int64_t P = K / 2;
   std::vector<double> pdf(K);
@@ -79,9 +86,8 @@ std::vector<float> gaussian_taps(int64_t K, double sigma) {
     pdf[i] = std::exp(-0.5 * (t * t));
     sum += pdf[i];
   }
-  std::vector<float> g(K);
-  for (int64_t i = 0; i < K; ++i) g[i] = static_cast<float>(pdf[i] / sum);
-  return g;
+  for (double& v : pdf) v /= sum;
+  return pdf;
 }
 
 // F.interpolate(mode="nearest")'s source index of every output index.
@@ -94,12 +100,16 @@ std::vector<int64_t> nearest_index(int64_t in, int64_t out) {
 }
 
 // A 0-dim or (B,) floating tensor as B fp32 values (any stride, fp16/bf16/fp32/fp64).
-std::vector<float> per_sample(const at::Tensor& c, int64_t B, const char* name) {
-  TORCH_CHECK_VALUE(c.device().is_cpu(), "degrade_cpu: ", name, " must be a CPU tensor, got ", c.device());
-  TORCH_CHECK_VALUE(at::isFloatingType(c.scalar_type()), "degrade_cpu: ", name,
+void check_coefficient(const at::Tensor& c, const at::Tensor& x, const char* name) {
+  check_same_device(c, x, name);
+  TORCH_CHECK_VALUE(at::isFloatingType(c.scalar_type()), "degrade: ", name,
                     " must be a floating point tensor, got ", c.scalar_type());
-  TORCH_CHECK_VALUE(c.dim() == 0 || (c.dim() == 1 && c.size(0) == B), "degrade_cpu: ", name,
+  const int64_t B = x.size(0);
+  TORCH_CHECK_VALUE(c.dim() == 0 || (c.dim() == 1 && c.size(0) == B), "degrade: ", name,
                     " must be 0-dim or have shape (", B, ",), got ", c.sizes());
+}
+
+std::vector<float> per_sample(const at::Tensor& c, int64_t B) {
   std::vector<float> v(B);
   const int64_t stride = c.dim() == 0 ? 0 : c.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "degrade_cpu", [&] {
@@ -145,37 +155,62 @@ bool has_avx2() {
 #endif
 }
 
+// float64: the same math composed of ATen ops, in float64 throughout.
+at::Tensor degrade_fp64(const at::Tensor& x, const at::Tensor& model_output, const std::optional<at::Tensor>& mask,
+                        const at::Tensor& c1, const at::Tensor& c2, int64_t kernel_size, double sigma) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = kernel_size / 2;
+  const auto per = [&](const at::Tensor& c) { return c.to(at::kDouble).reshape({c.dim() == 0 ? 1 : B, 1, 1, 1}); };
+  const at::Tensor s = per(c1) * x + per(c2) * model_output;
+  const std::vector<double> g = gaussian_taps(kernel_size, sigma);
+  at::Tensor taps = at::empty({kernel_size}, x.options().dtype(at::kDouble));
+  std::copy(g.begin(), g.end(), taps.mutable_data_ptr<double>());
+  at::Tensor blurred = at::reflection_pad2d(s.reshape({B * C, 1, H, W}), {P, P, P, P});
+  blurred = at::conv2d(at::conv2d(blurred, taps.view({1, 1, 1, kernel_size})), taps.view({1, 1, kernel_size, 1}));
+  at::Tensor delta = blurred.view({B, C, H, W}) - s;
+  if (mask.has_value()) {
+    const at::Tensor up = at::upsample_nearest2d(mask->unsqueeze(1).to(at::kDouble), {H, W}) != 0;
+    delta = delta * up;
+  }
+  at::Tensor y = at::empty_like(x);
+  return y.copy_(x + delta);
+}
+
 at::Tensor degrade_cpu(const at::Tensor& x, const at::Tensor& model_output, const std::optional<at::Tensor>& mask,
                        const at::Tensor& c1, const at::Tensor& c2, int64_t kernel_size, double sigma) {
   const auto dt = x.scalar_type();
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "degrade_cpu: x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-                    "degrade_cpu: x must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK_VALUE(x.dim() == 4, "degrade_cpu: x must be (B, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(model_output.device().is_cpu(), "degrade_cpu: model_output must be a CPU tensor, got ",
-                    model_output.device());
-  TORCH_CHECK_VALUE(model_output.scalar_type() == dt, "degrade_cpu: model_output must have x's dtype ", dt,
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "degrade: x must be a CPU tensor for the CPU kernel, got ", x.device());
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+                    "degrade: x must be float32, float16, bfloat16 or float64, got ", dt);
+  TORCH_CHECK_VALUE(x.dim() == 4, "degrade: x must be (B, C, H, W), got shape ", x.sizes());
+  check_same_device(model_output, x, "model_output");
+  TORCH_CHECK_VALUE(model_output.scalar_type() == dt, "degrade: model_output must have x's dtype ", dt,
                     ", got ", model_output.scalar_type());
-  TORCH_CHECK_VALUE(model_output.sizes() == x.sizes(), "degrade_cpu: model_output must have x's shape ",
+  TORCH_CHECK_VALUE(model_output.sizes() == x.sizes(), "degrade: model_output must have x's shape ",
                     x.sizes(), ", got ", model_output.sizes());
-  TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1, "degrade_cpu: kernel_size must be a positive odd int, got ",
-                    kernel_size);
-  TORCH_CHECK_VALUE(sigma > 0 && std::isfinite(sigma), "degrade_cpu: sigma must be a positive finite number, got ",
-                    sigma);
+  check_coefficient(c1, x, "c1");
+  check_coefficient(c2, x, "c2");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = kernel_size / 2;
-  TORCH_CHECK_VALUE(P < H && P < W, "degrade_cpu: kernel_size=", kernel_size, " needs height and width > ", P,
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    check_same_device(m, x, "mask");
+    TORCH_CHECK_VALUE(m.dim() == 3 && m.size(0) == B && m.size(1) >= 1 && m.size(2) >= 1,
+                      "degrade: mask must be (B=", B, ", h, w) with h, w >= 1, got ", m.sizes());
+    TORCH_CHECK_VALUE(!at::isComplexType(m.scalar_type()), "degrade: mask must be bool, integer or floating point, got ",
+                      m.scalar_type());
+  }
+  TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1, "degrade: kernel_size must be a positive odd int, got ",
+                    kernel_size);
+  TORCH_CHECK_VALUE(sigma > 0 && std::isfinite(sigma), "degrade: sigma must be a positive finite number, got ",
+                    sigma);
+  TORCH_CHECK_VALUE(P < H && P < W, "degrade: kernel_size=", kernel_size, " needs height and width > ", P,
                     " for reflect padding, got height=", H, ", width=", W);
-  const std::vector<float> cv1 = per_sample(c1, B, "c1"), cv2 = per_sample(c2, B, "c2");
+  if (dt == at::kDouble) return degrade_fp64(x, model_output, mask, c1, c2, kernel_size, sigma);
+  const std::vector<float> cv1 = per_sample(c1, B), cv2 = per_sample(c2, B);
   std::vector<float> mv;
   std::vector<int64_t> mrow, mcol;
   int64_t mh = 0, mw = 0;
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
-    TORCH_CHECK_VALUE(m.device().is_cpu(), "degrade_cpu: mask must be a CPU tensor, got ", m.device());
-    TORCH_CHECK_VALUE(m.dim() == 3 && m.size(0) == B && m.size(1) >= 1 && m.size(2) >= 1,
-                      "degrade_cpu: mask must be (B=", B, ", h, w) with h, w >= 1, got ", m.sizes());
-    TORCH_CHECK_VALUE(!at::isComplexType(m.scalar_type()), "degrade_cpu: mask must be bool, integer or floating point, got ",
-                      m.scalar_type());
     mh = m.size(1);
     mw = m.size(2);
     mv = mask_values(m);
@@ -184,7 +219,8 @@ at::Tensor degrade_cpu(const at::Tensor& x, const at::Tensor& model_output, cons
   }
   at::Tensor y = at::empty_like(x);  // x's memory format (contiguous, channels_last, or x's dense strides)
   if (y.numel() == 0) return y;
-  const std::vector<float> g = gaussian_taps(kernel_size, sigma);
+  std::vector<float> g;
+  for (double v : gaussian_taps(kernel_size, sigma)) g.push_back(static_cast<float>(v));
   DegradeArgs a{};
   a.B = B, a.C = C, a.H = H, a.W = W, a.K = kernel_size;
   a.x = x.const_data_ptr(), a.o = model_output.const_data_ptr(), a.y = y.mutable_data_ptr();
@@ -211,4 +247,4 @@ at::Tensor degrade_cpu(const at::Tensor& x, const at::Tensor& model_output, cons
 }  // namespace degrade_cpu
 }  // namespace sag_fast
 
-TORCH_LIBRARY_IMPL(sag_fast, CPU, m) { m.impl("degrade_cpu", &sag_fast::degrade_cpu::degrade_cpu); }
+TORCH_LIBRARY_IMPL(sag_fast, CPU, m) { m.impl("degrade", &sag_fast::degrade_cpu::degrade_cpu); }

@@ -1,4 +1,4 @@
-// The per-plane loops of sag_fast::degrade_cpu. No include guard on purpose: degrade_cpu.cpp includes
+// The per-plane loops of the CPU kernel of sag_fast::degrade. No include guard on purpose: degrade_cpu.cpp includes
 // this file twice, once for the baseline ISA and once under `#pragma GCC target("avx2")`, each time with
 // a different SAG_DEGRADE_ISA namespace, and picks one at run time. The includer provides the headers
 // (ATen/Parallel.h, c10 Half/BFloat16) and DegradeArgs before including it.
@@ -144,7 +144,7 @@ void dispatch(const DegradeArgs& a, at::ScalarType dtype) {
     case at::kFloat: return run<float>(a);
     case at::kHalf: return run<c10::Half>(a);
     case at::kBFloat16: return run<c10::BFloat16>(a);
-    default: TORCH_CHECK(false, "degrade_cpu: unexpected dtype ", dtype);
+    default: TORCH_CHECK(false, "degrade: unexpected dtype ", dtype);
   }
 }
 

@@ -1,6 +1,7 @@
 // Python module entry for sag_fast._C, and the schemas of every C++ op in the `sag_fast` namespace.
 // The kernels register per device with TORCH_LIBRARY_IMPL (guidance_cpu.cpp, guidance_cuda.cu, degrade_cpu.cpp);
-// the fakes that torch.compile traces with are registered from Python (sag_fast/ops/guidance.py, degrade.py).
+// the CUDA kernel of degrade is Triton, registered from Python (sag_fast/ops/degrade.py), and so are the fakes
+// that FakeTensor and torch.compile use (sag_fast/ops/*.py; `import sag_fast` imports them all).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,9 +16,9 @@ TORCH_LIBRARY(sag_fast, m) {
   m.def("guidance_shift_(Tensor(a!) pred, Tensor degraded, float sag_scale, int guided_channels=-1, "
         "int uncond_index=0) -> ()",
         {at::Tag::pt2_compliant_tag});
-  // CPU only (csrc/degrade_cpu.cpp): x~ = x + M*(G_sigma*s - s), s = c1*x + c2*model_output; the fused CPU
-  // path of sag_fast/ops/degrade.py. c1, c2: 0-dim or (B,); mask: (B, h, w), nonzero = blur, or None.
-  m.def("degrade_cpu(Tensor x, Tensor model_output, Tensor? mask, Tensor c1, Tensor c2, int kernel_size, "
+  // x~ = x + M*(G_sigma*s - s), s = c1*x + c2*model_output (csrc/degrade_cpu.cpp for CPU, the Triton kernel of
+  // sag_fast/ops/degrade.py for CUDA). c1, c2: 0-dim or (B,); mask: (B, h, w), nonzero = blur, or None.
+  m.def("degrade(Tensor x, Tensor model_output, Tensor? mask, Tensor c1, Tensor c2, int kernel_size, "
         "float sigma) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 }

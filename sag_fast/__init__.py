@@ -1,13 +1,15 @@
 """sag_fast: fast Self-Attention Guidance (SAG) for diffusion models.
 
-`import sag_fast` is light: the ops and the reference import torch only; the diffusers integration
-and the sampler load on first use.
+`import sag_fast` loads the compiled extension and registers every `sag_fast::` custom op with its
+kernels and its fake (so `torch.ops.sag_fast.*` works under FakeTensor and torch.compile with no other
+import); that imports torch and triton. The diffusers integration and the sampler load on first use.
 """
 from __future__ import annotations
 
 import importlib
 
 from ._lib import extension_available, extension_has_cuda
+from .ops import degrade as _degrade, guidance as _guidance, mask as _mask  # noqa: F401  (registrations)
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,7 @@
 """The specification of SAG in plain PyTorch. Every fast path in sag_fast is tested against this file.
 
-Readable first, fast never. See DESIGN.md for the math:
+Readable first, fast never; it imports torch only and nothing of sag_fast (the ops must not import it:
+it is what they are tested against). See docs/design.md for the math:
     s  = c1*x + c2*o                       (the signal part alpha*x0_hat of the model input)
     x~ = x + M * (G_sigma * s - s)         (blur the attended regions, keep the noise)
     eps = eps_u + w*(eps_c - eps_u) + s_sag*(eps_u - eps(x~_u))
@@ -175,7 +176,6 @@ def guidance_combine(pred: torch.Tensor, degraded: torch.Tensor, cfg_scale: floa
     acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
     p, d = pred.to(acc), degraded[:, :g].to(acc)
     if pred.shape[0] == b:
-        u = cond = p
         out = p.clone()
         out[:, :g] = p[:, :g] + sag_scale * (p[:, :g] - d)
     else:

@@ -18,6 +18,7 @@ import torch
 from . import reference
 from .capture import AttentionCapture, resolve_layer
 from .guidance import SAGConfig, sag_guided_forward
+from .ops._dispatch import check_blur
 from .schedule import check_supported, signal_coefficients_for
 from .schedule import prediction_type as scheduler_prediction_type
 
@@ -178,7 +179,7 @@ class SAGSampler:
             kwargs.update(cond if uncond is None else _concat_ways(uncond, cond))
         if self.config.scale != 0.0 and self.config.start < self.config.stop:
             try:
-                reference.check_blur(self.config.kernel_size, self.config.blur_sigma, height, width)
+                check_blur(self.config.kernel_size, self.config.blur_sigma, height, width)
             except ValueError as exc:
                 raise ValueError(f"the latent ({height}x{width}) is too small for config.kernel_size="
                                  f"{self.config.kernel_size}: {exc}") from None

@@ -74,7 +74,7 @@ def reference_guided(model, x, t, kw, cfg: SAGConfig, c1, c2, ways, uncond_index
     b = total // ways
     rows = slice(uncond_index * b, (uncond_index + 1) * b)
     out = model(x, t, **kw)
-    kw_rows = slice_batch(kw, rows, total)
+    kw_rows = {"cond": kw["cond"][rows], "extra": {"y": kw["extra"]["y"][rows]}}  # by hand, not slice_batch
     t_rows = t[rows] if t.dim() else t
     mask = None
     if cfg.mask == "attention":
@@ -112,6 +112,16 @@ def test_config_rejects_start_after_stop():
 
 
 # ---------------------------------------------------------------------------------- slice_batch
+def test_slice_batch_values():
+    """Hand-written expectations: rows 3..5 of arange tensors are the numbers 3, 4, 5."""
+    kw = {"a": torch.arange(6.0)[:, None], "nested": {"b": torch.arange(12).view(6, 2)}, "t": torch.tensor(9)}
+    out = slice_batch(kw, slice(3, 6), 6)
+    assert out["a"].tolist() == [[3.0], [4.0], [5.0]]
+    assert out["nested"]["b"].tolist() == [[6, 7], [8, 9], [10, 11]]
+    assert out["t"].tolist() == 9
+    assert slice_batch(kw, slice(0, 2), 6)["a"].tolist() == [[0.0], [1.0]]
+
+
 def test_slice_batch_nested():
     b = 3
     kw = {
@@ -239,20 +249,31 @@ def test_count_dispatched_ops_sees_a_host_sync():
     assert "aten._local_scalar_dense" in host_syncs(counts)
 
 
-@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("uncond_index", [0, 1, 2])
-def test_guidance_shift_any_uncond_way(fused, uncond_index, monkeypatch):
-    """guidance_shift_ (the fused op, or the reference fallback without the extension) shifts every way by
-    s*(u - d) on the guided channels, u being way `uncond_index`; non-contiguous pred."""
+def test_guidance_shift_any_uncond_way(uncond_index):
+    """sag_fast.guidance.guidance_shift_ is the fused op (no fallback: without the extension this fails) and
+    shifts every way by s*(u - d) on the guided channels, u being way `uncond_index`; non-contiguous pred;
+    the expectation is written out by hand."""
     import sag_fast.guidance as guidance
-    if not fused:
-        monkeypatch.setattr(guidance, "_ops_guidance_shift_", None)
+    import sag_fast.ops.guidance as ops_guidance
+    assert guidance.guidance_shift_ is ops_guidance.guidance_shift_
     b, g = 2, 3
     pred = torch.randn(3 * b, 7, 5, 11, dtype=torch.float64).transpose(2, 3)
     degraded = torch.randn(b, 5, 11, 5, dtype=torch.float64)
     u = pred[uncond_index * b:(uncond_index + 1) * b, :g]
     expected = pred.clone()
     expected[:, :g] += (0.6 * (u - degraded[:, :g])).repeat(3, 1, 1, 1)
-    out = guidance.guidance_shift_(pred, degraded, 0.6, g, uncond_index)
-    assert out is pred
+    _, counts = count_dispatched_ops(lambda: guidance.guidance_shift_(pred, degraded, 0.6, g, uncond_index))
+    assert counts == {"sag_fast.guidance_shift_": 1}
     torch.testing.assert_close(pred, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_degrade_is_the_fused_op():
+    """sag_fast.guidance.degrade dispatches exactly the op sag_fast::degrade (no swappable seam)."""
+    import sag_fast.guidance as guidance
+    x, o = torch.randn(2, 3, 9, 10), torch.randn(2, 3, 9, 10)
+    c1, c2 = torch.tensor(1.0), torch.tensor([-0.5, -0.2])
+    y, counts = count_dispatched_ops(lambda: guidance.degrade(x, o, None, c1, c2, 5, 1.0))
+    assert counts == {"sag_fast.degrade": 1}
+    torch.testing.assert_close(y.double(), reference.degrade(x.double(), o.double(), None, c1.double(), c2.double(),
+                                                             5, 1.0), rtol=1e-5, atol=1e-5)

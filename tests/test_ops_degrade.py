@@ -1,20 +1,45 @@
-"""sag_fast.ops.degrade against sag_fast.reference.degrade (float64) on small odd/prime shapes.
+"""The op sag_fast::degrade against sag_fast.reference.degrade (float64) on small odd/prime shapes.
 
-Runs the Triton kernel under TRITON_INTERPRET=1 on CPU tensors (and on CUDA when there is a GPU);
-without the interpreter the same tests check the CPU torch path. Tolerances: fp32 1e-5 absolute
+Two kernels behind one op: `impl="op"` calls `degrade()`, i.e. the op as the dispatcher routes it (the C++
+kernel for CPU tensors, the Triton kernel on a GPU); `impl="triton"` calls the Triton kernel itself
+(`degrade_triton`), on CPU tensors under TRITON_INTERPRET=1 or on the GPU. Tolerances: fp32 1e-5 absolute
 (values O(1), fp32 math), fp16 one fp16 ulp of |x~| plus 2e-3 (inputs rounded to fp16 first, so the
-reference sees the same inputs), fp64 1e-12 (the fp64 torch path).
+reference sees the same inputs), fp64 1e-12 (the fp64 path of the C++ kernel).
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+from sag_fast import _profiling
 from sag_fast import reference as ref
+from sag_fast.ops import _dispatch
+from sag_fast.ops.testing import triton_on_cpu
 from sag_fast.ops import degrade as dg
-from sag_fast.ops.degrade import degrade
+from sag_fast.ops.degrade import degrade, degrade_triton
+
+from conftest import HAS_CUDA, INTERPRETED
+
+pytestmark = pytest.mark.skipif(not dg.extension_available(), reason="sag_fast._C is not built")
+TRITON_RUNS = INTERPRETED or HAS_CUDA
+IMPLS = ["op", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_RUNS, reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1"))]
+
+
+def run(impl, *args, **kwargs):
+    """degrade() (the op, dispatched) or the Triton kernel directly, with degrade()'s float coefficients."""
+    if impl == "op":
+        return degrade(*args, **kwargs)
+    x = args[0]
+    args = [dg._as_coefficient(a, x) if i in (3, 4) else a for i, a in enumerate(args)]
+    return degrade_triton(*args, **kwargs)
 
 TOL = {torch.float64: (1e-12, 0.0), torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 1e-3),
        torch.bfloat16: (2e-2, 8e-3)}
@@ -48,25 +73,33 @@ def _close(y, expected, dtype):
     (1, 16, 9, 10, (2, 2), 5, 1.7),     # C = 16, 2x up
     (2, 4, 31, 13, (7, 6), 1, 1.0),     # kernel_size 1: x~ == x
 ])
-def test_matches_reference_fp32(device, B, C, H, W, mask_hw, k, sigma):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_reference_fp32(device, impl, B, C, H, W, mask_hw, k, sigma):
     x, o, mask = _inputs(B, C, H, W, torch.float32, device, mask_hw)
     c1, c2 = torch.rand(B, device=device) + 0.5, -torch.rand(B, device=device)
-    y = degrade(x, o, mask, c1, c2, k, sigma)
+    y = run(impl, x, o, mask, c1, c2, k, sigma)
     _close(y, _expect(x, o, mask, c1, c2, k, sigma), torch.float32)
     if k == 1:
         assert torch.equal(y, x)
 
 
-def test_fp16(device):
-    x, o, mask = _inputs(2, 3, 14, 17, torch.float16, device, (5, 4))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes(device, impl, dtype):
+    x, o, mask = _inputs(2, 3, 14, 17, dtype, device, (5, 4))
     c1, c2 = torch.tensor([1.0, 0.6], device=device), torch.tensor([-0.3, -0.8], device=device)
-    _close(degrade(x, o, mask, c1, c2), _expect(x, o, mask, c1, c2), torch.float16)
+    _close(run(impl, x, o, mask, c1, c2), _expect(x, o, mask, c1, c2), dtype)
 
 
-def test_fp64_uses_fp64_path(device):
-    x, o, mask = _inputs(1, 3, 11, 12, torch.float64, device, (4, 3))
-    c1, c2 = torch.tensor(0.8, dtype=torch.float64, device=device), torch.tensor(-0.5, dtype=torch.float64, device=device)
-    _close(degrade(x, o, mask, c1, c2, 5, 1.3), _expect(x, o, mask, c1, c2, 5, 1.3), torch.float64)
+def test_fp64_on_cpu_computes_in_fp64():
+    """The C++ kernel's fp64 path: within 1e-12 of the fp64 reference (an fp32 computation misses by ~1e-7)."""
+    x, o, mask = _inputs(3, 2, 11, 12, torch.float64, "cpu", (4, 3))
+    c1 = torch.tensor([0.8, 0.3, 1.1], dtype=torch.float64)
+    c2 = torch.tensor(-0.5, dtype=torch.float64)
+    y = degrade(x, o, mask, c1, c2, 5, 1.3)
+    _close(y, _expect(x, o, mask, c1, c2, 5, 1.3), torch.float64)
+    xl = x.to(memory_format=torch.channels_last)
+    assert degrade(xl, o, None, c1, c2, 3, 1.0).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("W,k,block_w,rows", [
@@ -76,64 +109,71 @@ def test_fp64_uses_fp64_path(device):
     (32, 15, 16, 2),   # widest kernel with mirroring (P = 7 < 8), first and last thread in different strips
     (24, 17, 8, 19),   # P = 8: too wide to mirror from the centre chunk, gathers
 ])
+@pytest.mark.skipif(not TRITON_RUNS, reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1")
 def test_strips_and_row_chunks(device, W, k, block_w, rows):
     """Several column strips and row chunks per plane (the default plan uses one on tiny images)."""
-    if not dg.use_triton(torch.empty(0, device=device)):
-        pytest.skip("launcher blocking only applies to the Triton path")
     x, o, mask = _inputs(1, 2, 23, W, torch.float32, device, (5, 7))
     c1, c2 = torch.tensor([0.9], device=device), torch.tensor([-0.4], device=device)
-    y = dg._launch(x, o, mask, c1, c2, k, 1.2, block_w=block_w, rows=rows)
+    y = degrade_triton(x, o, mask, c1, c2, k, 1.2, block_w=block_w, rows=rows)
     _close(y, _expect(x, o, mask, c1, c2, k, 1.2), torch.float32)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("W", [8, 40])
-def test_even_width_mirroring(device, W):
+def test_even_width_mirroring(device, impl, W):
     """W % 8 == 0 (the edge-mirroring path): W = 8 is one thread holding both edges, kernel 9."""
     x, o, mask = _inputs(2, 3, 11, W, torch.float16, device, (3, 3))
     c1, c2 = torch.tensor([1.0, 0.7], device=device), torch.tensor([-0.3, -0.9], device=device)
-    _close(degrade(x, o, mask, c1, c2), _expect(x, o, mask, c1, c2), torch.float16)
+    _close(run(impl, x, o, mask, c1, c2), _expect(x, o, mask, c1, c2), torch.float16)
     x, o, _ = _inputs(1, 2, 9, W, torch.float32, device, None)
-    _close(degrade(x, o, None, 0.8, -0.6, 7, 0.9), _expect(x, o, None, 0.8, -0.6, 7, 0.9), torch.float32)
+    _close(run(impl, x, o, None, 0.8, -0.6, 7, 0.9), _expect(x, o, None, 0.8, -0.6, 7, 0.9), torch.float32)
 
 
-def test_channels_last_and_sliced(device):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_channels_last_and_sliced(device, impl):
     big = torch.randn(2, 4, 21, 30, device=device)
     x = big[:, :, 2:19, 3:28:2]  # non-contiguous: offset, row and column strides
     o = torch.randn(2, 4, 17, 13, device=device).to(memory_format=torch.channels_last)
     mask = (torch.rand(2, 6, 4, device=device) > 0.4)[:, ::2, :]  # sliced mask (3, 4)
     c1, c2 = torch.rand(2, device=device), -torch.rand(2, device=device)
-    y = degrade(x, o, mask, c1, c2, 7, 1.1)
+    y = run(impl, x, o, mask, c1, c2, 7, 1.1)
     _close(y, _expect(x, o, mask, c1, c2, 7, 1.1), torch.float32)
 
     xl = torch.randn(2, 3, 11, 16, device=device).to(memory_format=torch.channels_last)
     ol = torch.randn(2, 3, 11, 16, device=device).to(memory_format=torch.channels_last)
-    y = degrade(xl, ol, None, c1, c2, 9, 1.0)
+    y = run(impl, xl, ol, None, c1, c2, 9, 1.0)
     assert y.is_contiguous(memory_format=torch.channels_last)
     _close(y, _expect(xl, ol, None, c1, c2), torch.float32)
 
 
-def test_coefficient_forms(device):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_coefficient_forms(device, impl):
     x, o, mask = _inputs(3, 3, 10, 9, torch.float32, device, (2, 3))
     want = _expect(x, o, mask, 0.7, -0.2, 3, 1.0)
     for c1, c2 in ((0.7, -0.2),
                    (torch.tensor(0.7, device=device), torch.tensor(-0.2, device=device)),
                    (torch.full((3,), 0.7, device=device), torch.full((3,), -0.2, device=device, dtype=torch.float64))):
-        _close(degrade(x, o, mask, c1, c2, 3, 1.0), want, torch.float32)
+        _close(run(impl, x, o, mask, c1, c2, 3, 1.0), want, torch.float32)
     strided = torch.tensor([0.7, 9.0, 0.7, 9.0, 0.7, 9.0], device=device)[::2]  # (B,) with stride 2
-    _close(degrade(x, o, mask, strided, -0.2, 3, 1.0), want, torch.float32)
+    _close(run(impl, x, o, mask, strided, -0.2, 3, 1.0), want, torch.float32)
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.float32])
-def test_mask_dtypes(device, mask_dtype):
-    x, o, mask = _inputs(2, 3, 12, 9, torch.float32, device, (3, 2), mask_dtype)
-    _close(degrade(x, o, mask, 1.0, -0.5, 3, 0.8), _expect(x, o, mask, 1.0, -0.5, 3, 0.8), torch.float32)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.int64, torch.float32, torch.bfloat16])
+def test_mask_dtypes(device, impl, mask_dtype):
+    """Any nonzero mask value blurs: a mask with values 0/3 (0/0.25 for float) gives the bool mask's result."""
+    x, o, mask = _inputs(2, 3, 12, 9, torch.float32, device, (3, 2))
+    scaled = mask.to(mask_dtype) * (3 if not mask_dtype.is_floating_point else 0.25)
+    _close(run(impl, x, o, scaled, 1.0, -0.5, 3, 0.8), _expect(x, o, mask, 1.0, -0.5, 3, 0.8), torch.float32)
 
 
-def test_all_ones_mask_is_blur_guidance(device):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_ones_mask_is_blur_guidance(device, impl):
+    """An all-ones mask equals blur guidance (mask=None), and both equal the reference's full blur."""
     x, o, _ = _inputs(1, 3, 10, 11, torch.float32, device, None)
     ones = torch.ones(1, 2, 3, dtype=torch.bool, device=device)
-    torch.testing.assert_close(degrade(x, o, ones, 1.0, -0.4, 5, 1.0), degrade(x, o, None, 1.0, -0.4, 5, 1.0),
-                               atol=1e-6, rtol=1e-6)
+    _close(run(impl, x, o, ones, 1.0, -0.4, 5, 1.0), _expect(x, o, None, 1.0, -0.4, 5, 1.0), torch.float32)
+    _close(run(impl, x, o, None, 1.0, -0.4, 5, 1.0), _expect(x, o, None, 1.0, -0.4, 5, 1.0), torch.float32)
 
 
 def test_smallest_legal_size_and_one_below(device):
@@ -158,7 +198,8 @@ def test_nearest_index_rule_matches_pytorch(n_in, n_out):
     assert np.array_equal(ours, theirs[0, 0].long().numpy())
 
 
-def test_mask_upsampling_in_kernel(device):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mask_upsampling_in_kernel(device, impl):
     """Distinct per-cell influence: blur only where one source cell of the mask is set, for each cell."""
     H, W, h, w = 17, 23, 3, 5
     x, o, _ = _inputs(1, 1, H, W, torch.float32, device, None)
@@ -166,42 +207,150 @@ def test_mask_upsampling_in_kernel(device):
     for cell in (0, 7, 14):
         mask = torch.zeros(1, h, w, dtype=torch.bool, device=device)
         mask.view(-1)[cell] = True
-        changed = (degrade(x, o, mask, 1.0, -0.5, 3, 1.0) != x)[0, 0].cpu()
+        changed = (run(impl, x, o, mask, 1.0, -0.5, 3, 1.0) != x)[0, 0].cpu()
         assert torch.equal(changed, up[cell] & changed) and changed.sum() > 0.5 * up[cell].sum()
 
 
-@pytest.mark.parametrize("bad,match", [
+_BAD = [
     (dict(model_output=torch.randn(1, 3, 11, 12)), "model_output"),
     (dict(model_output=torch.randn(1, 3, 12, 12, dtype=torch.float64)), "model_output"),
-    (dict(x=torch.randn(3, 12, 12), model_output=torch.randn(3, 12, 12)), "x"),
-    (dict(x=torch.randint(0, 3, (1, 3, 12, 12)), model_output=torch.randint(0, 3, (1, 3, 12, 12))), "x"),
+    (dict(x=torch.randn(3, 12, 12), model_output=torch.randn(3, 12, 12)), "x must be"),
+    (dict(x=torch.randint(0, 3, (1, 3, 12, 12)), model_output=torch.randint(0, 3, (1, 3, 12, 12))), "x must be"),
     (dict(mask=torch.ones(2, 3, 3, dtype=torch.bool)), "mask"),
     (dict(mask=torch.ones(3, 3, dtype=torch.bool)), "mask"),
+    (dict(mask=torch.ones(1, 3, 0, dtype=torch.bool)), "mask"),
     (dict(mask=torch.ones(1, 3, 3, dtype=torch.complex64)), "mask"),
     (dict(c1=torch.ones(2)), "c1"),
     (dict(c2=torch.ones(1, 1)), "c2"),
     (dict(c1=torch.ones(1, dtype=torch.int64)), "c1"),
-    (dict(c2="0.5"), "c2"),
     (dict(kernel_size=4), "kernel_size"),
     (dict(kernel_size=0), "kernel_size"),
-    (dict(kernel_size=3.0), "kernel_size"),
     (dict(sigma=0.0), "sigma"),
     (dict(sigma=float("nan")), "sigma"),
-    (dict(kernel_size=25), "kernel_size=25"),
-])
-def test_bad_inputs_name_the_argument(bad, match):
+    (dict(sigma=float("inf")), "sigma"),
+    (dict(kernel_size=25), "kernel_size=25.*height=12"),
+]
+
+
+def _args(bad, device="cpu"):
     args = dict(x=torch.randn(1, 3, 12, 12), model_output=torch.randn(1, 3, 12, 12),
-                mask=torch.ones(1, 3, 3, dtype=torch.bool), c1=1.0, c2=-0.5, kernel_size=9, sigma=1.0)
+                mask=torch.ones(1, 3, 3, dtype=torch.bool), c1=torch.tensor(1.0), c2=torch.tensor(-0.5),
+                kernel_size=9, sigma=1.0)
     args.update(bad)
+    if device == "cpu" and not torch._guards.detect_fake_mode():
+        return args
+    # (under FakeTensorMode: CUDA tensors of the same shapes and dtypes)
+    return {k: torch.empty(v.shape, dtype=v.dtype, device=device) if isinstance(v, torch.Tensor) else v
+            for k, v in args.items()}
+
+
+@pytest.mark.parametrize("bad,match", _BAD)
+def test_bad_inputs_name_the_argument(bad, match):
+    """degrade() and the op on CPU tensors: the C++ kernel's checks."""
     with pytest.raises((ValueError, TypeError), match=match):
+        degrade(**_args(bad))
+    with pytest.raises(ValueError, match=match):
+        torch.ops.sag_fast.degrade(*_args(bad).values())
+
+
+@pytest.mark.parametrize("bad,match", _BAD)
+def test_bad_inputs_name_the_argument_cuda_fake(bad, match):
+    """The same table on CUDA tensors, as FakeTensors: the checks of the fake (those of the Triton kernel)."""
+    with FakeTensorMode():
+        args = _args(bad, "cuda")
+        with pytest.raises(ValueError, match=match):
+            torch.ops.sag_fast.degrade(*args.values())
+
+
+@pytest.mark.parametrize("bad,match", [(dict(c2="0.5"), "c2"), (dict(kernel_size=3.0), "kernel_size"),
+                                       (dict(kernel_size=True), "kernel_size"), (dict(sigma="1"), "sigma"),
+                                       (dict(mask=[[1]]), "mask")])
+def test_bad_python_arguments(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        degrade(**_args(bad))
+
+
+def test_float64_cuda_is_refused_naming_x():
+    with FakeTensorMode():
+        x = torch.empty(1, 3, 12, 12, dtype=torch.float64, device="cuda")
+        with pytest.raises(ValueError, match=r"x must be one of .*float64 only on CPU"):
+            torch.ops.sag_fast.degrade(x, x, None, torch.ones(1, device="cuda"), torch.ones(1, device="cuda"), 3, 1.0)
+
+
+# the arguments that must sit on x's device, and the error that names them
+_MOVED = ["model_output", "mask", "c1", "c2"]
+
+
+@pytest.mark.parametrize("moved", _MOVED)
+@pytest.mark.parametrize("x_device,other", [("cuda:0", "cpu"), ("cpu", "cuda:0"), ("cuda:0", "cuda:1")])
+def test_mixed_devices_name_both_arguments(moved, x_device, other):
+    """e.g. c1 on the CPU while x is on the GPU (a scheduler whose timesteps stay on the CPU): refused by the
+    fake (FakeTensorMode makes CUDA tensors without a GPU), whichever of the two devices the dispatcher picks."""
+    with FakeTensorMode():
+        args = _args({}, x_device)
+        args[moved] = torch.empty(args[moved].shape, dtype=args[moved].dtype, device=other)
+        want = f"{moved} is on {torch.device(other)} but x is on {torch.device(x_device)}"
+        with pytest.raises(ValueError, match=want.replace("(", r"\(")):
+            torch.ops.sag_fast.degrade(*args.values())
+
+
+@pytest.mark.parametrize("moved", _MOVED)
+def test_mixed_devices_on_real_tensors(moved):
+    """On real tensors: meta for the moved argument (a second device this machine has) against CPU x."""
+    args = _args({})
+    args[moved] = args[moved].to("meta")
+    with pytest.raises(ValueError, match=f"{moved} is on meta but x is on cpu"):
         degrade(**args)
 
 
-def test_opcheck():
+def test_device_guard_makes_the_tensor_device_current():
+    """A launch for a tensor on cuda:1 runs under cuda:1 (the current device may be cuda:0)."""
+    with FakeTensorMode():
+        t1 = torch.empty(2, device="cuda:1")
+        t0 = torch.empty(2, device="cuda")
+    guard = _dispatch.device_guard(t1)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert _dispatch.device_guard(t0).idx == 0
+    assert not isinstance(_dispatch.device_guard(torch.empty(2)), torch.cuda.device)
+
+
+def test_eager_call_dispatches_exactly_one_op():
     x, o, mask = _inputs(2, 3, 9, 10, torch.float32, "cpu", (3, 2))
-    torch.library.opcheck(torch.ops.sag_fast.degrade.default,
-                          (x, o, mask, torch.rand(2), torch.tensor(-0.5), 3, 1.0))
-    torch.library.opcheck(torch.ops.sag_fast.degrade.default, (x, o, None, torch.rand(2), torch.rand(2), 5, 0.9))
+    c1, c2 = torch.rand(2), torch.tensor(-0.5)
+    y, counts = _profiling.count_dispatched_ops(lambda: degrade(x, o, mask, c1, c2, 3, 1.0))
+    assert counts == {"sag_fast.degrade": 1}
+    _close(y, _expect(x, o, mask, c1, c2, 3, 1.0), torch.float32)
+
+
+def test_dispatch_table_one_kernel_per_device():
+    """CPU: the C++ kernel (csrc/degrade_cpu.cpp); CUDA: the Triton kernel registered from Python; a fake."""
+    table = torch._C._dispatch_dump_table("sag_fast::degrade")
+    rows = {line.split(":")[0].strip(): line for line in table.splitlines() if ":" in line}
+    assert "degrade_cpu.cpp" in rows["CPU"]
+    assert "kernel" in rows["CUDA"] and "fallthrough" not in rows["CUDA"]
+    assert torch._library.simple_registry.singleton.find("sag_fast::degrade").fake_impl.kernel is not None
+
+
+def test_opcheck_cpu_kernel():
+    x, o, mask = _inputs(2, 3, 9, 10, torch.float32, "cpu", (3, 2))
+    torch.library.opcheck(torch.ops.sag_fast.degrade.default, (x, o, mask, torch.rand(2), torch.tensor(-0.5), 3, 1.0))
+    xh, oh, _ = _inputs(1, 4, 7, 12, torch.bfloat16, "cpu", None)
+    torch.library.opcheck(torch.ops.sag_fast.degrade.default, (xh, oh, None, torch.rand(1), torch.rand(1), 5, 0.9))
+    xd, od, maskd = _inputs(2, 2, 8, 9, torch.float64, "cpu", (2, 3))
+    torch.library.opcheck(torch.ops.sag_fast.degrade.default, (xd, od, maskd, torch.rand(2), torch.rand(2), 3, 1.5))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs the Triton kernel on CPU tensors: TRITON_INTERPRET=1")
+def test_opcheck_triton_kernel_interpreted():
+    """opcheck of the op with its CPU kernel swapped for the Triton one (interpreted) for the duration."""
+    x, o, mask = _inputs(2, 3, 9, 10, torch.float32, "cpu", (3, 2))
+    c1, c2 = torch.rand(2), torch.tensor(-0.5)
+    with triton_on_cpu():
+        y, counts = _profiling.count_dispatched_ops(lambda: degrade(x, o, mask, c1, c2, 3, 1.0))
+        torch.library.opcheck(torch.ops.sag_fast.degrade.default, (x, o, mask, c1, c2, 3, 1.0))
+    assert counts == {"sag_fast.degrade": 1}
+    _close(y, _expect(x, o, mask, c1, c2, 3, 1.0), torch.float32)
+    assert "degrade_cpu.cpp" in torch._C._dispatch_dump_table("sag_fast::degrade").split("CPU:")[1].splitlines()[0]
 
 
 def test_compile_fullgraph_no_graph_break():
@@ -216,14 +365,36 @@ def test_compile_fullgraph_no_graph_break():
     _close(y, _expect(x, o, mask, c1, c2, 5, 1.0), torch.float32)
 
 
-def test_cpu_torch_path_matches_reference():
-    """The non-Triton CPU path (used without the interpreter) against the reference."""
-    x, o, mask = _inputs(2, 4, 15, 19, torch.float32, "cpu", (4, 7))
-    c1, c2 = torch.rand(2), -torch.rand(2)
-    y = dg._degrade_torch(x, o, mask, c1, c2, 9, 1.4)
-    _close(y, _expect(x, o, mask, c1, c2, 9, 1.4), torch.float32)
-    xl, ol = x.to(memory_format=torch.channels_last), o.to(memory_format=torch.channels_last)
-    assert dg._degrade_torch(xl, ol, None, c1, c2, 3, 1.0).is_contiguous(memory_format=torch.channels_last)
+_TRACE = """
+import torch, sag_fast
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+from sag_fast.ops.degrade import degrade
+
+def f(x, o, m, c1, c2):
+    return degrade(x, o, m, c1, c2, 5, 1.0)
+
+for device in ("cuda", "cpu"):
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 16, 24, device=device)
+        args = (x, torch.empty_like(x), torch.empty(2, 4, 6, dtype=torch.bool, device=device),
+                torch.empty(2, device=device), torch.empty(2, device=device))
+    gm = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*args)
+    print(device, sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"}))
+"""
+
+
+def test_compile_sees_the_triton_kernel_on_cuda():
+    """Functionalised (what torch.compile's AOT step does), a CUDA call is the Triton kernel itself, which
+    Inductor compiles with the graph; a CPU call stays the op. Traced with fake CUDA tensors in a process
+    without TRITON_INTERPRET (interpreted kernels cannot be traced)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _TRACE], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    assert "triton_kernel_wrapper_functional" in lines["cuda"] and "sag_fast.degrade" not in lines["cuda"]
+    assert "sag_fast.degrade.default" in lines["cpu"] and "triton" not in lines["cpu"]
 
 
 # ------------------------------------------------------------------------------ ahead of time
@@ -271,6 +442,45 @@ def test_gpu_bf16_and_large_shapes():
 
 
 @pytest.mark.gpu
+def test_gpu_runs_on_the_current_stream():
+    """On a side stream, x is written after a long sleep: a launch on the default stream (or any other) would
+    read x before the write lands and differ from the reference."""
+    x, o, mask = _inputs(4, 4, 64, 64, torch.float32, "cuda", (8, 8))
+    c1, c2 = torch.rand(4, device="cuda"), -torch.rand(4, device="cuda")
+    fresh = torch.randn_like(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        x.copy_(fresh)
+        y = degrade(x, o, mask, c1, c2)
+    torch.cuda.synchronize()
+    _close(y, _expect(fresh, o, mask, c1, c2), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensor_on_another_device_than_the_current_one():
+    x, o, mask = _inputs(2, 3, 32, 40, torch.float16, "cuda:1", (4, 5))
+    c1, c2 = torch.rand(2, device="cuda:1"), -torch.rand(2, device="cuda:1")
+    with torch.cuda.device(0):
+        y = degrade(x, o, mask, c1, c2)
+    assert y.device == torch.device("cuda:1")
+    _close(y, _expect(x, o, mask, c1, c2), torch.float16)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_compiles_the_triton_kernel_into_the_graph():
+    x, o, mask = _inputs(2, 4, 32, 48, torch.float16, "cuda", (4, 6))
+    c1, c2 = torch.rand(2, device="cuda"), -torch.rand(2, device="cuda")
+    torch._dynamo.reset()
+    from torch._inductor.utils import run_and_get_code
+    y, code = run_and_get_code(torch.compile(lambda *a: degrade(*a) * 2, fullgraph=True), x, o, mask, c1, c2)
+    assert "_degrade_kernel" in "\n".join(code)
+    _close(y / 2, _expect(x, o, mask, c1, c2), torch.float16)
+
+
+@pytest.mark.gpu
 def test_gpu_deterministic():
     x, o, mask = _inputs(4, 4, 96, 80, torch.float16, "cuda", (12, 10))
     c1, c2 = torch.rand(4, device="cuda"), -torch.rand(4, device="cuda")
@@ -280,17 +490,14 @@ def test_gpu_deterministic():
 
 
 # ------------------------------------------------------------------- the fused C++ CPU kernel
-# torch.ops.sag_fast.degrade_cpu is what degrade runs on CPU tensors without the interpreter; these
-# tests call it directly, so they check it under TRITON_INTERPRET=1 too.
-needs_ext = pytest.mark.skipif(not dg.extension_available(), reason="sag_fast._C is not built")
+# What sag_fast::degrade runs on CPU tensors: sizes that exercise its column blocks, row chunks and threads.
 
 
 def _cpp(x, o, mask, c1, c2, k=9, sigma=1.0):
     c1, c2 = (torch.as_tensor(c, dtype=torch.float32) if not isinstance(c, torch.Tensor) else c for c in (c1, c2))
-    return torch.ops.sag_fast.degrade_cpu(x, o, mask, c1, c2, k, sigma)
+    return torch.ops.sag_fast.degrade(x, o, mask, c1, c2, k, sigma)
 
 
-@needs_ext
 @pytest.mark.parametrize("B,C,H,W,mask_hw,k,sigma", [
     (1, 3, 17, 23, (3, 5), 9, 1.0),    # grid divides neither H nor W
     (3, 4, 5, 70, (2, 9), 9, 2.3),     # smallest legal height for kernel 9, wide rows (32/8/scalar column blocks)
@@ -310,7 +517,6 @@ def test_cpp_matches_reference(B, C, H, W, mask_hw, k, sigma):
         assert torch.equal(y, x)
 
 
-@needs_ext
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpp_row_chunks_and_threads(threads):
     """Planes that do not split evenly over the threads are cut into row chunks (halo rows recomputed)."""
@@ -324,7 +530,6 @@ def test_cpp_row_chunks_and_threads(threads):
         torch.set_num_threads(before)
 
 
-@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpp_half_dtypes(dtype):
     x, o, mask = _inputs(3, 4, 19, 43, dtype, "cpu", (4, 6))
@@ -336,7 +541,6 @@ def test_cpp_half_dtypes(dtype):
     _close(y, _expect(x, o, None, c1, c2, 3, 0.8), dtype)
 
 
-@needs_ext
 def test_cpp_strided_inputs_and_coefficients():
     big = torch.randn(3, 5, 23, 40)
     x = big[:, 1:5, 2:21, 3:38:2]  # offset, row and column strides (18 columns)
@@ -350,58 +554,3 @@ def test_cpp_strided_inputs_and_coefficients():
     ol = torch.randn(2, 3, 11, 16)
     y = _cpp(xl, ol, None, torch.rand(2), -torch.rand(2).half(), 9, 1.0)
     assert y.is_contiguous(memory_format=torch.channels_last)
-
-
-@needs_ext
-@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.int64, torch.float32, torch.bfloat16])
-def test_cpp_mask_dtypes(mask_dtype):
-    x, o, mask = _inputs(2, 3, 12, 9, torch.float32, "cpu", (3, 2), mask_dtype)
-    want = _cpp(x, o, mask.bool(), 1.0, -0.5, 3, 0.8)
-    assert torch.equal(_cpp(x, o, mask, 1.0, -0.5, 3, 0.8), want)
-    _close(want, _expect(x, o, mask, 1.0, -0.5, 3, 0.8), torch.float32)
-
-
-@needs_ext
-def test_cpp_is_the_cpu_branch(monkeypatch):
-    """Without the interpreter, degrade on CPU fp32/fp16/bf16 runs the C++ op; fp64 the torch path."""
-    monkeypatch.setattr(dg, "use_triton", lambda t: False)
-    calls = []
-    torch_path = dg._degrade_torch
-    monkeypatch.setattr(dg, "_degrade_torch", lambda *a: calls.append(a[0].dtype) or torch_path(*a))
-    x, o, mask = _inputs(2, 3, 11, 13, torch.float32, "cpu", (3, 3))
-    _close(degrade(x, o, mask, 1.0, -0.4, 5, 1.0), _expect(x, o, mask, 1.0, -0.4, 5, 1.0), torch.float32)
-    degrade(x.double(), o.double(), mask, 1.0, -0.4, 5, 1.0)
-    assert calls == [torch.float64]
-
-
-@needs_ext
-def test_cpp_opcheck():
-    x, o, mask = _inputs(2, 3, 9, 10, torch.float32, "cpu", (3, 2))
-    torch.library.opcheck(torch.ops.sag_fast.degrade_cpu.default, (x, o, mask, torch.rand(2), torch.tensor(-0.5), 3, 1.0))
-    xh, oh, _ = _inputs(1, 4, 7, 12, torch.bfloat16, "cpu", None)
-    torch.library.opcheck(torch.ops.sag_fast.degrade_cpu.default, (xh, oh, None, torch.rand(1), torch.rand(1), 5, 0.9))
-
-
-@needs_ext
-@pytest.mark.parametrize("bad,match", [
-    (dict(x=torch.randn(1, 3, 12, 12, dtype=torch.float64), model_output=torch.randn(1, 3, 12, 12, dtype=torch.float64)), "x must be"),
-    (dict(x=torch.randn(3, 12, 12), model_output=torch.randn(3, 12, 12)), "x must be"),
-    (dict(model_output=torch.randn(1, 3, 11, 12)), "model_output"),
-    (dict(model_output=torch.randn(1, 3, 12, 12).half()), "model_output"),
-    (dict(mask=torch.ones(2, 3, 3, dtype=torch.bool)), "mask"),
-    (dict(mask=torch.ones(1, 3, 0, dtype=torch.bool)), "mask"),
-    (dict(mask=torch.ones(1, 3, 3, dtype=torch.complex64)), "mask"),
-    (dict(c1=torch.ones(2)), "c1"),
-    (dict(c2=torch.ones(1, dtype=torch.int64)), "c2"),
-    (dict(kernel_size=4), "kernel_size"),
-    (dict(kernel_size=25), "kernel_size=25.*height=12"),
-    (dict(sigma=0.0), "sigma"),
-    (dict(sigma=float("inf")), "sigma"),
-])
-def test_cpp_bad_inputs_name_the_argument(bad, match):
-    args = dict(x=torch.randn(1, 3, 12, 12), model_output=torch.randn(1, 3, 12, 12),
-                mask=torch.ones(1, 3, 3, dtype=torch.bool), c1=torch.tensor(1.0), c2=torch.tensor(-0.5),
-                kernel_size=9, sigma=1.0)
-    args.update(bad)
-    with pytest.raises(ValueError, match=match):
-        torch.ops.sag_fast.degrade_cpu(*args.values())

@@ -1,12 +1,21 @@
-"""sag_fast.ops.mask against sag_fast.reference (float64), on small shapes the interpreter runs quickly."""
+"""The ops sag_fast::mask_from_probs / mask_from_qk against sag_fast.reference (float64), on small shapes.
+
+`impl` runs each test twice: "op" is the op as dispatched (the torch kernel on CPU tensors, Triton on a GPU),
+"triton" routes CPU tensors to the Triton kernels in the interpreter (sag_fast.ops.testing.triton_on_cpu).
+"""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from sag_fast import reference
+from sag_fast import _profiling, reference
+from sag_fast.ops.testing import triton_on_cpu
 from sag_fast.ops import mask as ops
 from sag_fast.ops.mask import launch_mask_from_probs, launch_mask_from_qk, mask_from_probs, mask_from_qk
 
@@ -14,6 +23,18 @@ from conftest import HAS_CUDA, INTERPRETED
 
 triton_path = pytest.mark.skipif(not (INTERPRETED or HAS_CUDA),
                                  reason="the Triton kernels need a GPU or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(params=["op", "triton"])
+def impl(request, device):
+    """"op": the op as dispatched; "triton": on CPU tensors, the op with the Triton kernels as CPU kernels."""
+    if request.param == "op" or device.type == "cuda":
+        yield request.param
+        return
+    if not INTERPRETED:
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    with triton_on_cpu():
+        yield request.param
 MARGIN = 1e-5  # masses this close to the threshold may legitimately flip with the summation order
 
 
@@ -55,10 +76,9 @@ PROBS_CASES = [  # (B, heads, Nq, Nk, grid)
 
 
 # ------------------------------------------------------------------------------ mask_from_probs
-@triton_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", PROBS_CASES, ids=lambda c: "x".join(map(str, c[:4])))
-def test_probs_mass_and_mask_match_reference(case, dtype, device):
+def test_probs_mass_and_mask_match_reference(case, dtype, device, impl):
     b, heads, nq, nk, grid = case
     probs = random_probs((b, heads, nq, nk), dtype, device)
     ref = ref_mass_probs(probs)
@@ -69,16 +89,14 @@ def test_probs_mass_and_mask_match_reference(case, dtype, device):
     assert_mask(mask_from_probs(probs, grid, threshold=thr), ref, grid, thr)
 
 
-@triton_path
 @pytest.mark.parametrize("threshold", [0.7, 1.25])
-def test_probs_other_thresholds(threshold, device):
+def test_probs_other_thresholds(threshold, device, impl):
     probs = random_probs((2, 3, 40, 35), torch.float32, device)
     assert_mask(mask_from_probs(probs, (5, 7), threshold=threshold), ref_mass_probs(probs), (5, 7), threshold)
 
 
-@triton_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_probs_three_dim_layout(dtype, device):
+def test_probs_three_dim_layout(dtype, device, impl):
     b, heads, nq, nk = 3, 5, 33, 39
     probs3 = random_probs((b * heads, nq, nk), dtype, device)
     ref = ref_mass_probs(probs3.view(b, heads, nq, nk))
@@ -87,8 +105,7 @@ def test_probs_three_dim_layout(dtype, device):
     assert_mask(out, ref, (3, 13), nq / nk)
 
 
-@triton_path
-def test_probs_transposed_view(device):
+def test_probs_transposed_view(device, impl):
     b, heads, nq, nk = 2, 3, 45, 28
     # stored (..., Nk, Nq): along keys the stride is Nq
     probs = random_probs((b, heads, nq, nk), torch.float32, device).transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -96,9 +113,8 @@ def test_probs_transposed_view(device):
     assert_mask(mask_from_probs(probs, (4, 7), threshold=nq / nk), ref_mass_probs(probs), (4, 7), nq / nk)
 
 
-@triton_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_probs_sliced_views(dtype, device):
+def test_probs_sliced_views(dtype, device, impl):
     b, heads, nq, nk = 2, 3, 41, 26
     big = random_probs((b + 1, heads + 2, nq + 5, nk + 7), dtype, device)
     probs = big[1:, 1:-1, 3:-2, 4:-3]
@@ -137,7 +153,7 @@ def _exact_probs(b, heads, nq, nk, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_probs_mass_exactly_at_threshold_is_false(dtype, device):
+def test_probs_mass_exactly_at_threshold_is_false(dtype, device, impl):
     b, heads, n = 2, 3, 64
     probs = _exact_probs(b, heads, n, n, dtype, device)
     ref = ref_mass_probs(probs)
@@ -165,7 +181,7 @@ def test_probs_float64_cpu_path():
     assert_mask(mask_from_probs(probs, (4, 6)), ref_mass_probs(probs), (4, 6), 1.0)
 
 
-def test_probs_batch_zero(device):
+def test_probs_batch_zero(device, impl):
     out = mask_from_probs(torch.zeros((0, 2, 5, 6), device=device), (2, 3))
     assert out.shape == (0, 2, 3) and out.dtype == torch.bool
 
@@ -187,10 +203,9 @@ QK_CASES = [  # (B, heads, Nq, Nk, d, grid)
 ]
 
 
-@triton_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", QK_CASES, ids=lambda c: "x".join(map(str, c[:5])))
-def test_qk_mass_and_mask_match_reference(case, dtype, device):
+def test_qk_mass_and_mask_match_reference(case, dtype, device, impl):
     b, heads, nq, nk, d, grid = case
     q, k = qk_views(b, heads, nq, nk, d, dtype, device)
     assert heads == 1 or not q.is_contiguous()
@@ -202,9 +217,8 @@ def test_qk_mass_and_mask_match_reference(case, dtype, device):
     assert_mask(mask_from_qk(q, k, grid, threshold=thr), ref, grid, thr)
 
 
-@triton_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_qk_contiguous_and_scale(dtype, device):
+def test_qk_contiguous_and_scale(dtype, device, impl):
     q = torch.randn(2, 3, 45, 32, dtype=dtype, device=device)
     k = torch.randn(2, 3, 30, 32, dtype=dtype, device=device)
     ref = ref_mass_qk(q, k, scale=0.4)
@@ -222,7 +236,7 @@ def test_qk_query_split_does_not_change_the_mask(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_qk_mass_exactly_at_threshold_is_false(dtype, device):
+def test_qk_mass_exactly_at_threshold_is_false(dtype, device, impl):
     """q = 0: every row is uniform, 1/64 exactly, so each key's mass is Nq/64 exactly."""
     b, heads, nk, d = 2, 3, 64, 16
     k = torch.randn(b, heads, nk, d, dtype=dtype, device=device)
@@ -302,9 +316,16 @@ def test_qk_errors():
 
 @triton_path
 def test_qk_head_dim_limit(device):
+    """d > 256 is refused by the Triton kernel (and the fake of a CUDA call); the torch kernel takes it."""
     q = torch.randn(1, 1, 4, 257, device=device)
     with pytest.raises(ValueError, match="d=257"):
-        mask_from_qk(q, q, (2, 2))
+        ops.mask_from_qk_triton(q, q, 2, 2, 1.0, 0.1)
+    with FakeTensorMode():
+        qc = torch.empty(1, 1, 4, 257, device="cuda")
+        with pytest.raises(ValueError, match="d=257"):
+            mask_from_qk(qc, qc, (2, 2))
+    qd, kd = torch.randn(1, 2, 8, 257, dtype=torch.float64) * 0.3, torch.randn(1, 2, 6, 257, dtype=torch.float64)
+    assert_mask(mask_from_qk(qd, kd, (2, 3), threshold=8 / 6), ref_mass_qk(qd, kd), (2, 3), 8 / 6)
 
 
 @pytest.mark.gpu
@@ -326,6 +347,90 @@ def test_opcheck_mask_from_probs():
 def test_opcheck_mask_from_qk():
     q, k = qk_views(2, 3, 20, 12, 16, torch.float32, "cpu")
     torch.library.opcheck(torch.ops.sag_fast.mask_from_qk.default, (q, k, 3, 4, 1.0, 0.25))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs the Triton kernels on CPU tensors: TRITON_INTERPRET=1")
+def test_opcheck_triton_kernels_interpreted():
+    probs = random_probs((2, 3, 20, 12), torch.float32, "cpu")
+    q, k = qk_views(2, 3, 20, 12, 16, torch.float32, "cpu")
+    with triton_on_cpu():
+        torch.library.opcheck(torch.ops.sag_fast.mask_from_probs.default, (probs, 3, 4, 1.0, 3))
+        torch.library.opcheck(torch.ops.sag_fast.mask_from_qk.default, (q, k, 3, 4, 1.0, 0.25))
+
+
+def test_eager_call_dispatches_exactly_one_op():
+    probs = random_probs((2, 3, 20, 12), torch.float32, "cpu")
+    q, k = qk_views(2, 3, 20, 12, 16, torch.float32, "cpu")
+    _, counts = _profiling.count_dispatched_ops(lambda: mask_from_probs(probs, (3, 4)))
+    assert counts == {"sag_fast.mask_from_probs": 1}
+    _, counts = _profiling.count_dispatched_ops(lambda: mask_from_qk(q, k, (3, 4)))
+    assert counts == {"sag_fast.mask_from_qk": 1}
+
+
+def test_fake_cuda_shapes():
+    with FakeTensorMode():
+        probs = torch.empty(6, 20, 12, dtype=torch.float16, device="cuda")
+        out = mask_from_probs(probs, (3, 4), heads=3)
+        assert out.shape == (2, 3, 4) and out.dtype == torch.bool and out.device.type == "cuda"
+        q = torch.empty(2, 3, 20, 16, device="cuda")
+        k = torch.empty(2, 3, 12, 16, device="cuda")
+        out = mask_from_qk(q, k, (4, 3))
+        assert out.shape == (2, 4, 3) and out.dtype == torch.bool and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("q_device,k_device", [("cuda:0", "cpu"), ("cpu", "cuda:0"), ("cuda:0", "cuda:1")])
+def test_mixed_devices_name_both_arguments(q_device, k_device):
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 20, 16, device=q_device)
+        k = torch.empty(2, 3, 12, 16, device=k_device)
+        with pytest.raises(ValueError, match=f"k is on {k_device} but q is on {q_device}"):
+            mask_from_qk(q, k, (3, 4))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: mask_from_probs(torch.empty(2, 3, 8, 12, device="cuda"), (3, 5)), "grid_hw"),
+    (lambda: mask_from_probs(torch.empty(6, 8, 12, device="cuda"), (3, 4)), "heads is required"),
+    (lambda: mask_from_probs(torch.empty(2, 3, 8, 12, dtype=torch.float64, device="cuda"), (3, 4)), "float64"),
+    (lambda: mask_from_probs(torch.empty(2, 3, 8, 12, dtype=torch.int32, device="cuda"), (3, 4)), "probs"),
+    (lambda: mask_from_qk(torch.empty(2, 3, 8, 4, device="cuda"), torch.empty(2, 2, 12, 4, device="cuda"), (3, 4)),
+     "k .* must match q"),
+    (lambda: mask_from_qk(torch.empty(2, 3, 8, 4, device="cuda"), torch.empty(2, 3, 12, 4, device="cuda"), (3, 4),
+                          threshold=-1.0), "threshold"),
+])
+def test_fake_cuda_bad_inputs(call, match):
+    with FakeTensorMode():
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+_TRACE = """
+import torch, sag_fast
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+from sag_fast.ops.mask import mask_from_probs, mask_from_qk
+
+def f(p, q, k):
+    return mask_from_probs(p, (3, 4)) | mask_from_qk(q, k, (3, 4))
+
+for device in ("cuda", "cpu"):
+    with FakeTensorMode():
+        args = (torch.empty(2, 3, 20, 12, device=device), torch.empty(2, 3, 20, 16, device=device),
+                torch.empty(2, 3, 12, 16, device=device))
+    gm = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*args)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    print(device, targets.count("triton_kernel_wrapper_functional"), sorted(set(targets)))
+"""
+
+
+def test_compile_sees_the_triton_kernels_on_cuda():
+    """Functionalised, CUDA calls are their Triton launches (1 for probs, 2 for q/k); CPU calls stay ops."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _TRACE], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    assert lines["cuda"].startswith("3 ") and "sag_fast.mask" not in lines["cuda"]
+    assert lines["cpu"].startswith("0 ") and "sag_fast.mask_from_probs.default" in lines["cpu"]
 
 
 def test_torch_compile_fullgraph():
@@ -433,6 +538,25 @@ def test_gpu_large_qk_and_determinism(d):
     for _ in range(3):
         again, mass2 = launch_mask_from_qk(q, k, 1.0, d ** -0.5, return_mass=True)
         assert torch.equal(again, mask) and torch.equal(mass2.view(torch.int32), mass.view(torch.int32))
+
+
+@pytest.mark.gpu
+def test_gpu_runs_on_the_current_stream():
+    """probs/q are written on a side stream after a long sleep: a launch on another stream reads them early."""
+    probs = random_probs((2, 3, 256, 256), torch.float16, "cuda")
+    q, k = qk_views(2, 3, 256, 256, 64, torch.float16, "cuda")
+    p_dst, q_dst = torch.zeros_like(probs), torch.zeros_like(q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        p_dst.copy_(probs)
+        q_dst.copy_(q)
+        m1 = mask_from_probs(p_dst, (16, 16))
+        m2 = mask_from_qk(q_dst, k, (16, 16))
+    torch.cuda.synchronize()
+    _agree_away_from_threshold(m1.view(2, -1), ref_mass_probs(probs))
+    _agree_away_from_threshold(m2.view(2, -1), ref_mass_qk(q, k), tol=1e-3)
 
 
 @pytest.mark.gpu

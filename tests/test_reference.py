@@ -176,16 +176,35 @@ def test_guidance_shift_then_cfg_equals_combine(guided):
 # ----------------------------------------------------------------------------------- upsampling
 @pytest.mark.parametrize("grid,out", [((9, 6), (65, 47)), ((3, 5), (7, 11)), ((2, 7), (82, 13)), ((5, 5), (5, 5)),
                                       ((4, 3), (8, 6)), ((7, 9), (5, 4))])
-def test_upsample_mask_matches_interpolate(grid, out):
+def test_upsample_mask_follows_the_fp32_index_rule(grid, out):
+    """reference.upsample_mask against the index rule written out (not against F.interpolate, which it calls):
+    src = min(floor(dst * fp32(in/out)), in - 1) in fp32 arithmetic, each output cell copying its source."""
     mask = torch.rand(2, *grid) > 0.5
     got = ref.upsample_mask(mask, out)
-    want = F.interpolate(mask[:, None].to(F64), size=out, mode="nearest")[:, 0] > 0.5
-    assert torch.equal(got, want)
-    # The index rule kernels must reproduce: src = min(floor(dst * fp32(in/out)), in - 1) in fp32
-    # arithmetic. NB: this is not the exact integer floor(dst*in/out): e.g. in=2, out=82, dst=41.
     rows, cols = (torch.clamp((torch.arange(o, dtype=torch.float32) * (torch.tensor(i, dtype=torch.float32) / o))
                               .floor().long(), max=i - 1) for i, o in zip(grid, out))
     assert torch.equal(got, mask[:, rows][:, :, cols])
+
+
+@pytest.mark.parametrize("n_in,n_out,src", [
+    (3, 7, [0, 0, 0, 1, 1, 2, 2]),
+    (7, 3, [0, 2, 4]),
+    (4, 8, [0, 0, 1, 1, 2, 2, 3, 3]),
+    (5, 5, [0, 1, 2, 3, 4]),
+])
+def test_upsample_mask_hand_computed(n_in, n_out, src):
+    """Source indices worked out by hand: output column j copies input column src[j]."""
+    row = torch.arange(n_in)[None, None, :].expand(1, 1, n_in) % 2 == 0  # alternate True/False per column
+    got = ref.upsample_mask(row.expand(1, 1, n_in), (1, n_out))
+    assert got[0, 0].tolist() == [j % 2 == 0 for j in src]
+
+
+def test_upsample_mask_fp32_scale_is_not_the_exact_quotient():
+    """in=2, out=82: fp32(2/82)*41 rounds to just below 1, so output 41 copies input 0 (the exact rational
+    rule would pick input 1). The kernels follow PyTorch's fp32 rule."""
+    mask = torch.tensor([[[True, False]]])
+    got = ref.upsample_mask(mask, (1, 82))[0, 0]
+    assert got[:42].all() and not got[42:].any()
 
 
 # --------------------------------------------------------------------------------- coefficients

@@ -1,25 +1,97 @@
-"""Where an op runs: the Triton kernels on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1."""
+"""What the ops share: argument checks, the device a launch runs under, the SM count.
+
+Each op checks its arguments once, in Python, in one function that its fake and its Triton (CUDA)
+kernel both call; the C++ kernels (csrc/) check their own arguments. Messages name the argument.
+"""
 from __future__ import annotations
 
-import os
+import contextlib
+import functools
+import math
+import numbers
 
 import torch
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def check_float(t: torch.Tensor, name: str, allow_fp64: bool = True) -> None:
-    ok = _DTYPES + ((torch.float64,) if allow_fp64 else ())
+# ------------------------------------------------------------------------------------------ checks
+def check_float(t, name: str, op: str, allow_fp64: bool = True) -> None:
+    """t is a tensor of a kernel dtype; float64 only where allow_fp64 (CPU tensors: no fp64 GPU kernel)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    ok = FLOAT_DTYPES + ((torch.float64,) if allow_fp64 else ())
     if t.dtype not in ok:
-        raise ValueError(f"{name} must be one of {[str(d) for d in ok]}, got {t.dtype}")
+        extra = "" if allow_fp64 or t.dtype != torch.float64 else f" (float64 only on CPU tensors; this one is on {t.device})"
+        raise ValueError(f"{op}: {name} must be one of {[str(d) for d in ok]}, got {t.dtype}{extra}")
 
 
-def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    if a.device != b.device:
-        raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}: they must be on the same device")
+def check_same_device(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Raises, naming both arguments, when b is not on a's device (e.g. "c1 is on cpu but x is on cuda:0")."""
+    if b.device != a.device:
+        raise ValueError(f"{op}: {name_b} is on {b.device} but {name_a} is on {a.device}; "
+                         "they must be on the same device")
+
+
+def real_number(value, name: str, op: str) -> float:
+    """A finite Python number (not a tensor: reading a tensor would be a host sync)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number (Python float), got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    return float(value)
+
+
+def check_blur(kernel_size, sigma, height: int | None = None, width: int | None = None, op: str = "degrade") -> None:
+    """The Gaussian blur's settings: an odd kernel size >= 1, a positive finite sigma, and (given the image
+    size) a kernel whose half-width is smaller than the image, as reflect padding needs."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"{op}: kernel_size must be a positive odd int, got {kernel_size!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"{op}: sigma must be a positive finite number, got {sigma!r}")
+    pad = kernel_size // 2
+    if height is not None and width is not None and (pad >= height or pad >= width):
+        raise ValueError(f"{op}: kernel_size={kernel_size} needs height and width > {pad} for reflect padding, "
+                         f"got height={height}, width={width}")
+
+
+def check_threshold(threshold, op: str) -> float:
+    """The attention-mass threshold: a finite number >= 0 (1.0 is the mean mass)."""
+    value = real_number(threshold, "threshold", op)
+    if value < 0:
+        raise ValueError(f"{op}: threshold must be >= 0 (1.0 is the mean attention mass), got {threshold!r}")
+    return value
+
+
+def check_grid(h, w, nk, op: str) -> None:
+    """(h, w) is the key grid: positive and h*w == Nk."""
+    if h <= 0 or w <= 0 or h * w != nk:
+        raise ValueError(f"{op}: grid_hw=({h}, {w}) does not match the number of keys Nk={nk} (need h*w == Nk)")
+
+
+# ------------------------------------------------------------------------------------------ launches
+def device_guard(t: torch.Tensor, traced: bool = False):
+    """The context a Triton launch for t runs in: t's CUDA device made current, so that the launch goes to
+    that device and to its current stream (Triton launches on the current device's current stream).
+    traced: the launch is being recorded for torch.compile, which places it itself (no guard)."""
+    if t.device.type != "cuda" or traced:
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of t's GPU (launch sizing); 1 where no GPU is present (CPU tensors in the
+    interpreter, or CUDA fake tensors traced on a machine without a GPU)."""
+    if t.device.type != "cuda" or not torch.cuda.is_available():
+        return 1
+    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def interpreted(kernel) -> bool:
+    """Whether a @triton.jit kernel was defined under TRITON_INTERPRET=1 (then it runs on CPU tensors)."""
+    return type(kernel).__name__ == "InterpretedFunction"

@@ -1,14 +1,18 @@
 """The SAG degrade pass in one launch: x~ = x + M * (G_sigma * s - s), s = c1*x + c2*model_output.
 
 G_sigma is the separable Gaussian (reflect padding), M the (B, h, w) mask nearest-upsampled to (H, W)
-inside the kernel with PyTorch's index rule. See DESIGN.md and sag_fast/reference.py `degrade`.
+inside the kernel with PyTorch's index rule. See docs/design.md and sag_fast/reference.py `degrade`.
 
-Where it runs (custom op `sag_fast::degrade`):
-  CUDA tensors (fp32/fp16/bf16)          the Triton kernel below
-  CPU tensors with TRITON_INTERPRET=1    the same kernel, interpreted (how it is tested without a GPU)
-  other CPU fp32/fp16/bf16 tensors       the fused C++ kernel `sag_fast::degrade_cpu` (csrc/degrade_cpu.cpp),
-                                         one pass per plane, when the extension is built
-  fp64, and CPU without the extension    `_degrade_torch`: separable conv2d in fp32 (fp64 for fp64 x)
+One custom op, `sag_fast::degrade` (schema in csrc/module.cpp), a kernel per device:
+  CPU    the fused C++ kernel (csrc/degrade_cpu.cpp): fp32/fp16/bf16 in one pass per plane, fp64 in fp64
+  CUDA   the Triton kernel below (`degrade_triton`), fp32/fp16/bf16; registered here with
+         torch.library, and decomposed into the Triton kernel (`wrap_triton`) when torch.compile
+         functionalises the graph, so that Inductor sees the kernel itself. (`torch.library.triton_op`
+         cannot be used: its decomposition runs the Triton body for every device, CPU tensors included;
+         see docs/design.md.)
+`degrade()` below is the Python face: an eager call dispatches exactly one `sag_fast::degrade`.
+Under TRITON_INTERPRET=1 the Triton kernel also runs on CPU tensors: `degrade_triton` directly, or the
+op inside `sag_fast.ops.testing.triton_on_cpu()`.
 
 Kernel design. Triton gives no shared memory and no register shuffles, so neighbours' values come
 from loads. Each program owns (b, c, a strip of T*V columns, a chunk of rows); thread t owns V = 8
@@ -29,17 +33,19 @@ through the strides (scalar loads). Not measured on a GPU here.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+from torch.library import wrap_triton
 
-from .._lib import extension_available
-from ._dispatch import check_float, check_same_device, use_triton
+from .._lib import extension_available, require_extension
+from ._dispatch import check_blur, check_float, check_same_device, device_guard, sm_count
 
+_OP = "sag_fast::degrade"
+_ARGS = ("x", "model_output", "mask", "c1", "c2", "kernel_size", "sigma")
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                 torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -242,11 +248,6 @@ def _degrade_kernel(
 
 
 # ----------------------------------------------------------------------------------- launcher
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 @functools.lru_cache(maxsize=4096)
 def _nearest_scale(n_in: int, n_out: int) -> float:
     """PyTorch's fp32 nearest scale (float)in / out, exactly (fp32 division, not fp64)."""
@@ -282,19 +283,21 @@ def _row64(*tensors) -> bool:
     return any(t.shape[2] * abs(t.stride(2)) >= 2**31 for t in tensors)
 
 
-def _launch(x, model_output, mask, c1, c2, kernel_size, sigma, block_w=None, rows=None):
-    B, C, H, W = x.shape
+def _launch(x, model_output, mask, c1, c2, kernel_size, sigma, block_w=None, rows=None, traced=False):
+    """Allocates the output and launches the kernel (on the current device: callers hold `device_guard`).
+    traced: the call is being functionalised (torch.compile), so the launch is recorded with wrap_triton."""
+    B, C, H, W = (int(v) for v in x.shape)  # traced: the launch plan specialises on the sizes
     y = torch.empty_like(x)
     if y.numel() == 0:
         return y
-    n_sm = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-        if x.is_cuda else 1
-    T, V, pp, num_warps, n_strips, rows_pp, n_chunks, even_w = _plan(B * C, H, W, kernel_size, n_sm, block_w, rows)
+    T, V, pp, num_warps, n_strips, rows_pp, n_chunks, even_w = _plan(B * C, H, W, kernel_size, sm_count(x),
+                                                                      block_w, rows)
     if mask is None:
         m, mh, mw, ms = x, 1, 1, (0, 0, 0)  # never read (HAS_MASK=False)
     else:
-        m, mh, mw, ms = mask, mask.shape[1], mask.shape[2], mask.stride()
-    _degrade_kernel[(B * C * n_strips * n_chunks,)](
+        m, mh, mw, ms = mask, int(mask.shape[1]), int(mask.shape[2]), mask.stride()
+    kernel = wrap_triton(_degrade_kernel) if traced else _degrade_kernel
+    kernel[(B * C * n_strips * n_chunks,)](
         x, model_output, y, m, c1, c2,
         C, H, W, mh, mw, _nearest_scale(mh, H), _nearest_scale(mw, W), -0.5 / (sigma * sigma),
         rows_pp, n_strips, n_chunks,
@@ -307,135 +310,101 @@ def _launch(x, model_output, mask, c1, c2, kernel_size, sigma, block_w=None, row
     return y
 
 
-# ------------------------------------------------------------------------------ torch path
-_WEIGHTS: dict = {}
-
-
-def _gaussian_weights(kernel_size: int, sigma: float, dtype, device) -> torch.Tensor:
-    """Normalised 1-D Gaussian (diffusers' gaussian_blur_2d), cached per (size, sigma, dtype, device)."""
-    key = (kernel_size, float(sigma), dtype, device)
-    w = _WEIGHTS.get(key)
-    if w is None:
-        half = (kernel_size - 1) * 0.5
-        pdf = torch.exp(-0.5 * (torch.linspace(-half, half, kernel_size, dtype=torch.float64) / sigma) ** 2)
-        w = _WEIGHTS[key] = (pdf / pdf.sum()).to(dtype=dtype, device=device)
-    return w
-
-
-def _degrade_torch(x, model_output, mask, c1, c2, kernel_size, sigma):
-    """CPU (and fp64) path: the same math with two 1-D convolutions, in fp32 (fp64 for fp64 x)."""
-    B, C, H, W = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf, of = x.to(acc), model_output.to(acc)
-    s = c1.to(acc).reshape(-1, 1, 1, 1) * xf + c2.to(acc).reshape(-1, 1, 1, 1) * of
-    p = kernel_size // 2
-    w = _gaussian_weights(kernel_size, sigma, acc, x.device)
-    blurred = F.pad(s.reshape(B * C, 1, H, W), (p, p, p, p), mode="reflect")
-    blurred = F.conv2d(F.conv2d(blurred, w.view(1, 1, 1, -1)), w.view(1, 1, -1, 1)).view(B, C, H, W)
-    delta = blurred.sub_(s)
-    if mask is not None:
-        up = F.interpolate(mask[:, None].to(acc), size=(H, W), mode="nearest") != 0
-        delta.mul_(up)
-    res = delta.add_(xf).to(x.dtype)
-    out = torch.empty_like(x)
-    if res.stride() == out.stride():
-        return res
-    return out.copy_(res)
-
-
 # ------------------------------------------------------------------------------ validation
-def _check(x, model_output, mask, c1, c2, kernel_size, sigma) -> None:
-    check_float(x, "x")
+def check_degrade(x, model_output, mask, c1, c2, kernel_size, sigma) -> None:
+    """The argument checks of sag_fast::degrade, for its fake and its Triton kernel (the C++ CPU kernel
+    checks its own). float64 is accepted on CPU tensors only (the C++ kernel has an fp64 path)."""
+    op = "degrade"
+    check_float(x, "x", op, allow_fp64=x.device.type == "cpu")
     if x.dim() != 4:
         raise ValueError(f"degrade: x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    check_float(model_output, "model_output")
+    check_float(model_output, "model_output", op)
+    check_same_device(op, "x", x, "model_output", model_output)
     if model_output.shape != x.shape:
         raise ValueError(f"degrade: model_output must have x's shape {tuple(x.shape)}, got {tuple(model_output.shape)}")
     if model_output.dtype != x.dtype:
         raise ValueError(f"degrade: model_output must have x's dtype {x.dtype}, got {model_output.dtype}")
-    check_same_device("x", x, "model_output", model_output)
     B, _, H, W = x.shape
     for name, c in (("c1", c1), ("c2", c2)):
         if not isinstance(c, torch.Tensor):
             raise TypeError(f"degrade: {name} must be a tensor or a float, got {type(c).__name__}")
+        check_same_device(op, "x", x, name, c)
         if not c.is_floating_point():
             raise ValueError(f"degrade: {name} must be a floating point tensor, got {c.dtype}")
         if c.dim() > 1 or (c.dim() == 1 and c.shape[0] != B):
             raise ValueError(f"degrade: {name} must be 0-dim or have shape ({B},), got {tuple(c.shape)}")
-        check_same_device("x", x, name, c)
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"degrade: mask must be a tensor or None, got {type(mask).__name__}")
+        check_same_device(op, "x", x, "mask", mask)
         if mask.dim() != 3 or mask.shape[0] != B or mask.shape[1] < 1 or mask.shape[2] < 1:
             raise ValueError(f"degrade: mask must be (B={B}, h, w) with h, w >= 1, got {tuple(mask.shape)}")
         if mask.dtype not in _MASK_DTYPES:
             raise ValueError(f"degrade: mask must be bool, integer or floating point, got {mask.dtype}")
-        check_same_device("x", x, "mask", mask)
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"degrade: kernel_size must be a positive odd int, got {kernel_size!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"degrade: sigma must be a positive finite number, got {sigma!r}")
-    pad = kernel_size // 2
-    if pad >= H or pad >= W:
-        raise ValueError(f"degrade: kernel_size={kernel_size} needs height and width > {pad} for reflect padding, "
-                         f"got height={H}, width={W}")
+    check_blur(kernel_size, sigma, H, W)
 
 
-def _use_cpp(x) -> bool:
-    """The fused C++ CPU kernel: CPU fp32/fp16/bf16 tensors, when the extension is built."""
-    return x.device.type == "cpu" and x.dtype != torch.float64 and extension_available()
+# ----------------------------------------------------------------------------- the kernels
+def degrade_triton(x, model_output, mask, c1, c2, kernel_size: int = 9, sigma: float = 1.0, *,
+                   block_w: int | None = None, rows: int | None = None) -> torch.Tensor:
+    """The CUDA kernel of sag_fast::degrade (on CPU tensors under TRITON_INTERPRET=1): checks, then one
+    launch under x's device. block_w, rows: force the launch blocking (tests)."""
+    check_degrade(x, model_output, mask, c1, c2, kernel_size, sigma)
+    with device_guard(x):
+        return _launch(x, model_output, mask, c1, c2, kernel_size, float(sigma), block_w, rows)
 
 
-def _degrade_impl(x, model_output, mask, c1, c2, kernel_size, sigma):
-    _check(x, model_output, mask, c1, c2, kernel_size, sigma)
-    if x.dtype != torch.float64 and use_triton(x):
-        return _launch(x, model_output, mask, c1, c2, kernel_size, float(sigma))
-    if _use_cpp(x):
-        return torch.ops.sag_fast.degrade_cpu(x, model_output, mask, c1, c2, kernel_size, float(sigma))
-    return _degrade_torch(x, model_output, mask, c1, c2, kernel_size, float(sigma))
+def _fake(x, model_output, mask, c1, c2, kernel_size, sigma):
+    check_degrade(x, model_output, mask, c1, c2, kernel_size, sigma)
+    return torch.empty_like(x)  # x's memory format, as both kernels return
 
 
-# -------------------------------------------------------------------------------- the op
-_SCHEMA = "(Tensor x, Tensor model_output, Tensor? mask, Tensor c1, Tensor c2, int kernel_size, float sigma) -> Tensor"
+def _functionalize(mode, op, types, args, kwargs):
+    """torch.compile functionalises custom ops through this rule: a CUDA call becomes the Triton launch
+    itself (wrap_triton: a node Inductor compiles with the rest of the graph); the other devices keep
+    the op (the C++ kernel on CPU). What torch.library.triton_op does, for one device only."""
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
 
-
-@torch.library.custom_op("sag_fast::degrade", mutates_args=(), schema=_SCHEMA)
-def degrade_op(x, model_output, mask, c1, c2, kernel_size, sigma):
-    return _degrade_impl(x, model_output, mask, c1, c2, kernel_size, sigma)
-
-
-@degrade_op.register_fake
-def _(x, model_output, mask, c1, c2, kernel_size, sigma):
-    _check(x, model_output, mask, c1, c2, kernel_size, sigma)
-    return torch.empty_like(x)
+    a = dict(zip(_ARGS, args), **kwargs)
+    if a["x"].device.type != "cuda" or custom_triton_ops_decomposition_disabled():
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    if any(not issubclass(t, (torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor))
+           and t is not torch.Tensor for t in types):
+        return NotImplemented
+    x, model_output, mask, c1, c2, kernel_size, sigma = (a[n] for n in _ARGS)
+    check_degrade(x, model_output, mask, c1, c2, kernel_size, sigma)
+    with mode:
+        return _launch(x, model_output, mask, c1, c2, kernel_size, float(sigma), traced=True)
 
 
 if extension_available():
-    @torch.library.register_fake("sag_fast::degrade_cpu")
-    def _(x, model_output, mask, c1, c2, kernel_size, sigma):
-        _check(x, model_output, mask, c1, c2, kernel_size, sigma)
-        if x.dtype == torch.float64:
-            raise ValueError("degrade_cpu: x must be float32, float16 or bfloat16, got torch.float64")
-        return torch.empty_like(x)
+    torch.library.register_kernel(_OP, "cuda", degrade_triton)
+    torch.library.register_fake(_OP, _fake)
+    torch.library.register_torch_dispatch(_OP, FunctionalTensorMode, _functionalize)
 
 
+# ------------------------------------------------------------------------------ public API
 def _as_coefficient(c, like: torch.Tensor):
-    if isinstance(c, (int, float)) and not isinstance(c, bool):
-        return torch.tensor(float(c), dtype=torch.float32, device=like.device if isinstance(like, torch.Tensor) else None)
+    if isinstance(c, (int, float)) and not isinstance(c, bool) and isinstance(like, torch.Tensor):
+        return torch.tensor(float(c), dtype=torch.float32, device=like.device)
     return c
 
 
 def degrade(x, model_output, mask, c1, c2, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
-    """x~ = x + M * (G_sigma * s - s) with s = c1*x + c2*model_output, in one launch on CUDA.
+    """x~ = x + M * (G_sigma * s - s) with s = c1*x + c2*model_output: one call of sag_fast::degrade.
 
     x, model_output: (B, C, H, W), same shape/dtype/device, any strides; the result has x's memory format.
     mask: (B, h, w) bool/integer/float at any resolution (nonzero = blur), nearest-upsampled to (H, W);
         None = blur everywhere (blur guidance).
     c1, c2: (B,) or 0-dim float tensors on x's device (read in the kernel, no host sync), or floats.
-    fp32/fp16/bf16 compute in fp32; fp64 takes the torch path in fp64.
+    fp32/fp16/bf16 compute in fp32; fp64 (CPU only) in fp64.
     """
+    require_extension()
     c1, c2 = _as_coefficient(c1, x), _as_coefficient(c2, x)
-    if torch.compiler.is_compiling():
-        return degrade_op(x, model_output, mask, c1, c2, kernel_size, float(sigma))
-    # eager: skip the custom-op dispatcher (tens of microseconds) and launch directly; same code
-    return _degrade_impl(x, model_output, mask, c1, c2, kernel_size, sigma)
+    # what the schema would convert silently (3.0, True) or refuse without naming the argument
+    for name, t in (("x", x), ("model_output", model_output), ("c1", c1), ("c2", c2), ("mask", mask)):
+        if not isinstance(t, torch.Tensor) and not (name == "mask" and t is None):
+            kind = "a tensor or None" if name == "mask" else "a tensor or a float" if name in ("c1", "c2") else "a tensor"
+            raise TypeError(f"degrade: {name} must be {kind}, got {type(t).__name__}")
+    check_blur(kernel_size, sigma)
+    return torch.ops.sag_fast.degrade(x, model_output, mask, c1, c2, kernel_size, float(sigma))

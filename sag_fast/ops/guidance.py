@@ -14,14 +14,17 @@ and offset views run without a copy. A tensor whose dims past the channels are n
 shifted copy is written back, so the result always lands in `pred` itself. The output of
 guidance_combine is always contiguous.
 
-The schemas and kernels are C++ (TORCH_LIBRARY in csrc/module.cpp); the fakes below mirror every check
-of csrc/guidance.cpp with the same messages, so that torch.compile traces the ops with no graph break.
+The schemas and kernels are C++ (TORCH_LIBRARY in csrc/module.cpp, checks in csrc/guidance.cpp). The fakes
+below are registered when this module is imported, which `import sag_fast` does. They check the arguments
+themselves because the C++ checks cannot run there: a fake sees symbolic sizes under torch.compile's
+dynamic shapes, and the devices of the real inputs (a mix of devices is refused naming both arguments).
 """
 from __future__ import annotations
 
 import torch
 
 from .._lib import extension_available, require_extension
+from ._dispatch import check_same_device
 
 __all__ = ["guidance_combine", "guidance_shift_"]
 
@@ -50,7 +53,7 @@ def guidance_shift_(pred: torch.Tensor, degraded: torch.Tensor, sag_scale: float
     return pred
 
 
-# ------------------------------------------------------------------------- checks, as in guidance.cpp
+# ------------------------------------------------------------------ checks of the fakes (the kernels': guidance.cpp)
 def _check_pair(op: str, pred: torch.Tensor, degraded: torch.Tensor) -> None:
     allow_fp64 = pred.device.type != "cuda"  # no fp64 CUDA kernel
     ok = _DTYPES + ((torch.float64,) if allow_fp64 else ())
@@ -60,9 +63,7 @@ def _check_pair(op: str, pred: torch.Tensor, degraded: torch.Tensor) -> None:
     if degraded.dtype != pred.dtype:
         raise ValueError(f"{op}: degraded has dtype {degraded.dtype} but pred has {pred.dtype}; "
                          "they must have the same dtype")
-    if degraded.device != pred.device:
-        raise ValueError(f"{op}: degraded is on {degraded.device} but pred is on {pred.device}; "
-                         "they must be on the same device")
+    check_same_device(op, "pred", pred, "degraded", degraded)
     if pred.dim() < 2:
         raise ValueError(f"{op}: pred must have at least 2 dims (batch, channels, ...), got shape {list(pred.shape)}")
     if degraded.dim() != pred.dim() or degraded.shape[2:] != pred.shape[2:]:

@@ -13,21 +13,24 @@ the partials in split order 0, 1, ... (so the sum does not depend on which progr
 by heads and thresholds, in the same kernel. Results are bitwise reproducible for a given device
 (the split count depends on the SM count).
 
-CUDA tensors run the kernels; CPU tensors run them under TRITON_INTERPRET=1, else the reference.
+Two custom ops, `sag_fast::mask_from_probs` and `sag_fast::mask_from_qk`, each with a kernel per device:
+CUDA the Triton kernels (decomposed into them when torch.compile functionalises the graph, like
+sag_fast::degrade); every other device (CPU) a torch implementation in this file that accumulates in
+fp32 (fp64 for fp64) and never holds more than a chunk of query rows of the probabilities. Under
+TRITON_INTERPRET=1 the Triton path runs on CPU tensors through the launchers, `*_triton`, or inside
+`sag_fast.ops.testing.triton_on_cpu()`.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import numbers
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+from torch.library import wrap_triton
 
-from .. import reference
-from ._dispatch import check_float, check_same_device, use_triton
+from ._dispatch import check_float, check_grid, check_same_device, check_threshold, device_guard, real_number, sm_count
 
 LOG2E = 1.0 / math.log(2.0)  # scores are kept in base 2 (exp2/log2 are the native instructions)
 MAX_HEAD_DIM = 256
@@ -217,15 +220,9 @@ def _qk_mass_kernel(q_ptr, k_ptr, lse_ptr, part_ptr, count_ptr, mask_ptr, mass_p
 
 
 # --------------------------------------------------------------------------------------- launchers
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _target_programs(t: torch.Tensor, per_sm: int) -> int:
     # The interpreter runs programs one by one: few programs, but still > 1 split on small tests.
-    return per_sm * _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
-        if t.is_cuda else 8
+    return per_sm * sm_count(t) if t.device.type == "cuda" else 8
 
 
 def query_split(nq: int, block: int, programs_per_split: int, target: int) -> tuple[int, int]:
@@ -240,11 +237,6 @@ def _check_tile_offsets(name: str, *spans: int) -> None:
     if max(spans) >= _I32:
         raise ValueError(f"{name}: strides too large for 32-bit in-tile offsets (span {max(spans)} >= 2**31); "
                          "pass a tensor with a more compact layout")
-
-
-def _device_ctx(t: torch.Tensor):
-    # Triton launches on the current device: make it the tensor's one
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _outputs(bsz: int, n_kb: int, n_split: int, nk: int, device, return_mass: bool):
@@ -264,9 +256,10 @@ def _split_queries(nq: int, block: int, programs: int, target: int, n_split: int
 
 
 def launch_mask_from_probs(probs: torch.Tensor, threshold: float, *, n_split: int | None = None,
-                           return_mass: bool = False):
-    """Triton path for 4-D probs (B, heads, Nq, Nk), any strides. -> (mask (B, Nk) bool, mass or None)."""
-    bsz, heads, nq, nk = probs.shape
+                           return_mass: bool = False, traced: bool = False):
+    """Triton path for 4-D probs (B, heads, Nq, Nk), any strides. -> (mask (B, Nk) bool, mass or None).
+    Launches under probs' device. traced: record the launch with wrap_triton (torch.compile)."""
+    bsz, heads, nq, nk = (int(v) for v in probs.shape)
     cfg = probs_config(probs.dtype)
     bq, bk = cfg["BLOCK_Q"], cfg["BLOCK_K"]
     sb, sh, sq, sk = probs.stride()
@@ -276,18 +269,20 @@ def launch_mask_from_probs(probs: torch.Tensor, threshold: float, *, n_split: in
     # programs per SM, several waves of ~4 resident ones, so that the last wave's tail is short.
     n_split, rows = _split_queries(nq, bq, bsz * n_kb, _target_programs(probs, 16), n_split)
     part, count, mask, mass = _outputs(bsz, n_kb, n_split, nk, probs.device, return_mass)
-    with _device_ctx(probs):
-        _probs_mass_kernel[(n_kb, n_split, bsz)](
+    kernel = wrap_triton(_probs_mass_kernel) if traced else _probs_mass_kernel
+    with device_guard(probs, traced):
+        kernel[(n_kb, n_split, bsz)](
             probs, part, count, mask.view(torch.uint8), mass, heads, nq, nk, sb, sh, sq, sk,
             rows, n_split, float(threshold), WRITE_MASS=return_mass, **cfg)
     return mask, (mass if return_mass else None)
 
 
 def launch_mask_from_qk(q: torch.Tensor, k: torch.Tensor, threshold: float, scale: float, *,
-                        n_split: int | None = None, return_mass: bool = False):
-    """Triton path for q (B, heads, Nq, d), k (B, heads, Nk, d). -> (mask (B, Nk) bool, mass or None)."""
-    bsz, heads, nq, d = q.shape
-    nk = k.shape[2]
+                        n_split: int | None = None, return_mass: bool = False, traced: bool = False):
+    """Triton path for q (B, heads, Nq, d), k (B, heads, Nk, d). -> (mask (B, Nk) bool, mass or None).
+    Launches under q's device. traced: record the launches with wrap_triton (torch.compile)."""
+    bsz, heads, nq, d = (int(v) for v in q.shape)
+    nk = int(k.shape[2])
     d_pad = head_dim_pad(d)
     lse_cfg, mass_cfg = qk_configs(q.dtype, d_pad)
     qs, ks = q.stride(), k.stride()
@@ -303,10 +298,12 @@ def launch_mask_from_qk(q: torch.Tensor, k: torch.Tensor, threshold: float, scal
     n_kb = triton.cdiv(nk, bn)
     n_split, rows = _split_queries(nq, bm, bsz * n_kb, _target_programs(q, 8), n_split)
     part, count, mask, mass = _outputs(bsz, n_kb, n_split, nk, q.device, return_mass)
-    with _device_ctx(q):
-        _qk_lse_kernel[(triton.cdiv(nq, lse_cfg["BLOCK_M"]), bsz * heads)](
+    lse_kernel = wrap_triton(_qk_lse_kernel) if traced else _qk_lse_kernel
+    mass_kernel = wrap_triton(_qk_mass_kernel) if traced else _qk_mass_kernel
+    with device_guard(q, traced):
+        lse_kernel[(triton.cdiv(nq, lse_cfg["BLOCK_M"]), bsz * heads)](
             q, k, lse, heads, nq, nk, d, *qs, *ks, qk_scale, **lse_cfg)
-        _qk_mass_kernel[(n_kb, n_split, bsz)](
+        mass_kernel[(n_kb, n_split, bsz)](
             q, k, lse, part, count, mask.view(torch.uint8), mass, heads, nq, nk, d, *qs, *ks, qk_scale,
             rows, n_split, float(threshold), WRITE_MASS=return_mass, **mass_cfg)
     return mask, (mass if return_mass else None)
@@ -321,93 +318,160 @@ def _grid(grid_hw) -> tuple[int, int]:
         raise TypeError(f"grid_hw must be a pair of ints (h, w), got {grid_hw!r}") from None
 
 
-def _number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # a tensor would need a host sync
-        raise TypeError(f"{name} must be a real number (Python float), got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
-def _check_fp64(t: torch.Tensor, name: str) -> None:
-    if t.dtype == torch.float64 and t.device.type != "cpu":
-        raise ValueError(f"{name}: float64 is supported on CPU tensors only, got {t.dtype} on {t.device}")
-
-
-def _probs_heads(probs: torch.Tensor, heads) -> int:
-    check_float(probs, "probs")
-    _check_fp64(probs, "probs")
+def check_probs(probs, h: int, w: int, threshold: float, heads) -> int:
+    """The argument checks of sag_fast::mask_from_probs (its fake and both kernels); returns heads."""
+    op = "mask_from_probs"
+    check_float(probs, "probs", op, allow_fp64=probs.device.type == "cpu" if isinstance(probs, torch.Tensor) else True)
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise ValueError(f"{op}: heads must be a positive int, got {heads!r}")
     if probs.dim() == 4:
         if heads is not None and heads != probs.shape[1]:
-            raise ValueError(f"heads={heads} does not match probs.shape[1]={probs.shape[1]} of (B, heads, Nq, Nk) probs")
+            raise ValueError(f"{op}: heads={heads} does not match probs.shape[1]={probs.shape[1]} of "
+                             "(B, heads, Nq, Nk) probs")
         heads = probs.shape[1]
     elif probs.dim() == 3:
         if heads is None:
-            raise ValueError("heads is required when probs is (B*heads, Nq, Nk)")
+            raise ValueError(f"{op}: heads is required when probs is (B*heads, Nq, Nk)")
     else:
-        raise ValueError(f"probs must be (B, heads, Nq, Nk) or (B*heads, Nq, Nk), got shape {tuple(probs.shape)}")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be a positive int, got {heads!r}")
+        raise ValueError(f"{op}: probs must be (B, heads, Nq, Nk) or (B*heads, Nq, Nk), got shape {tuple(probs.shape)}")
     if probs.dim() == 3 and probs.shape[0] % heads:
-        raise ValueError(f"heads={heads} does not divide probs.shape[0]={probs.shape[0]} (B*heads)")
+        raise ValueError(f"{op}: heads={heads} does not divide probs.shape[0]={probs.shape[0]} (B*heads)")
     if probs.shape[-2] < 1:
-        raise ValueError(f"probs must have at least one query (Nq >= 1), got shape {tuple(probs.shape)}")
+        raise ValueError(f"{op}: probs must have at least one query (Nq >= 1), got shape {tuple(probs.shape)}")
+    check_grid(h, w, probs.shape[-1], op)
+    check_threshold(threshold, op)
     return heads
 
 
-def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
-    check_float(q, "q")
-    check_float(k, "k")
-    check_same_device("q", q, "k", k)
-    _check_fp64(q, "q")
+def check_qk(q, k, h: int, w: int, threshold: float, scale: float, triton: bool) -> None:
+    """The argument checks of sag_fast::mask_from_qk (its fake and both kernels); triton: the Triton kernel
+    will run it (head dims up to MAX_HEAD_DIM)."""
+    op = "mask_from_qk"
+    check_float(q, "q", op, allow_fp64=q.device.type == "cpu" if isinstance(q, torch.Tensor) else True)
+    check_float(k, "k", op)
+    check_same_device(op, "q", q, "k", k)
     if k.dtype != q.dtype:
-        raise ValueError(f"k must have the dtype of q ({q.dtype}), got {k.dtype}")
+        raise ValueError(f"{op}: k must have the dtype of q ({q.dtype}), got {k.dtype}")
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be (B, heads, N, d), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+        raise ValueError(f"{op}: q and k must be (B, heads, N, d), got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in B, heads and d")
+        raise ValueError(f"{op}: k {tuple(k.shape)} must match q {tuple(q.shape)} in B, heads and d")
     if q.shape[1] < 1 or q.shape[2] < 1 or q.shape[3] < 1:
-        raise ValueError(f"q must have heads, Nq and d >= 1, got {tuple(q.shape)}")
-    if use_triton(q) and q.dtype != torch.float64 and q.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim d={q.shape[3]} exceeds {MAX_HEAD_DIM}, the most the kernels support")
+        raise ValueError(f"{op}: q must have heads, Nq and d >= 1, got {tuple(q.shape)}")
+    if triton and q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"{op}: q has head dim d={q.shape[3]}, more than the {MAX_HEAD_DIM} the kernels support")
+    check_grid(h, w, k.shape[2], op)
+    check_threshold(threshold, op)
+    real_number(scale, "scale", op)
 
 
-# ------------------------------------------------------------------------------------------- ops
-@torch.library.custom_op("sag_fast::mask_from_probs", mutates_args=())
-def _mask_from_probs_op(probs: torch.Tensor, h: int, w: int, threshold: float, heads: int) -> torch.Tensor:
-    heads = _probs_heads(probs, heads)
-    reference.check_grid((h, w), probs.shape[-1])
+# ----------------------------------------------------------------------- the torch (CPU) kernels
+_QUERY_CHUNK_ELEMENTS = 1 << 24  # probabilities held at once by the qk path: 64 MiB of fp32
+
+
+def _mass_probs_torch(p4: torch.Tensor) -> torch.Tensor:
+    """(B, heads, Nq, Nk) -> (B, Nk): sum over queries, then mean over heads, accumulated in fp32 (fp64)."""
+    acc = torch.float64 if p4.dtype == torch.float64 else torch.float32
+    return p4.sum(dim=2, dtype=acc).mean(dim=1)
+
+
+def _mass_qk_torch(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, Nk) mass of softmax(q k^T * scale), a chunk of query rows at a time (never all Nq x Nk)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bsz, heads, nq, _ = q.shape
+    nk = k.shape[2]
+    kt = k.to(acc).transpose(-1, -2)
+    rows = max(1, _QUERY_CHUNK_ELEMENTS // max(1, bsz * heads * nk))
+    mass = torch.zeros(bsz, heads, nk, dtype=acc, device=q.device)
+    for i in range(0, nq, rows):
+        scores = torch.matmul(q[:, :, i:i + rows].to(acc), kt).mul_(scale)
+        mass += torch.softmax(scores, dim=-1).sum(dim=2)
+    return mass.mean(dim=1)
+
+
+def _mask_from_probs_torch(probs, h, w, threshold, heads):
+    heads = check_probs(probs, h, w, threshold, heads)
+    p4 = probs.unflatten(0, (probs.shape[0] // heads, heads)) if probs.dim() == 3 else probs  # a view
+    return (_mass_probs_torch(p4) > threshold).view(p4.shape[0], h, w)
+
+
+def _mask_from_qk_torch(q, k, h, w, threshold, scale):
+    check_qk(q, k, h, w, threshold, scale, triton=False)
+    return (_mass_qk_torch(q, k, scale) > threshold).view(q.shape[0], h, w)
+
+
+# ------------------------------------------------------------------------ the Triton (CUDA) kernels
+def _probs_triton(probs, h, w, threshold, heads, traced):
+    heads = check_probs(probs, h, w, threshold, heads)
     p4 = probs.unflatten(0, (probs.shape[0] // heads, heads)) if probs.dim() == 3 else probs  # a view
     if p4.shape[0] == 0:
         return torch.empty((0, h, w), dtype=torch.bool, device=probs.device)
-    if use_triton(p4) and p4.dtype != torch.float64:
-        mask, _ = launch_mask_from_probs(p4, threshold)
-        return mask.view(-1, h, w)
-    return reference.mass_to_mask(reference.attention_mass(p4), (h, w), threshold)
+    mask, _ = launch_mask_from_probs(p4, threshold, traced=traced)
+    return mask.view(-1, h, w)
 
 
-@_mask_from_probs_op.register_fake
-def _(probs, h, w, threshold, heads):
+def _qk_triton(q, k, h, w, threshold, scale, traced):
+    check_qk(q, k, h, w, threshold, scale, triton=True)
+    if q.shape[0] == 0:
+        return torch.empty((0, h, w), dtype=torch.bool, device=q.device)
+    mask, _ = launch_mask_from_qk(q, k, threshold, scale, traced=traced)
+    return mask.view(-1, h, w)
+
+
+def mask_from_probs_triton(probs, h: int, w: int, threshold: float, heads: int) -> torch.Tensor:
+    """The CUDA kernel of sag_fast::mask_from_probs (on CPU tensors under TRITON_INTERPRET=1)."""
+    return _probs_triton(probs, h, w, threshold, heads, traced=False)
+
+
+def mask_from_qk_triton(q, k, h: int, w: int, threshold: float, scale: float) -> torch.Tensor:
+    """The CUDA kernel of sag_fast::mask_from_qk (on CPU tensors under TRITON_INTERPRET=1)."""
+    return _qk_triton(q, k, h, w, threshold, scale, traced=False)
+
+
+# ------------------------------------------------------------------------------------------- ops
+def _probs_fake(probs, h, w, threshold, heads):
+    heads = check_probs(probs, h, w, threshold, heads)
     bsz = probs.shape[0] if probs.dim() == 4 else probs.shape[0] // heads
     return probs.new_empty((bsz, h, w), dtype=torch.bool)
 
 
-@torch.library.custom_op("sag_fast::mask_from_qk", mutates_args=())
-def _mask_from_qk_op(q: torch.Tensor, k: torch.Tensor, h: int, w: int, threshold: float,
-                     scale: float) -> torch.Tensor:
-    _check_qk(q, k)
-    reference.check_grid((h, w), k.shape[2])
-    if q.shape[0] == 0:
-        return torch.empty((0, h, w), dtype=torch.bool, device=q.device)
-    if use_triton(q) and q.dtype != torch.float64:
-        mask, _ = launch_mask_from_qk(q, k, threshold, scale)
-        return mask.view(-1, h, w)
-    return reference.mass_to_mask(reference.attention_mass_from_qk(q, k, scale), (h, w), threshold)
-
-
-@_mask_from_qk_op.register_fake
-def _(q, k, h, w, threshold, scale):
+def _qk_fake(q, k, h, w, threshold, scale):
+    check_qk(q, k, h, w, threshold, scale, triton=q.device.type == "cuda")
     return q.new_empty((q.shape[0], h, w), dtype=torch.bool)
+
+
+def _functionalize(triton_impl, names):
+    """The FunctionalTensorMode rule (see sag_fast.ops.degrade): a CUDA call becomes its Triton launches."""
+    def rule(mode, op, types, args, kwargs):
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        a = dict(zip(names, args), **kwargs)
+        if a[names[0]].device.type != "cuda" or custom_triton_ops_decomposition_disabled():
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        if any(not issubclass(t, (torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor))
+               and t is not torch.Tensor for t in types):
+            return NotImplemented
+        with mode:
+            return triton_impl(*(a[n] for n in names), traced=True)
+    return rule
+
+
+_LIB = torch.library.Library("sag_fast", "FRAGMENT")  # noqa: TOR901
+_PROBS_ARGS = ("probs", "h", "w", "threshold", "heads")
+_QK_ARGS = ("q", "k", "h", "w", "threshold", "scale")
+_LIB.define("mask_from_probs(Tensor probs, int h, int w, float threshold, int heads) -> Tensor")
+_LIB.define("mask_from_qk(Tensor q, Tensor k, int h, int w, float threshold, float scale) -> Tensor")
+# every device but CUDA: the torch kernels (CompositeExplicitAutograd is the default for backends without their own)
+_LIB.impl("mask_from_probs", _mask_from_probs_torch, "CompositeExplicitAutograd")
+_LIB.impl("mask_from_qk", _mask_from_qk_torch, "CompositeExplicitAutograd")
+_LIB.impl("mask_from_probs", mask_from_probs_triton, "CUDA")
+_LIB.impl("mask_from_qk", mask_from_qk_triton, "CUDA")
+torch.library.register_fake("sag_fast::mask_from_probs", _probs_fake, lib=_LIB)
+torch.library.register_fake("sag_fast::mask_from_qk", _qk_fake, lib=_LIB)
+torch.library.register_torch_dispatch("sag_fast::mask_from_probs", FunctionalTensorMode,
+                                      _functionalize(_probs_triton, _PROBS_ARGS), lib=_LIB)
+torch.library.register_torch_dispatch("sag_fast::mask_from_qk", FunctionalTensorMode,
+                                      _functionalize(_qk_triton, _QK_ARGS), lib=_LIB)
 
 
 # ------------------------------------------------------------------------------------- public API
@@ -417,11 +481,14 @@ def mask_from_probs(probs: torch.Tensor, grid_hw, threshold: float = 1.0, heads:
     probs: (B, heads, Nq, Nk), or (B*heads, Nq, Nk) as diffusers stores it (then `heads` is required);
     fp32/fp16/bf16 (fp64 on CPU), any strides (never copied). grid_hw: (h, w) with h*w == Nk.
     mass = mean over heads of the sum over queries, accumulated in fp32; threshold 1.0 is the mean.
+    One call of sag_fast::mask_from_probs.
     """
     h, w = _grid(grid_hw)
-    threshold = _number(threshold, "threshold")
-    heads = _probs_heads(probs, heads)
-    reference.check_grid((h, w), probs.shape[-1])
+    threshold = check_threshold(threshold, "mask_from_probs")  # a Python number: the schema would take a tensor
+    if isinstance(probs, torch.Tensor) and probs.dim() == 4 and heads is None:
+        heads = probs.shape[1]
+    if heads is None:
+        check_probs(probs, h, w, threshold, heads)  # raises the message that names heads (or probs)
     return torch.ops.sag_fast.mask_from_probs(probs, h, w, threshold, heads)
 
 
@@ -429,12 +496,13 @@ def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw, threshold: float = 1
                  scale: float | None = None) -> torch.Tensor:
     """The same (B, h, w) torch.bool mask from q (B, heads, Nq, d) and k (B, heads, Nk, d), without
     materialising the (Nq, Nk) probabilities: A = softmax(q k^T * scale) over keys, scale 1/sqrt(d) by
-    default. Any strides (e.g. (B, N, heads*d).view(B, N, heads, d).transpose(1, 2)); d <= 256.
-    Extra memory O(B*heads*(Nq+Nk)).
+    default. Any strides (e.g. (B, N, heads*d).view(B, N, heads, d).transpose(1, 2)); d <= 256 on CUDA.
+    Extra memory O(B*heads*(Nq+Nk)) on CUDA. One call of sag_fast::mask_from_qk.
     """
     h, w = _grid(grid_hw)
-    threshold = _number(threshold, "threshold")
-    _check_qk(q, k)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else _number(scale, "scale")
-    reference.check_grid((h, w), k.shape[2])
-    return torch.ops.sag_fast.mask_from_qk(q, k, h, w, threshold, scale)
+    threshold = check_threshold(threshold, "mask_from_qk")
+    if scale is None:
+        if not isinstance(q, torch.Tensor):
+            check_float(q, "q", "mask_from_qk")
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.sag_fast.mask_from_qk(q, k, h, w, threshold, real_number(scale, "scale", "mask_from_qk"))
