@@ -242,6 +242,17 @@ def test_lcm_unet_has_no_cfg_way():
     assert contract.layout(pipe, call_args(pipe, guidance_scale=7.5), x, kw) == CallLayout(1, 0, 4)
 
 
+def test_layout_uses_the_pipeline_defaults_and_cross_checks_the_cfg_property():
+    pipe = tiny_sd_pipeline()
+    contract = contract_for(pipe, pipe.unet)
+    x = torch.zeros(2, 4, 8, 8)
+    assert contract.layout(pipe, {}, x, _sd_kwargs(2)).ways == 2  # guidance_scale's default: 7.5
+    pipe._guidance_scale = 1.0  # the property the SD loop reads disagrees with the call's arguments: stop
+    with pytest.raises(RuntimeError, match="do_classifier_free_guidance is False"):
+        contract.layout(pipe, {"guidance_scale": 7.5}, x, _sd_kwargs(2))
+    assert contract.layout(pipe, {"guidance_scale": 1.0}, x, _sd_kwargs(2)).ways == 1
+
+
 def _sd_kwargs(total=4):
     return dict(encoder_hidden_states=_randn(total, 77, 32, seed=1), timestep_cond=None,
                 cross_attention_kwargs=None, added_cond_kwargs=None)
@@ -297,7 +308,7 @@ def test_dit_class_labels_and_pixart_masks_are_per_row():
 
 
 def test_layout_refuses_a_batch_that_does_not_fit():
-    pipe = _pipe("sd")
+    pipe = tiny_sd_pipeline()
     contract = contract_for(pipe, pipe.unet)
     with pytest.raises(RuntimeError, match="batch of 3, not a multiple of 2"):
         contract.layout(pipe, {"guidance_scale": 7.5}, torch.zeros(3, 4, 8, 8), _sd_kwargs(3))

@@ -54,6 +54,7 @@ input re-injects undegraded signal through every skip connection). See `_Control
 from __future__ import annotations
 
 import inspect
+from collections import ChainMap
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -333,6 +334,17 @@ TABLE: dict[str, Row] = {
                                                  "kandinsky2_2/pipeline_kandinsky2_2_controlnet_img2img.py"),
 }
 
+# rows whose denoising loop reads `self.do_classifier_free_guidance` (the others keep CFG in a local variable)
+_CFG_PROPERTY_ROWS = frozenset({
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+    "StableDiffusionDepth2ImgPipeline", "StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionControlNetPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionControlNetInpaintPipeline",
+    "StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
+    "StableDiffusionXLControlNetInpaintPipeline", "KandinskyV22Pipeline", "KandinskyV22Img2ImgPipeline",
+    "KandinskyV22InpaintPipeline",
+})
+
 _WAY_OUT = ("declare the batch layout of its denoiser calls with sag_fast.SAGLayout and pass it as "
             "enable_sag(pipe, layout=SAGLayout(cfg=..., ways=..., uncond_index=..., latent_channels=..., "
             "per_row=(...)))")
@@ -346,8 +358,11 @@ class BatchContract:
     around each SAG pipeline call; remove() undoes what the contract installed (the ControlNet recorder)."""
 
     def __init__(self, pipe, model: torch.nn.Module, *, name: str, cfg: Callable[[Any, dict], bool], ways: int,
-                 uncond_index: int, latent_channels: int | None, per_row: tuple[str, ...], controlnet: bool = False):
+                 uncond_index: int, latent_channels: int | None, per_row: tuple[str, ...], controlnet: bool = False,
+                 defaults: dict | None = None, check_property: bool = False):
         self.name = name
+        self._defaults = dict(defaults or {})   # the pipeline __call__'s defaults, under the call's arguments
+        self._check_property = check_property   # cross-check with pipe.do_classifier_free_guidance
         self._cfg = cfg
         self._ways = ways
         self._uncond_index = uncond_index
@@ -362,10 +377,20 @@ class BatchContract:
 
     # ------------------------------------------------------------------------------------ per call
     def layout(self, pipe, call_args: dict, x: torch.Tensor, model_kwargs: dict) -> CallLayout:
+        call = ChainMap(call_args, self._defaults) if self._defaults else call_args
         try:
-            cfg = bool(self._cfg(pipe, call_args))
+            cfg = bool(self._cfg(pipe, call))
         except Exception as e:  # a user cfg function that cannot read this call
             raise RuntimeError(f"{self.name}: the CFG condition of the batch layout failed on this call: {e!r}") from e
+        if self._check_property:  # the loop of this pipeline reads the property: it must agree
+            try:
+                prop = pipe.do_classifier_free_guidance
+            except Exception:  # read outside a call (no _guidance_scale yet): nothing to compare with
+                prop = None
+            if isinstance(prop, bool) and prop != cfg:
+                raise RuntimeError(f"{self.name}: the batch contract says CFG is {'on' if cfg else 'off'} for this "
+                                   f"call but pipe.do_classifier_free_guidance is {prop}; SAG stops rather than "
+                                   "degrade the wrong rows (declare the layout with sag_fast.SAGLayout)")
         ways, uncond = (self._ways, self._uncond_index) if cfg else (1, 0)
         total = x.shape[0]
         if total % ways:
@@ -598,5 +623,8 @@ def contract_for(pipe, model: torch.nn.Module, layout: SAGLayout | None = None) 
                          f"{table_name} covers {', '.join(row.denoisers)}); {_WAY_OUT}")
     per_row = DENOISER_PER_ROW[model_name]
     latent = row.latent(model)
+    defaults = {n: p.default for n, p in inspect.signature(cls.__call__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
     return BatchContract(pipe, model, name=table_name, cfg=row.cfg, ways=row.ways, uncond_index=row.uncond_index,
-                         latent_channels=latent, per_row=per_row, controlnet=row.controlnet and controlnet)
+                         latent_channels=latent, per_row=per_row, controlnet=row.controlnet and controlnet,
+                         defaults=defaults, check_property=table_name in _CFG_PROPERTY_ROWS)
