@@ -91,6 +91,9 @@ CASES = {
     "controlnet": (tp.controlnet_pipeline, dict(image=IMG, **sd_text()), (2, 0, 4), _neg_text),
     "controlnet_sdxl": (lambda: tp.controlnet_pipeline(sdxl=True), dict(image=IMG, height=64, width=64, **sdxl_text()),
                         (2, 0, 4), _neg_text),
+    "controlnet_multi": (lambda: tp.controlnet_pipeline(multi=True), dict(image=[IMG, IMG.flip(-1)],
+                                                                          controlnet_conditioning_scale=[1.0, 0.5],
+                                                                          **sd_text()), (2, 0, 4), _neg_text),
     "gligen": (tp.gligen_pipeline, dict(gligen_phrases=["a dog"], gligen_boxes=[[0.1, 0.1, 0.6, 0.6]], **sd_text()),
                (2, 0, 4), None),
     "dit": (tiny_dit_pipeline, dict(class_labels=[1]), (2, 1, 4), None),
@@ -597,7 +600,7 @@ def spy_controlnet(controlnet):
         handle.remove()
 
 
-@pytest.mark.parametrize("name", ["controlnet", "controlnet_sdxl"])
+@pytest.mark.parametrize("name", ["controlnet", "controlnet_sdxl", "controlnet_multi"])
 def test_item14_controlnet_residuals_recomputed_at_the_degraded_input(name):
     pipe = _pipe(name)
     with spy_controlnet(pipe.controlnet) as cn:

@@ -116,8 +116,14 @@ def controlnet_model(unet, seed: int = 5):
     return cn
 
 
-def controlnet_pipeline(sdxl: bool = False):
+def controlnet_pipeline(sdxl: bool = False, multi: bool = False):
+    """SD or SDXL ControlNet pipeline; multi=True: two ControlNets (diffusers wraps them in a MultiControlNetModel)."""
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    if multi:
+        c = tiny_sd_components()
+        c["controlnet"] = [controlnet_model(c["unet"], seed=5), controlnet_model(c["unet"], seed=6)]
+        return _place(StableDiffusionControlNetPipeline(**c))
 
     if sdxl:
         c = tiny_sdxl_components()
