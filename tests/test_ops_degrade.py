@@ -199,6 +199,18 @@ def test_nearest_index_rule_matches_pytorch(n_in, n_out):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_nearest_rule_is_pytorchs_fp32_one(device, impl):
+    """82 rows and columns from a 2 x 2 mask: fp32(2/82) * 41 rounds below 1, so row and column 41 still read
+    mask cell 0 (PyTorch's rule); the exact quotient 41*2/82 = 1 would read cell 1 and leave them unblurred."""
+    x, o, _ = _inputs(1, 1, 82, 82, torch.float32, device, None)
+    mask = torch.tensor([[[True, False], [False, False]]], device=device)
+    y = run(impl, x, o, mask, 1.0, -0.5, 3, 1.0)
+    _close(y, _expect(x, o, mask, 1.0, -0.5, 3, 1.0), torch.float32)
+    changed = (y != x)[0, 0].cpu()
+    assert changed[41, :41].any() and changed[:41, 41].any() and not changed[42:, :].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_mask_upsampling_in_kernel(device, impl):
     """Distinct per-cell influence: blur only where one source cell of the mask is set, for each cell."""
     H, W, h, w = 17, 23, 3, 5

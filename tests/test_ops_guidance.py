@@ -207,6 +207,32 @@ def test_mixed_devices_are_rejected():
         guidance_shift_(torch.empty(2, 4, 3, device="meta"), rand(1, 4, 3), S)
 
 
+@pytest.mark.parametrize("op", ["combine", "shift"])
+@pytest.mark.parametrize("pred_device,deg_device", [("cuda:0", "cpu"), ("cpu", "cuda:0"), ("cuda:0", "cuda:1")])
+def test_mixed_devices_name_both_arguments_fake(op, pred_device, deg_device):
+    """Under FakeTensorMode (CUDA tensors without a GPU) the fakes refuse a device mix, naming both."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        pred = torch.empty(4, 3, 5, 6, device=pred_device)
+        deg = torch.empty(2, 3, 5, 6, device=deg_device)
+        with pytest.raises(ValueError, match=f"degraded is on {deg_device} but pred is on {pred_device}"):
+            _call(op, (pred, deg))
+
+
+def test_fake_cuda_results():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        pred = torch.empty(4, 6, 5, 7, dtype=torch.bfloat16, device="cuda")
+        deg = torch.empty(2, 6, 5, 7, dtype=torch.bfloat16, device="cuda")
+        out = guidance_combine(pred, deg, W, S, 3)
+        assert out.shape == (2, 6, 5, 7) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
+        assert guidance_shift_(pred, deg, S, 3, 1) is pred
+        with pytest.raises(ValueError, match="float32, float16 or bfloat16 on cuda"):
+            guidance_combine(pred.double(), deg.double(), W, S)
+
+
 def test_shift_rejects_overlapping_memory():
     with pytest.raises(ValueError, match="pred has elements that share memory"):
         guidance_shift_(rand(1, 4, 3).expand(2, 4, 3), rand(1, 4, 3), S)
@@ -324,12 +350,32 @@ def test_cuda_shift_matches_reference(dtype, ways, uncond_index):
 
 @pytest.mark.gpu
 def test_cuda_large_batch_of_small_planes_and_side_stream():
-    # More planes than gridDim.y allows (65535): the plane loop's grid stride.
-    pred, deg = rand(2 * 9000, 16, 3, device="cuda"), rand(9000, 16, 3, device="cuda")
+    """More planes than gridDim.y allows (65535): the plane loop's grid stride. On a side stream whose inputs
+    are written after a long sleep: a launch on the default stream would read them before the write lands."""
+    src_pred, src_deg = rand(2 * 9000, 16, 3, device="cuda"), rand(9000, 16, 3, device="cuda")
+    pred, deg = torch.zeros_like(src_pred), torch.zeros_like(src_deg)
+    shifted = torch.zeros_like(src_pred)
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        torch.cuda._sleep(50_000_000)
+        pred.copy_(src_pred)
+        deg.copy_(src_deg)
+        shifted.copy_(src_pred)
         out = guidance_combine(pred, deg, W, S)
-    stream.synchronize()
+        guidance_shift_(shifted, deg, S)
+    torch.cuda.synchronize()
+    assert_close_ref(out, reference.guidance_combine(src_pred, src_deg, W, S))
+    assert_close_ref(shifted, reference.guidance_shift(src_pred, src_deg, S))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_tensors_on_another_device_than_the_current_one():
+    pred, deg = rand(6, 8, 16, 16, device="cuda:1"), rand(3, 8, 16, 16, device="cuda:1")
+    with torch.cuda.device(0):
+        out = guidance_combine(pred, deg, W, S)
+    assert out.device == torch.device("cuda:1")
     assert_close_ref(out, reference.guidance_combine(pred, deg, W, S))
 
 
