@@ -675,3 +675,9 @@ def test_enable_sag_forwards_the_declared_layout():
             disable(pipe)
     for (x, kw), (xd, kwd) in _pairs(calls, 2):
         assert xd.shape[0] == 1 and torch.equal(kwd["encoder_hidden_states"], kw["encoder_hidden_states"][:1])
+
+
+def test_sag_layout_is_public():
+    import sag_fast
+
+    assert sag_fast.SAGLayout is SAGLayout
