@@ -71,7 +71,7 @@ def attention_mask(probs: torch.Tensor, grid_hw, out_hw, threshold: float = 1.0,
 
 # --------------------------------------------------------------------------------- coefficients
 def signal_coefficients(alpha, sigma, prediction_type: str):
-    """(c1, c2) with s = c1*x + c2*o = alpha*x0_hat, for x = alpha*x0 + sigma*eps (see DESIGN.md)."""
+    """(c1, c2) with s = c1*x + c2*o = alpha*x0_hat, for x = alpha*x0 + sigma*eps (see docs/design.md)."""
     alpha = torch.as_tensor(alpha)
     sigma = torch.as_tensor(sigma, dtype=alpha.dtype if alpha.is_floating_point() else None)
     if prediction_type == "epsilon":
