@@ -18,6 +18,7 @@ _LAZY = {
     "SAGConfig": "sag_fast.guidance",
     "SAGSampler": "sag_fast.sampler",
     "enable_sag": "sag_fast.diffusers",
+    "SAGLayout": "sag_fast.diffusers.contract",
     "disable_sag": "sag_fast.diffusers",
     "StableDiffusionSAGPipeline": "sag_fast.diffusers",
     "StableDiffusionXLSAGPipeline": "sag_fast.diffusers",

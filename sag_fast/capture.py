@@ -1,29 +1,35 @@
-"""Attention capture on one self-attention layer that keeps the layer's own attention (SDPA, flash) for the output.
+"""Attention capture on one self-attention layer, at the attention computation itself.
 
-The mask needs only q and k of the rows being degraded: hooks read them where the layer computes them
-(a diffusers `Attention`'s to_q/to_k, the in-projection of `nn.MultiheadAttention`, or the arguments of
-`F.scaled_dot_product_attention` inside any other module) and `mask_from_qk` reduces them to the
-(B, h, w) mask without an Nq x Nk buffer. Unarmed, every hook returns at once and changes nothing.
+SAG's mask must come from the q and k the layer really attends with: after LoRA (added before or after
+SAG), fused QKV projections, the layer's q/k norms and rotary embeddings, whatever the attention processor.
+So the capture does not hook `to_q`/`to_k`: while the armed layer runs, a `TorchFunctionMode` (thread-local,
+seen by `torch.compile`) watches the layer's own call of `F.scaled_dot_product_attention` (diffusers'
+SDPA processors, its attention dispatch, `nn.MultiheadAttention`, custom modules) or its softmax over keys
+(diffusers' eager `AttnProcessor`, `need_weights=True`), and reduces q/k (with `mask_from_qk`, no Nq x Nk
+buffer) or the probabilities (`mask_from_probs`) to the (rows, h, w) mask. The layer's output is its own.
+
+A diffusers attention layer keeps a processor wrapper (`_CaptureProcessor`) that passes straight through when
+unarmed; other modules get a forward pre-hook / hook pair. `AttentionCapture(...)` runs the layer once on a
+4-token dummy input to prove that the attention is visible (an xformers or custom CUDA processor is refused
+here, not mid-sampling).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import re
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-from . import reference
-
-try:
-    from .ops.mask import mask_from_qk as _mask_from_qk
-except ImportError:  # pragma: no cover - only before ops/mask.py exists
-    def _mask_from_qk(q, k, grid_hw, threshold=1.0, scale=None):
-        return reference.mass_to_mask(reference.attention_mass_from_qk(q, k, scale), grid_hw, threshold)
+from .ops.mask import mask_from_probs, mask_from_qk
 
 # default layers, first present wins: SD/SDXL UNet mid-block self-attention, UNet2DModel mid-block attention
 _DEFAULT_LAYERS = ("mid_block.attentions.0.transformer_blocks.0.attn1", "mid_block.attentions.0")
+_SOFTMAX = (torch.softmax, F.softmax, torch.Tensor.softmax)
 
 
 def _is_diffusers_attention(module) -> bool:
@@ -31,10 +37,23 @@ def _is_diffusers_attention(module) -> bool:
         and isinstance(getattr(module, "heads", None), int)
 
 
+def _has_processor(module) -> bool:
+    return hasattr(module, "processor") and callable(getattr(module, "set_processor", None))
+
+
 def _is_self_attention(module) -> bool:
     if isinstance(module, torch.nn.MultiheadAttention):
         return True
     return _is_diffusers_attention(module) and not getattr(module, "is_cross_attention", False)
+
+
+def _looks_like_attention(name: str, module) -> bool:
+    """A module SAG can read: a diffusers attention layer, nn.MultiheadAttention, or a module named as attention
+    (a custom one that calls SDPA). A conv, a norm or a block of layers is not."""
+    if _is_diffusers_attention(module) or isinstance(module, torch.nn.MultiheadAttention):
+        return True
+    label = (type(module).__name__ + " " + name.rsplit(".", 1)[-1]).lower()
+    return any(word in label for word in ("attention", "attn", "sdpa"))
 
 
 def _default_layer(model, modules: dict) -> str:
@@ -50,11 +69,18 @@ def _default_layer(model, modules: dict) -> str:
                      "layer= a module path (see model.named_modules()) or a regex matching exactly one module")
 
 
+def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under `torch.compile(module)` wrappers (their layers live on `_orig_mod`)."""
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def resolve_layer(model: torch.nn.Module, layer: str | None) -> tuple[str, torch.nn.Module]:
     """(name, module) of the self-attention layer: an exact module path, else a regex over module names
     (searched). When the matches include attention modules, only their self-attention ones count, else
-    a full match beats partial ones; exactly one module must remain."""
-    modules = dict(model.named_modules())
+    a full match beats partial ones; exactly one module must remain, and it must be an attention layer."""
+    modules = dict(unwrap_compiled(model).named_modules())
     if layer is None:
         name = _default_layer(model, modules)
     elif not isinstance(layer, str) or not layer:
@@ -81,15 +107,11 @@ def resolve_layer(model: torch.nn.Module, layer: str | None) -> tuple[str, torch
     if _is_diffusers_attention(module) and getattr(module, "is_cross_attention", False):
         raise ValueError(f"layer={name!r} is not self-attention (a cross-attention layer); SAG needs a self-attention "
                          "layer such as an attn1")
+    if not _looks_like_attention(name, module):
+        raise ValueError(f"layer={name!r} is a {type(module).__name__}, not an attention layer; SAG reads the attention "
+                         "of one self-attention layer (e.g. a diffusers Attention such as "
+                         "'mid_block.attentions.0.transformer_blocks.0.attn1')")
     return name, module
-
-
-def _spatial_input(args, kwargs):
-    """(H, W) of the first 4-D tensor a module receives, else None."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() == 4:
-            return int(value.shape[-2]), int(value.shape[-1])
-    return None
 
 
 def _grid_candidates(hw, patch):
@@ -115,84 +137,213 @@ def _patch_size(module) -> int | None:
     return patch if isinstance(patch, int) else None
 
 
-def _norm_width(norm) -> int | None:
-    for attr in ("normalized_shape", "dim"):
-        shape = getattr(norm, attr, None)
-        if isinstance(shape, (tuple, list, torch.Size)) and len(shape):
-            return int(shape[-1])
-        if isinstance(shape, int):
-            return shape
+def _spatial_input(args, kwargs):
+    """(H, W) of the first 4-D tensor a module receives, else None."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() == 4:
+            return int(value.shape[-2]), int(value.shape[-1])
     return None
 
 
-def _heads_view(t: torch.Tensor, heads: int, head_dim: int, norm) -> torch.Tensor:
-    """(B, N, heads*d) -> (B, heads, N, d), with the layer's q/k norm (per head, or across heads)."""
-    if norm is not None and _norm_width(norm) not in (None, head_dim):
-        t = norm(t)
-        norm = None
-    t = t.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # a view for any strides
-    return norm(t) if norm is not None else t
+class _AttentionProbe(TorchFunctionMode):
+    """Active only while the armed layer runs: hands the layer's first SDPA call (q, k) or softmax over keys
+    (probabilities) to the capture; every op still computes exactly what it would without the mode."""
+
+    def __init__(self, capture: "AttentionCapture"):
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        capture = self.capture
+        if func is F.scaled_dot_product_attention and not capture._done:
+            capture._from_sdpa(*args, **kwargs)
+        elif func in _SOFTMAX and not capture._done and _over_last_dim(args, kwargs):
+            probs = func(*args, **kwargs)
+            capture._from_probs(probs)
+            return probs
+        elif func is torch.Tensor.unflatten:  # a Python-level Tensor method: as a view, so dynamo traces it
+            t, dim, sizes = args[0], kwargs.get("dim", args[1] if len(args) > 1 else None), \
+                kwargs.get("sizes", args[2] if len(args) > 2 else None)
+            dim = dim % t.dim()
+            return t.view(*t.shape[:dim], *sizes, *t.shape[dim + 1:])
+        return func(*args, **kwargs)
+
+
+def _over_last_dim(args, kwargs) -> bool:
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    t = args[0] if args else None
+    return isinstance(t, torch.Tensor) and isinstance(dim, int) and dim in (-1, t.dim() - 1) and t.dim() >= 3
+
+
+class _CaptureProcessor:
+    """Wraps a diffusers attention layer's processor. Unarmed: a straight call. Armed: the same call under the
+    probe. Each inner processor class gets a subclass whose __call__ has exactly the inner signature (see
+    `_processor_class`), because diffusers' Attention.forward keeps only the cross_attention_kwargs that the
+    processor's signature names."""
+
+    def __init__(self, inner, capture: "AttentionCapture"):
+        self.inner = inner
+        self.capture = capture
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return self._dispatch((attn, hidden_states, *args), kwargs)
+
+    def _dispatch(self, args: tuple, kwargs: dict):
+        capture = self.capture
+        if capture._armed and not capture._done:
+            hidden_states = args[1] if len(args) > 1 else kwargs.get("hidden_states")
+            if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4:  # spatial attention: its grid
+                capture._layer_hw = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
+            with _AttentionProbe(capture):
+                return self.inner(*args, **kwargs)
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):  # processor attributes diffusers or the user read (e.g. a processor's scale)
+        if name in ("inner", "capture"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __reduce__(self):
+        return _capture_processor, (self.inner, self.capture)
+
+
+def _forwarding_call(signature: inspect.Signature):
+    """A real function with the parameters of `signature` (self first) that hands them, in order, to
+    self._dispatch(args, kwargs). Generated rather than given a `__signature__`: torch.compile graph-breaks on
+    a Signature object read through `__signature__`, not on a plain function's own parameters."""
+    params = list(signature.parameters.values())
+    if not params or any(p.kind is p.POSITIONAL_ONLY for p in params):
+        return None
+    defaults, head, pos, star, kwonly, starstar = {}, [], [], None, [], None
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            star = p.name
+            head.append("*" + p.name)
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            starstar = p.name
+            head.append("**" + p.name)
+            continue
+        if p.kind is p.KEYWORD_ONLY and star is None and not any(h.startswith("*") for h in head):
+            head.append("*")
+        text = p.name if p.default is p.empty else f"{p.name}=_defaults[{p.name!r}]"
+        if p.default is not p.empty:
+            defaults[p.name] = p.default
+        head.append(text)
+        (kwonly if p.kind is p.KEYWORD_ONLY else pos).append(p.name)
+    self_name = pos.pop(0)
+    args = "(" + "".join(f"{n}, " for n in pos) + (f"*{star}" if star else "") + ")"
+    kwargs = "{" + "".join(f"{n!r}: {n}, " for n in kwonly) + (f"**{starstar}" if starstar else "") + "}"
+    source = f"def __call__({', '.join(head)}):\n    return {self_name}._dispatch({args}, {kwargs})\n"
+    namespace = {"_defaults": defaults}
+    exec(compile(source, "<sag_fast capture processor>", "exec"), namespace)  # noqa: S102 - our own template
+    return namespace["__call__"]
+
+
+@functools.lru_cache(maxsize=None)
+def _processor_class(inner_cls: type) -> type:
+    try:
+        call = _forwarding_call(inspect.signature(inner_cls.__call__))
+    except (TypeError, ValueError, SyntaxError):
+        call = None
+    body = {"__call__": call} if call is not None else {}
+    return type(f"SAGCapture{inner_cls.__name__}", (_CaptureProcessor,), body)
+
+
+def _capture_processor(inner, capture):
+    return _processor_class(type(inner))(inner, capture)
 
 
 class AttentionCapture:
     """Computes the SAG mask of one self-attention layer on the forward it is armed for.
 
-    AttentionCapture(model, layer=None, threshold=1.0, grid_hw=None): layer as in `resolve_layer`;
-    grid_hw overrides the (h, w) attention grid when it cannot be inferred from the model's input.
+    AttentionCapture(model, layer=None, threshold=1.0, grid_hw=None): layer as in `resolve_layer` (model may be
+    a `torch.compile`d module); grid_hw overrides the (h, w) attention grid when it cannot be inferred.
     `with capture.capturing(rows): model(...)` leaves `capture.mask`, (rows, h, w) bool.
     """
 
     def __init__(self, model: torch.nn.Module, layer: str | None = None, threshold: float = 1.0,
-                 grid_hw: tuple[int, int] | None = None):
+                 grid_hw: tuple[int, int] | None = None, probe: bool = True):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if hasattr(model, "_orig_mod"):  # torch.compile(module) wraps it: its layers are hidden under _orig_mod
-            raise TypeError("model is a torch.compile'd module: install SAG on the module itself (model._orig_mod) "
-                            "and compile its forward instead, e.g. `unet.forward = torch.compile(unet.forward)`")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
             raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
         if grid_hw is not None:
             if len(tuple(grid_hw)) != 2 or any(not isinstance(v, int) or v <= 0 for v in grid_hw):
                 raise ValueError(f"grid_hw must be None or two positive ints (h, w), got {grid_hw!r}")
             grid_hw = tuple(grid_hw)
-        self.model = model
+        self.model = unwrap_compiled(model)
         self.threshold = float(threshold)
         self.grid_hw = grid_hw
-        self.layer_name, self.layer = resolve_layer(model, layer)
-        if isinstance(self.layer, torch.nn.MultiheadAttention):
+        self.layer_name, self.layer = resolve_layer(self.model, layer)
+        if _has_processor(self.layer):
+            self.kind = "processor"
+        elif isinstance(self.layer, torch.nn.MultiheadAttention):
             self.kind = "multihead"
-        elif _is_diffusers_attention(self.layer):
-            self.kind = "diffusers"
         else:
             self.kind = "sdpa"
         self.mask: torch.Tensor | None = None
         self._armed = False
         self._done = False
         self._rows: slice | None = None
-        self._q: torch.Tensor | None = None
-        self._sdpa_original = None
+        self._input_hw: tuple[int, int] | None = None
+        self._layer_hw: tuple[int, int] | None = None
         self._shapes: dict[int, tuple[int, int]] = {}
+        self._mode: _AttentionProbe | None = None
         self._handles: list = []
+        self._wrapper: _CaptureProcessor | None = None
         self._install()
+        if probe:
+            try:
+                self._probe()
+            except BaseException:
+                self.remove()
+                raise
 
     # ------------------------------------------------------------------------------------- hooks
     def _install(self) -> None:
-        # the spatial size entering the layer and each of its ancestors, nearest first: the grid is read off them
+        # the spatial size entering the layer's ancestors, nearest first: the grid is read off them
         parts = self.layer_name.split(".")
         modules = dict(self.model.named_modules())
-        self._geometry = [modules[".".join(parts[:i])] for i in range(len(parts), -1, -1)
+        self._geometry = [modules[".".join(parts[:i])] for i in range(len(parts) - 1, -1, -1)
                           if ".".join(parts[:i]) in modules]
         for depth, module in enumerate(self._geometry):
             self._handles.append(module.register_forward_pre_hook(self._make_shape_hook(depth), with_kwargs=True))
-        layer = self.layer
-        if self.kind == "diffusers":
-            self._handles.append(layer.to_q.register_forward_hook(self._on_q))
-            self._handles.append(layer.to_k.register_forward_hook(self._on_k))
-        elif self.kind == "multihead":
-            self._handles.append(layer.register_forward_pre_hook(self._on_multihead, with_kwargs=True))
+        if self.kind == "processor":
+            self._wrap_processor()
+        elif self.kind == "multihead":  # its fused native path shows torch no SDPA call: project q, k here
+            self._handles.append(self.layer.register_forward_pre_hook(self._on_multihead, with_kwargs=True))
         else:
-            self._handles.append(layer.register_forward_pre_hook(self._patch_sdpa))
-        self._handles.append(layer.register_forward_hook(self._after_layer))
+            self._handles.append(self.layer.register_forward_pre_hook(self._enter_layer, with_kwargs=True))
+            self._handles.append(self.layer.register_forward_hook(self._exit_layer, always_call=True))
+
+    def _wrap_processor(self) -> None:
+        """Wraps the layer's current processor, unless this capture's wrapper is already in its chain (put back
+        by unfuse_qkv_projections, or by a pipeline restoring the processors it saved). Another capture's
+        wrapper is wrapped in turn: each passes through unless armed."""
+        current = self.layer.processor
+        while isinstance(current, _CaptureProcessor):
+            if current.capture is self:
+                self._wrapper = current
+                return
+            current = current.inner
+        self._wrapper = _capture_processor(self.layer.processor, self)
+        # plain assignment: Attention.set_processor would also log and move nn.Module processors around
+        self.layer.processor = self._wrapper
+
+    def _unwrap_processor(self) -> None:
+        """Takes this capture's wrapper out of the layer's processor chain, wherever it is in it."""
+        wrapper, self._wrapper = self._wrapper, None
+        if self.layer.processor is wrapper:
+            self.layer.processor = wrapper.inner
+            return
+        link = self.layer.processor
+        while isinstance(link, _CaptureProcessor):
+            if link.inner is wrapper:
+                link.inner = wrapper.inner
+                return
+            link = link.inner
 
     def _make_shape_hook(self, depth: int):
         def hook(module, args, kwargs):
@@ -202,23 +353,18 @@ class AttentionCapture:
                     self._shapes[depth] = hw
         return hook
 
-    def _on_q(self, module, args, output):
-        if self._armed and not self._done:
-            self._q = output
+    def _enter_layer(self, module, args, kwargs):
+        if self._armed and not self._done and self._mode is None:
+            self._mode = _AttentionProbe(self)
+            self._mode.__enter__()
 
-    def _on_k(self, module, args, output):
-        if not self._armed or self._done or self._q is None:
-            return
-        attn = self.layer
-        q, k = self._q[self._slice()], output[self._slice()]
-        self._q = None
-        if q.dim() != 3 or k.dim() != 3:
-            raise RuntimeError(f"layer {self.layer_name!r}: expected (B, N, C) projections, got q {tuple(q.shape)}, "
-                               f"k {tuple(k.shape)}")
-        head_dim = q.shape[-1] // attn.heads
-        qh = _heads_view(q, attn.heads, head_dim, getattr(attn, "norm_q", None))
-        kh = _heads_view(k, k.shape[-1] // head_dim, head_dim, getattr(attn, "norm_k", None))
-        self._compute(qh, kh, getattr(attn, "scale", None))
+    def _exit_layer(self, module, args, output):
+        self._pop_mode()
+
+    def _pop_mode(self) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
 
     def _on_multihead(self, module, args, kwargs):
         if not self._armed or self._done:
@@ -244,38 +390,46 @@ class AttentionCapture:
         else:
             wq, wk = module.q_proj_weight, module.k_proj_weight
         bq, bk = (None, None) if bias is None else (bias[:e], bias[e:2 * e])
-        head_dim = e // heads
-        qh = _heads_view(F.linear(x, wq, bq), heads, head_dim, None)
-        kh = _heads_view(F.linear(x, wk, bk), heads, head_dim, None)
+        d = e // heads
+        qh = F.linear(x, wq, bq).unflatten(-1, (heads, d)).transpose(1, 2)
+        kh = F.linear(x, wk, bk).unflatten(-1, (heads, d)).transpose(1, 2)
         self._compute(qh, kh, None)
 
-    def _patch_sdpa(self, module, args):
-        if self._armed and not self._done and self._sdpa_original is None:
-            self._sdpa_original = F.scaled_dot_product_attention
-            F.scaled_dot_product_attention = self._sdpa
+    def _sync_processor(self) -> None:
+        """The user (fuse_qkv_projections, set_attn_processor, PAG, IP-adapter loading) may have replaced the
+        layer's processor since: wrap the new one, so the capture follows the attention that really runs."""
+        if self.kind == "processor" and self.layer.processor is not self._wrapper:
+            self._wrap_processor()  # finds its wrapper still in the chain, or wraps the new processor
 
-    def _sdpa(self, query, key, value, *args, **kwargs):
-        original = self._sdpa_original
-        if self._armed and not self._done:
-            scale = kwargs.get("scale", args[3] if len(args) > 3 else None)
-            q, k = query, key
-            if q.dim() == 3:
-                q, k = q.unsqueeze(1), k.unsqueeze(1)
-            if q.dim() != 4 or k.dim() != 4:
-                raise RuntimeError(f"layer {self.layer_name!r}: scaled_dot_product_attention got q {tuple(query.shape)}, "
-                                   "expected (B, heads, N, d)")
-            self._compute(q[self._slice()], k[self._slice()], scale)
-        return original(query, key, value, *args, **kwargs)
-
-    def _after_layer(self, module, args, output):
-        if self._sdpa_original is not None:
-            F.scaled_dot_product_attention = self._sdpa_original
-            self._sdpa_original = None
-        if self._armed and not self._done:
-            how = {"diffusers": "to_q/to_k were not called (fused projections?)",
-                   "multihead": "the MultiheadAttention did not run",
-                   "sdpa": "the module did not call torch.nn.functional.scaled_dot_product_attention"}[self.kind]
-            raise RuntimeError(f"layer {self.layer_name!r} ran but no attention was captured: {how}")
+    def _probe(self) -> None:
+        """Runs the layer alone on a (1, 4, C) dummy input with the probe armed: the layer must show its attention
+        to torch (SDPA or softmax); other processors are refused here. Skipped where no dummy input can be made."""
+        dim = getattr(self.layer, "query_dim", None) if self.kind == "processor" else None
+        params = list(self.layer.parameters())
+        if not isinstance(dim, int) or not params or any(p.device.type == "meta" for p in params):
+            return
+        if any(type(p).__name__ == "FakeTensor" or p.is_cuda and not torch.cuda.is_available() for p in params):
+            return
+        dummy = torch.zeros(1, 4, dim, device=params[0].device, dtype=params[0].dtype)
+        self._armed, self._done, self._probing = True, False, True
+        try:
+            with torch.no_grad():
+                self.layer(dummy)
+        except _Seen:
+            return
+        except Exception:  # the layer needs inputs we cannot invent: the check happens at the first guided step
+            return
+        finally:
+            self._armed, self._probing = False, False
+            self._pop_mode()
+            self._shapes.clear()
+            self._layer_hw = None
+        what = type(getattr(self._wrapper, "inner", None)).__name__ if self.kind == "processor" else type(self.layer).__name__
+        raise ValueError(f"layer {self.layer_name!r} ({what}) computes its attention without torch's "
+                         "scaled_dot_product_attention or a softmax, so SAG cannot read it (xformers, a custom "
+                         "kernel?); use a torch processor, e.g. "
+                         "`from diffusers.models.attention_processor import AttnProcessor2_0; "
+                         "model.set_attn_processor(AttnProcessor2_0())`")
 
     # -------------------------------------------------------------------------------------- mask
     def _slice(self) -> slice:
@@ -283,17 +437,51 @@ class AttentionCapture:
 
     def _grid(self, nk: int) -> tuple[int, int]:
         if self.grid_hw is not None:
-            return reference.check_grid(self.grid_hw, nk, "grid_hw")
-        for depth, module in enumerate(self._geometry):
-            hw = self._shapes.get(depth)
-            if hw is None:
-                continue
-            for h, w in _grid_candidates(hw, _patch_size(module)):
+            if self.grid_hw[0] * self.grid_hw[1] != nk:
+                raise ValueError(f"grid_hw={self.grid_hw} has {self.grid_hw[0] * self.grid_hw[1]} cells but layer "
+                                 f"{self.layer_name!r} attends over {nk} keys")
+            return self.grid_hw
+        if self._layer_hw is not None and self._layer_hw[0] * self._layer_hw[1] == nk:
+            return self._layer_hw
+        seen = [(self._shapes[d], _patch_size(self._geometry[d])) for d in sorted(self._shapes)]
+        if self._input_hw is not None:
+            seen.append((self._input_hw, _patch_size(self.model)))
+        for hw, patch in seen:
+            for h, w in _grid_candidates(hw, patch):
                 if h * w == nk:
                     return h, w
-        seen = [self._shapes[d] for d in sorted(self._shapes)]
         raise ValueError(f"layer {self.layer_name!r}: cannot infer the (h, w) grid of its Nk={nk} keys from the spatial "
-                         f"inputs seen {seen}; pass AttentionCapture(..., grid_hw=(h, w))")
+                         f"inputs seen {[hw for hw, _ in seen]}; pass AttentionCapture(..., grid_hw=(h, w))")
+
+    def _from_sdpa(self, query, key, value=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, **_):
+        if getattr(self, "_probing", False):
+            raise _Seen
+        if attn_mask is not None or is_causal:
+            raise RuntimeError(f"layer {self.layer_name!r} attends with an attention mask (or causally): the SAG mass "
+                               "would ignore it; choose another layer (layer=...)")
+        q, k = query, key
+        if q.dim() == 3:  # (B*heads, N, d) or unbatched (heads, N, d): one head each
+            q, k = q.unsqueeze(1), k.unsqueeze(1)
+        if q.dim() != 4 or k.dim() != 4:
+            raise RuntimeError(f"layer {self.layer_name!r}: scaled_dot_product_attention got q {tuple(query.shape)}, "
+                               "expected (B, heads, N, d)")
+        self._compute(q[self._slice()], k[self._slice()], scale)
+
+    def _from_probs(self, probs: torch.Tensor):
+        if getattr(self, "_probing", False):
+            raise _Seen
+        if probs.shape[-1] != probs.shape[-2]:
+            raise ValueError(f"layer {self.layer_name!r} is not self-attention: {probs.shape[-2]} queries and "
+                             f"{probs.shape[-1]} keys")
+        heads = getattr(self.layer, "heads", None) or getattr(self.layer, "num_heads", None)
+        if probs.dim() == 3:
+            if not isinstance(heads, int) or probs.shape[0] % heads:
+                raise RuntimeError(f"layer {self.layer_name!r}: softmax over {tuple(probs.shape)} does not split into "
+                                   f"{heads} heads")
+            probs = probs.unflatten(0, (probs.shape[0] // heads, heads))
+        self.mask = mask_from_probs(probs[self._slice()], self._grid(probs.shape[-1]), self.threshold)
+        self._done = True
 
     def _compute(self, q: torch.Tensor, k: torch.Tensor, scale) -> None:
         if q.shape[2] != k.shape[2]:
@@ -303,45 +491,44 @@ class AttentionCapture:
                 raise RuntimeError(f"layer {self.layer_name!r}: {q.shape[1]} query heads vs {k.shape[1]} key heads")
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        self.mask = _mask_from_qk(q, k, self._grid(k.shape[2]), self.threshold, scale)
+        self.mask = mask_from_qk(q, k, self._grid(k.shape[2]), self.threshold, scale)
         self._done = True
 
     # ------------------------------------------------------------------------------------ public
     @contextlib.contextmanager
-    def capturing(self, rows: slice | None = None):
-        """The layer's next forward computes `self.mask` for batch rows `rows` (None = all)."""
+    def capturing(self, rows: slice | None = None, input_hw: tuple[int, int] | None = None):
+        """The layer's next forward computes `self.mask` for batch rows `rows` (None = all). input_hw: the
+        model input's (H, W), for a caller that runs the model's forward without its pre-hooks."""
         if rows is not None and not isinstance(rows, slice):
             raise TypeError(f"rows must be a slice or None, got {type(rows).__name__}")
-        if not self._handles:
+        if not self._handles and self._wrapper is None:
             raise RuntimeError("this AttentionCapture was removed")
-        self._armed, self._done, self._rows, self.mask, self._q = True, False, rows, None, None
+        self._sync_processor()
+        self._armed, self._done, self._rows, self.mask = True, False, rows, None
+        self._input_hw, self._layer_hw = input_hw, None
         self._shapes.clear()
         try:
             yield self
+            if self.mask is None:
+                how = {"processor": "its attention processor was not called",
+                       "multihead": "the MultiheadAttention did not run",
+                       "sdpa": "it did not call torch.nn.functional.scaled_dot_product_attention or a softmax"}
+                raise RuntimeError(f"layer {self.layer_name!r}: no attention was captured during the forward "
+                                   f"({how[self.kind]}); is that layer run by this model?")
         finally:
-            self._armed, self._q = False, None
+            self._armed = False
+            self._pop_mode()  # the layer raised before its forward hook ran
             self._shapes.clear()
-            if self._sdpa_original is not None:  # the layer raised before its forward hook ran
-                F.scaled_dot_product_attention = self._sdpa_original
-                self._sdpa_original = None
-
-    def observe_input(self, *args, **kwargs) -> None:
-        """Record the model's input geometry (as its forward pre-hook would) for a forward that bypasses
-        `model.__call__`: a hook that replaced `model.forward` and calls the original forward directly
-        (sag_fast.diffusers) never runs the model's own pre-hooks, and DiT's only 4-D input is the model's."""
-        if self._geometry and self._geometry[-1] is self.model:
-            self._make_shape_hook(len(self._geometry) - 1)(self.model, args, kwargs)
 
     def remove(self) -> None:
-        """Removes every hook; the model is exactly as before."""
+        """Removes every hook and puts the layer's processor back; the model is exactly as before."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._sdpa_original is not None:
-            F.scaled_dot_product_attention = self._sdpa_original
-            self._sdpa_original = None
+        if self._wrapper is not None:
+            self._unwrap_processor()
+        self._pop_mode()
         self._armed = False
-        self._q = None
 
     def __enter__(self):
         return self
@@ -351,3 +538,7 @@ class AttentionCapture:
 
     def __repr__(self) -> str:
         return f"AttentionCapture(layer={self.layer_name!r}, kind={self.kind!r}, threshold={self.threshold})"
+
+
+class _Seen(Exception):
+    """The probe saw the layer's attention: stop the dummy forward there."""

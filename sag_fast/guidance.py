@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -13,10 +14,9 @@ from typing import Any, Callable
 import torch
 
 from . import reference
-from ._lib import extension_available
 
-from .ops.degrade import degrade as _degrade
-from .ops.guidance import guidance_shift_ as _ops_guidance_shift_
+from .ops.degrade import degrade  # noqa: F401  (sag_fast.guidance.degrade: the fused op, as before)
+from .ops.guidance import guidance_shift_  # noqa: F401  (the fused in-place shift, as before)
 
 MASK_MODES = ("attention", "global")
 
@@ -75,6 +75,25 @@ class SAGConfig:
         return self.scale != 0.0 and self.start <= progress < self.stop
 
 
+def make_config(scale: float | None = None, config: SAGConfig | None = None, fields: dict | None = None,
+                where: str = "enable_sag") -> SAGConfig:
+    """SAGConfig from an optional base config, a scale (None: the base's, else 0.75) and field overrides;
+    `where` names the caller in the errors. Any finite scale is allowed: 0 is unguided (bit for bit), a
+    negative scale guides away from the blur (a research setting, kept as in the paper's formula)."""
+    if config is not None and not isinstance(config, SAGConfig):
+        raise TypeError(f"{where}: config must be a sag_fast.SAGConfig, got {type(config).__name__}")
+    fields = dict(fields or {})
+    names = {f.name for f in dataclasses.fields(SAGConfig)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise TypeError(f"{where} got unknown setting(s) {unknown}; the SAGConfig fields are {sorted(names)}")
+    if "scale" in fields and scale is not None:
+        raise TypeError(f"{where}: scale given twice")
+    if scale is not None:
+        fields["scale"] = scale
+    return dataclasses.replace(config if config is not None else SAGConfig(), **fields)
+
+
 def slice_batch(kwargs: dict, rows: slice, batch: int, keep=("cross_attention_kwargs",)) -> dict:
     """Every tensor in kwargs (recursing into dicts, lists and tuples) whose first dim == batch is sliced
     to `rows`; the rest (0-dim timesteps, scalars, None, keys in `keep`) passes unchanged."""
@@ -99,34 +118,20 @@ def _rows_of(c, rows: slice, total: int):
     return c
 
 
-def guidance_shift_(pred: torch.Tensor, degraded: torch.Tensor, sag_scale: float, guided_channels: int = -1,
-                    uncond_index: int = 0) -> torch.Tensor:
-    """pred += sag_scale*(pred[uncond way] - degraded) on the first guided channels of every way, in place.
-
-    The fused op when the compiled extension is there (`_ops_guidance_shift_`); otherwise the reference."""
-    if _ops_guidance_shift_ is not None and extension_available():
-        return _ops_guidance_shift_(pred, degraded, sag_scale, guided_channels, uncond_index)
-    return _reference_guidance_shift_(pred, degraded, sag_scale, guided_channels, uncond_index)
-
-
-def _reference_guidance_shift_(pred, degraded, sag_scale, guided_channels, uncond_index):
-    return pred.copy_(reference.guidance_shift(pred, degraded, sag_scale, guided_channels, uncond_index))
-
-
-def degrade(x, model_output, mask, c1, c2, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
-    """x~ = x + M*(G*s - s): the fused op (tests may swap in reference.degrade through `_degrade`)."""
-    return _degrade(x, model_output, mask, c1, c2, kernel_size, sigma)
-
-
 def sag_guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t, model_kwargs: dict | None = None, *,
                        config: SAGConfig, capture: Any = None, c1, c2, ways: int = 1, uncond_index: int = 0,
-                       guided_channels: int | None = -1) -> torch.Tensor:
-    """One guided model evaluation (see DESIGN.md). forward(x, t, **kwargs) -> (ways*B, C', H, W).
+                       guided_channels: int | None = -1, latent_channels: int | None = None,
+                       degraded_kwargs: Callable[..., dict] | None = None) -> torch.Tensor:
+    """One guided model evaluation (docs/design.md). forward(x, t, **kwargs) -> (ways*B, C', H, W).
 
     x: (ways*B, C, H, W) the model input; way `uncond_index` is degraded and guides every way. Returns the
     first forward's output with +scale*(u - d) added in place; the caller's CFG afterwards gives CFG+SAG.
-    guided_channels: -1 (all), a count, or None: all when the model outputs C channels, the first C when it
-    outputs 2C (a learned variance).
+    latent_channels: the leading input channels that are x_t (None: all); the others (an inpainting mask,
+    image latents concatenated on channels) reach the extra forward unchanged. guided_channels: output
+    channels shifted: -1 (all), a count, or None: all when the model outputs C channels, the first C when
+    it outputs 2C (a learned variance). degraded_kwargs(model_kwargs, rows, total, x_degraded, t_rows):
+    the model arguments of the extra forward (default: `slice_batch`, every tensor with the batch as first
+    dim cut to the rows; integrations pass their batch contract instead).
     """
     model_kwargs = {} if model_kwargs is None else model_kwargs
     if not isinstance(config, SAGConfig):
@@ -137,6 +142,9 @@ def sag_guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t,
         raise ValueError(f"ways={ways!r} must be a positive int dividing the batch x.shape[0]={x.shape[0]}")
     if not isinstance(uncond_index, int) or not 0 <= uncond_index < ways:
         raise ValueError(f"uncond_index={uncond_index!r} must be in [0, ways={ways})")
+    channels = x.shape[1] if latent_channels is None else latent_channels
+    if isinstance(channels, bool) or not isinstance(channels, int) or not 0 < channels <= x.shape[1]:
+        raise ValueError(f"latent_channels={latent_channels!r} must be in [1, {x.shape[1]}] (the input's channels)")
     if config.mask == "attention" and capture is None:
         raise ValueError("capture is required when config.mask == 'attention' (or use mask='global')")
     if config.scale == 0.0:  # SAG off: exactly the plain forward, bit for bit
@@ -146,27 +154,30 @@ def sag_guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t,
     b = total // ways
     rows = slice(uncond_index * b, (uncond_index + 1) * b)
     if config.mask == "attention":
-        with capture.capturing(rows):
+        with capture.capturing(rows, input_hw=(int(x.shape[-2]), int(x.shape[-1]))):
             out = forward(x, t, **model_kwargs)
         mask = capture.mask
-        if mask is None:
-            raise RuntimeError(f"the capture on layer {getattr(capture, 'layer_name', '?')!r} saw no attention "
-                               "during the forward: is that layer run by this model?")
     else:
         out = forward(x, t, **model_kwargs)
         mask = None
-    channels = x.shape[1]
     if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != total or out.shape[1] < channels \
             or out.shape[2:] != x.shape[2:]:
         raise ValueError(f"the model output {tuple(getattr(out, 'shape', ()))} must be (ways*B={total}, C' >= "
                          f"{channels}, {x.shape[2]}, {x.shape[3]}) for x {tuple(x.shape)}")
     if guided_channels is None:
         if out.shape[1] not in (channels, 2 * channels):
-            raise ValueError(f"guided_channels=None: the model outputs {out.shape[1]} channels for {channels} input "
+            raise ValueError(f"guided_channels=None: the model outputs {out.shape[1]} channels for {channels} latent "
                              "channels (expected C or 2C); pass guided_channels explicitly")
         guided_channels = -1 if out.shape[1] == channels else channels
-    x_deg = degrade(x[rows], out[rows, :channels], mask, _rows_of(c1, rows, total), _rows_of(c2, rows, total),
-                    config.kernel_size, config.blur_sigma)
+    x_rows = x[rows]
+    x_deg = degrade(x_rows[:, :channels], out[rows, :channels], mask, _rows_of(c1, rows, total),
+                    _rows_of(c2, rows, total), config.kernel_size, config.blur_sigma)
+    if channels < x.shape[1]:  # conditioning channels ride along unchanged
+        x_deg = torch.cat([x_deg, x_rows[:, channels:]], dim=1)
     t_rows = t[rows] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == total else t
-    degraded = forward(x_deg, t_rows, **slice_batch(model_kwargs, rows, total))
+    if degraded_kwargs is None:
+        kwargs_rows = slice_batch(model_kwargs, rows, total)
+    else:
+        kwargs_rows = degraded_kwargs(model_kwargs, rows, total, x_deg, t_rows)
+    degraded = forward(x_deg, t_rows, **kwargs_rows)
     return guidance_shift_(out, degraded, config.scale, guided_channels, uncond_index)

@@ -30,7 +30,7 @@ def hook_state(model: torch.nn.Module) -> dict:
             tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._forward_hooks_with_kwargs),
             tuple(m._forward_pre_hooks_with_kwargs), tuple(m._backward_hooks),
             tuple(sorted(k for k in vars(m) if not k.startswith("_") or k in ("_diffusers_hook",))),
-            "forward" in vars(m), type(m),
+            "forward" in vars(m), type(m), vars(m).get("processor"),
         )
     return state
 

@@ -182,9 +182,7 @@ def test_sdpa_module(pool, hw, grid):
     capture = AttentionCapture(model, layer="attn")
     assert capture.kind == "sdpa"
     mass = token_model_mass(model, x)
-    sdpa = F.scaled_dot_product_attention
     captured(capture, lambda: model(x), slice(2, 4))
-    assert F.scaled_dot_product_attention is sdpa  # patched only while the layer ran
     assert_mask_matches(capture.mask, mass[2:], grid)
 
 
@@ -293,15 +291,14 @@ def test_runtime_not_self_attention():
         def forward(self, q, k):
             return self.att(q, k)
 
-    sdpa = F.scaled_dot_product_attention
     capture = AttentionCapture(Parent(), layer="att", grid_hw=(2, 2))
     with pytest.raises(ValueError, match="not self-attention"):
         captured(capture, lambda: capture.model(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8)))
-    assert F.scaled_dot_product_attention is sdpa  # restored after the error
+    assert not any(type(m).__name__ == "_AttentionProbe" for m in torch.overrides._get_current_function_mode_stack())
 
 
 def test_layer_that_never_attends_raises():
-    class NoSDPA(nn.Module):
+    class NoAttentionAttn(nn.Module):  # named as attention, but never attends
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(4, 4)
@@ -309,13 +306,41 @@ def test_layer_that_never_attends_raises():
         def forward(self, x):
             return self.lin(x)
 
-    model = NoSDPA()
-    capture = AttentionCapture(model, layer="lin", grid_hw=(1, 1))
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = NoAttentionAttn()
+
+        def forward(self, x):
+            return self.attn(x)
+
+    model = Parent()
+    capture = AttentionCapture(model, layer="attn", grid_hw=(1, 1))
     with pytest.raises(RuntimeError, match="scaled_dot_product_attention"):
         captured(capture, lambda: model(torch.randn(1, 4)))
+    with pytest.raises(ValueError, match="'attn.lin' is a Linear, not an attention layer"):
+        AttentionCapture(model, layer="attn.lin")
 
 
-def test_compiled_module_is_refused_with_the_way_out():
+def test_compiled_module_is_captured_through_its_wrapper():
     model = tiny_unet_cond()
-    with pytest.raises(TypeError, match="_orig_mod"):
-        AttentionCapture(torch.compile(model))
+    compiled = torch.compile(model, backend="eager")
+    capture = AttentionCapture(compiled)
+    assert capture.model is model and capture.layer_name == "mid_block.attentions.0.transformer_blocks.0.attn1"
+    x, emb = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8)
+    mass = diffusers_probs(model, capture.layer, lambda: model(x, 10, emb).sample)
+    captured(capture, lambda: compiled(x, 10, emb).sample)
+    assert_mask_matches(capture.mask, mass, (4, 4))
+    torch._dynamo.reset()
+
+
+def test_eager_processor_softmax_is_captured():
+    """diffusers' eager AttnProcessor materialises the probabilities: the capture reads them at the softmax."""
+    model = tiny_unet_cond()
+    x, emb = torch.randn(2, 4, 9, 11), torch.randn(2, 5, 8)
+    attn = model.mid_block.attentions[0].transformer_blocks[0].attn1
+    mass = diffusers_probs(model, attn, lambda: model(x, 10, emb).sample)
+    attn.set_processor(AttnProcessor())
+    capture = AttentionCapture(model)
+    captured(capture, lambda: model(x, 10, emb).sample, slice(1, 2))
+    assert_mask_matches(capture.mask, mass[1:], (5, 6))

@@ -174,7 +174,7 @@ def test_enable_twice_keeps_one_hook_and_the_newest_settings():
     enable_sag(pipe, config=SAGConfig(scale=0.5, kernel_size=5))
     assert sag_config(pipe) == SAGConfig(scale=0.5, kernel_size=5)
     assert list(pipe.unet._diffusers_hook.hooks) == ["sag_fast"]
-    assert type(pipe).__mro__[1] is StableDiffusionPipeline
+    assert type(pipe)._sag_base_class is StableDiffusionPipeline and isinstance(pipe, StableDiffusionPipeline)
     enable_sag(pipe, 0.2, config=SAGConfig(scale=0.5, kernel_size=5))
     assert sag_config(pipe).scale == 0.2
     disable_sag(pipe)

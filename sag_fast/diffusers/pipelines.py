@@ -3,34 +3,48 @@
     from diffusers import StableDiffusionSAGPipeline      # deprecated since diffusers 0.33.1
     from sag_fast import StableDiffusionSAGPipeline       # same constructor, same call, sag_scale=0.75
 
-They are the standard diffusers pipelines (every scheduler, guidance_rescale, callbacks, torch.compile of
-the unet, ...) with SAG switched on for the duration of each call by the same hook as `enable_sag`, and
-removed afterwards (also when the call raises). sag_scale=0 is exactly the base pipeline.
+They are the standard diffusers pipelines (every scheduler, guidance_rescale, callbacks, a `torch.compile`d
+unet, ...) with the SAG session of `enable_sag` built in their constructor (so everything unsupported is refused
+there) and live only during each call with sag_scale != 0. sag_scale=0 is exactly the base pipeline.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from ..guidance import SAGConfig
-from .hooks import _SAGSession, make_config
+from ..guidance import SAGConfig, make_config
+from .session import STATE_ATTR, SAGCopyMixin, SAGSession, attach_session
 
 
-class _SAGPipelineMixin:
-    """SAG for one call of the base pipeline's __call__."""
+def _with_session(init):
+    """The base pipeline's __init__ (same signature: diffusers' from_pretrained reads it), then the SAG session:
+    everything SAG cannot support is refused by the constructor."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        attach_session(self, SAGSession(self, SAGConfig(), where=type(self).__name__))
+
+    return __init__
+
+
+class _SAGPipelineMixin(SAGCopyMixin):
+    """SAG for each call of the base pipeline's __call__, from a session built with the pipeline."""
 
     def _sag_call(self, base_call: Callable, sag_scale: float, sag_config: SAGConfig | None, args, kwargs):
         config = make_config(sag_scale, sag_config, where=f"{type(self).__name__}.__call__")
         if config.scale == 0.0:
             return base_call(self, *args, **kwargs)
-        session = _SAGSession(self, config)
-        try:
-            with session.pipeline_call(base_call, self, args, kwargs):
-                return base_call(self, *args, **kwargs)
-        finally:
-            session.remove()
+        session: SAGSession = vars(self)[STATE_ATTR]
+        if (config.layer, config.mask) != (session.config.layer, session.config.mask):
+            session.remove()  # another layer or mask mode: a new capture (checked here, before sampling)
+            session = SAGSession(self, config, where=type(self).__name__)
+            attach_session(self, session)
+        with session.pipeline_call(base_call, self, args, kwargs, config=config):
+            return base_call(self, *args, **kwargs)
 
 
 class StableDiffusionSAGPipeline(_SAGPipelineMixin, StableDiffusionPipeline):
@@ -38,6 +52,8 @@ class StableDiffusionSAGPipeline(_SAGPipelineMixin, StableDiffusionPipeline):
     `StableDiffusionSAGPipeline`: same components, same positional call order, plus every keyword of
     `StableDiffusionPipeline.__call__` (timesteps, sigmas, guidance_rescale, callback_on_step_end, ...) and
     `sag_config=SAGConfig(...)` for the other SAG settings (layer, blur, threshold, start/stop)."""
+
+    __init__ = _with_session(StableDiffusionPipeline.__init__)
 
     @torch.no_grad()
     def __call__(
@@ -84,6 +100,8 @@ class StableDiffusionSAGPipeline(_SAGPipelineMixin, StableDiffusionPipeline):
 class StableDiffusionXLSAGPipeline(_SAGPipelineMixin, StableDiffusionXLPipeline):
     """Stable Diffusion XL with Self-Attention Guidance: `StableDiffusionXLPipeline`'s constructor and call,
     plus the keywords `sag_scale=0.75` and `sag_config=SAGConfig(...)`."""
+
+    __init__ = _with_session(StableDiffusionXLPipeline.__init__)
 
     @torch.no_grad()
     def __call__(self, *args, sag_scale: float = 0.75, sag_config: SAGConfig | None = None, **kwargs):
