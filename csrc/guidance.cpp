@@ -1,5 +1,5 @@
-// Argument checks and layout helpers of the guidance ops (see guidance.h); sag_fast/ops/guidance.py
-// mirrors every check in the fakes, with the same messages.
+// Argument checks and layout helpers of the guidance ops (see guidance.h): the checks the C++ kernels run.
+// The fakes in sag_fast/ops/guidance.py check in Python (they see symbolic sizes and the inputs' devices).
 #include "guidance.h"
 
 #include <ATen/MemoryOverlap.h>

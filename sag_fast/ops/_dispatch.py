@@ -95,3 +95,24 @@ def sm_count(t: torch.Tensor) -> int:
 def interpreted(kernel) -> bool:
     """Whether a @triton.jit kernel was defined under TRITON_INTERPRET=1 (then it runs on CPU tensors)."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+def cuda_decomposition(arg_names: tuple[str, ...], traced_impl):
+    """The FunctionalTensorMode rule of a Triton-backed op (torch.library.register_torch_dispatch): when
+    torch.compile functionalises a graph, a call on CUDA tensors becomes `traced_impl(*args)`, its Triton
+    launches recorded with wrap_triton (graph nodes Inductor compiles with the rest of the graph); a call on
+    any other device stays the op. torch.library.triton_op does the same for every device, which would run
+    the Triton body for CPU tensors too (see docs/design.md). The first argument's device decides."""
+    def rule(mode, op, types, args, kwargs):
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch._subclasses.functional_tensor import FunctionalTensor
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        bound = dict(zip(arg_names, args), **kwargs)
+        if bound[arg_names[0]].device.type != "cuda" or custom_triton_ops_decomposition_disabled():
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        if any(t is not torch.Tensor and not issubclass(t, (FakeTensor, FunctionalTensor)) for t in types):
+            return NotImplemented
+        with mode:
+            return traced_impl(*(bound[n] for n in arg_names))
+    return rule

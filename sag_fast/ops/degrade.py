@@ -42,7 +42,7 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import wrap_triton
 
 from .._lib import extension_available, require_extension
-from ._dispatch import check_blur, check_float, check_same_device, device_guard, sm_count
+from ._dispatch import check_blur, check_float, check_same_device, cuda_decomposition, device_guard, sm_count
 
 _OP = "sag_fast::degrade"
 _ARGS = ("x", "model_output", "mask", "c1", "c2", "kernel_size", "sigma")
@@ -359,28 +359,16 @@ def _fake(x, model_output, mask, c1, c2, kernel_size, sigma):
     return torch.empty_like(x)  # x's memory format, as both kernels return
 
 
-def _functionalize(mode, op, types, args, kwargs):
-    """torch.compile functionalises custom ops through this rule: a CUDA call becomes the Triton launch
-    itself (wrap_triton: a node Inductor compiles with the rest of the graph); the other devices keep
-    the op (the C++ kernel on CPU). What torch.library.triton_op does, for one device only."""
-    from torch.export._trace import custom_triton_ops_decomposition_disabled
-
-    a = dict(zip(_ARGS, args), **kwargs)
-    if a["x"].device.type != "cuda" or custom_triton_ops_decomposition_disabled():
-        return mode.__torch_dispatch__(op, types, args, kwargs)
-    if any(not issubclass(t, (torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor))
-           and t is not torch.Tensor for t in types):
-        return NotImplemented
-    x, model_output, mask, c1, c2, kernel_size, sigma = (a[n] for n in _ARGS)
+def _traced(x, model_output, mask, c1, c2, kernel_size, sigma):
+    """The launch as torch.compile records it (see `cuda_decomposition`): no device guard, wrap_triton."""
     check_degrade(x, model_output, mask, c1, c2, kernel_size, sigma)
-    with mode:
-        return _launch(x, model_output, mask, c1, c2, kernel_size, float(sigma), traced=True)
+    return _launch(x, model_output, mask, c1, c2, kernel_size, float(sigma), traced=True)
 
 
 if extension_available():
     torch.library.register_kernel(_OP, "cuda", degrade_triton)
     torch.library.register_fake(_OP, _fake)
-    torch.library.register_torch_dispatch(_OP, FunctionalTensorMode, _functionalize)
+    torch.library.register_torch_dispatch(_OP, FunctionalTensorMode, cuda_decomposition(_ARGS, _traced))
 
 
 # ------------------------------------------------------------------------------ public API

@@ -30,7 +30,8 @@ import triton.language as tl
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import wrap_triton
 
-from ._dispatch import check_float, check_grid, check_same_device, check_threshold, device_guard, real_number, sm_count
+from ._dispatch import (check_float, check_grid, check_same_device, check_threshold, cuda_decomposition, device_guard,
+                        real_number, sm_count)
 
 LOG2E = 1.0 / math.log(2.0)  # scores are kept in base 2 (exp2/log2 are the native instructions)
 MAX_HEAD_DIM = 256
@@ -440,22 +441,6 @@ def _qk_fake(q, k, h, w, threshold, scale):
     return q.new_empty((q.shape[0], h, w), dtype=torch.bool)
 
 
-def _functionalize(triton_impl, names):
-    """The FunctionalTensorMode rule (see sag_fast.ops.degrade): a CUDA call becomes its Triton launches."""
-    def rule(mode, op, types, args, kwargs):
-        from torch.export._trace import custom_triton_ops_decomposition_disabled
-
-        a = dict(zip(names, args), **kwargs)
-        if a[names[0]].device.type != "cuda" or custom_triton_ops_decomposition_disabled():
-            return mode.__torch_dispatch__(op, types, args, kwargs)
-        if any(not issubclass(t, (torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor))
-               and t is not torch.Tensor for t in types):
-            return NotImplemented
-        with mode:
-            return triton_impl(*(a[n] for n in names), traced=True)
-    return rule
-
-
 _LIB = torch.library.Library("sag_fast", "FRAGMENT")  # noqa: TOR901
 _PROBS_ARGS = ("probs", "h", "w", "threshold", "heads")
 _QK_ARGS = ("q", "k", "h", "w", "threshold", "scale")
@@ -468,10 +453,10 @@ _LIB.impl("mask_from_probs", mask_from_probs_triton, "CUDA")
 _LIB.impl("mask_from_qk", mask_from_qk_triton, "CUDA")
 torch.library.register_fake("sag_fast::mask_from_probs", _probs_fake, lib=_LIB)
 torch.library.register_fake("sag_fast::mask_from_qk", _qk_fake, lib=_LIB)
-torch.library.register_torch_dispatch("sag_fast::mask_from_probs", FunctionalTensorMode,
-                                      _functionalize(_probs_triton, _PROBS_ARGS), lib=_LIB)
-torch.library.register_torch_dispatch("sag_fast::mask_from_qk", FunctionalTensorMode,
-                                      _functionalize(_qk_triton, _QK_ARGS), lib=_LIB)
+torch.library.register_torch_dispatch("sag_fast::mask_from_probs", FunctionalTensorMode, cuda_decomposition(
+    _PROBS_ARGS, lambda *args: _probs_triton(*args, traced=True)), lib=_LIB)
+torch.library.register_torch_dispatch("sag_fast::mask_from_qk", FunctionalTensorMode, cuda_decomposition(
+    _QK_ARGS, lambda *args: _qk_triton(*args, traced=True)), lib=_LIB)
 
 
 # ------------------------------------------------------------------------------------- public API
