@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import tiny_pipelines as tp
+from diffusers import DDIMPipeline, StableDiffusionImg2ImgPipeline
 from diffusers_checks import gen, torch_ops_on_cpu  # noqa: F401  (the fixture: the ops' CPU path)
 from sag_fast.diffusers.contract import BatchContract, CallLayout, SAGLayout, contract_for
 from sag_fast.diffusers.tiny import TEXT_HIDDEN, TEXT_MAX_LENGTH, tiny_dit_pipeline, tiny_sd_pipeline, \
@@ -104,13 +105,54 @@ CASES = {
     "if_stage_2": (tp.if_superresolution_pipeline, dict(image=LOW_RES, **t5_text(), height=16, width=16),
                    (2, 0, 3), _neg_text),
     "ddpm": (tiny_unet2d_pipeline, dict(batch_size=1), (1, 0, 3), None),
+    # the other rows of the table, checked the same way
+    "sd_img2img": (lambda: tiny_sd_pipeline(StableDiffusionImg2ImgPipeline), dict(image=IMG, **sd_text()), (2, 0, 4),
+                   _neg_text),
+    "sd_inpaint4": (lambda: tp.sd_inpaint_pipeline(4), dict(image=IMG, mask_image=MASK, **sd_text()), (2, 0, 4),
+                    _neg_text),
+    "sdxl": (tp.sdxl_pipeline, dict(height=64, width=64, **sdxl_text()), (2, 0, 4), _neg_text),
+    "sdxl_img2img": (lambda: tp.sdxl_pipeline("Img2Img"), dict(image=IMG, strength=0.6, **sdxl_text()), (2, 0, 4),
+                     _neg_text),
+    "controlnet_img2img": (lambda: tp.controlnet_pipeline(kind="Img2Img"), dict(image=IMG, control_image=IMG,
+                                                                                 **sd_text()), (2, 0, 4), _neg_text),
+    "controlnet_inpaint": (lambda: tp.controlnet_pipeline(kind="Inpaint"), dict(image=IMG, mask_image=MASK,
+                                                                                 control_image=IMG, **sd_text()),
+                           (2, 0, 4), _neg_text),
+    "controlnet_sdxl_img2img": (lambda: tp.controlnet_pipeline(sdxl=True, kind="Img2Img"),
+                                dict(image=IMG, control_image=IMG, height=64, width=64, **sdxl_text()), (2, 0, 4),
+                                _neg_text),
+    "controlnet_sdxl_inpaint": (lambda: tp.controlnet_pipeline(sdxl=True, kind="Inpaint"),
+                                dict(image=IMG, mask_image=MASK, control_image=IMG, height=64, width=64, strength=1.0,
+                                     **sdxl_text()), (2, 0, 4), _neg_text),
+    "ddim": (lambda: tiny_unet2d_pipeline(DDIMPipeline), dict(batch_size=1), (1, 0, 3), None),
+    "if_img2img": (lambda: tp.if_pipeline("Img2Img"), dict(image=LOW_RES, **t5_text()), (2, 0, 3), _neg_text),
+    "if_inpainting": (lambda: tp.if_pipeline("Inpainting"), dict(image=LOW_RES, mask_image=LOW_RES[:, :1] > 0.5,
+                                                                 **t5_text()), (2, 0, 3), _neg_text),
+    "if_img2img_sr": (lambda: tp.if_superresolution_pipeline("Img2Img"),
+                      dict(image=LOW_RES, original_image=torch.rand(1, 3, 16, 16, generator=gen(5)), **t5_text()),
+                      (2, 0, 3), _neg_text),
+    "if_inpainting_sr": (lambda: tp.if_superresolution_pipeline("Inpainting"),
+                         dict(image=LOW_RES, original_image=torch.rand(1, 3, 16, 16, generator=gen(5)),
+                              mask_image=torch.rand(1, 1, 16, 16, generator=gen(6)) > 0.5, **t5_text()),
+                         (2, 0, 3), _neg_text),
+    "kandinsky22_img2img": (lambda: tp.kandinsky22_pipeline(kind="Img2Img"),
+                            dict(**kandinsky_embeds(), image=IMG[..., :16, :16], height=16, width=16, strength=0.6),
+                            (2, 0, 4), None),
+    "kandinsky22_inpaint": (lambda: tp.kandinsky22_pipeline(kind="Inpaint"),
+                            dict(**kandinsky_embeds(), image=IMG[..., :16, :16], mask_image=MASK[0, 0, 24:40, 24:40],
+                                 height=16, width=16), (2, 0, 4), None),
+    "kandinsky22_controlnet_img2img": (lambda: tp.kandinsky22_pipeline(controlnet=True, kind="Img2Img"),
+                                       dict(**kandinsky_embeds(), image=IMG[..., :16, :16], strength=0.6,
+                                            hint=torch.rand(1, 3, 64, 64, generator=gen(4)), height=16, width=16),
+                                       (2, 0, 4), None),
     "kandinsky22": (tp.kandinsky22_pipeline, dict(**kandinsky_embeds(), height=16, width=16), (2, 0, 4), None),
     "kandinsky22_controlnet": (lambda: tp.kandinsky22_pipeline(controlnet=True),
                                dict(**kandinsky_embeds(), hint=torch.rand(1, 3, 64, 64, generator=gen(4)), height=16,
                                     width=16), (2, 0, 4), None),
 }
 # the CFG-off call of each (None: the pipeline has no CFG)
-CFG_OFF = {"pix2pix": dict(image_guidance_scale=0.5), "sdxl_pix2pix": dict(image_guidance_scale=0.5), "ddpm": None}
+CFG_OFF = {"pix2pix": dict(image_guidance_scale=0.5), "sdxl_pix2pix": dict(image_guidance_scale=0.5), "ddpm": None,
+           "ddim": None}
 
 
 def _uncond_check(name):
@@ -202,9 +244,9 @@ def test_table_row_matches_the_pipelines_batch(name):
     pipe = _pipe(name)
     contract = contract_for(pipe, _model(pipe))
     check = _uncond_check(name)
-    images = 2 if name not in ("dit", "ddpm") else 1
+    images = 2
     call = dict(kwargs)
-    if name == "ddpm":
+    if name in ("ddpm", "ddim"):
         call["batch_size"] = 2
         images = 2
     elif name == "dit":
@@ -232,6 +274,13 @@ def test_table_row_matches_the_pipelines_batch(name):
         x1, kw1 = first_model_call(pipe, **{**kwargs, **off})
         assert contract.layout(pipe, call_args(pipe, **{**kwargs, **off}), x1, kw1) == CallLayout(1, 0, latent)
         assert x1.shape[0] == 1
+
+
+def test_every_table_row_is_checked_against_its_pipeline():
+    from sag_fast.diffusers.contract import TABLE, _table_class
+
+    covered = {_table_class(_pipe(name))[1] for name in CASES}
+    assert covered == set(TABLE)
 
 
 def test_lcm_unet_has_no_cfg_way():

@@ -72,6 +72,16 @@ def sdxl_pix2pix_pipeline():
     return _place(StableDiffusionXLInstructPix2PixPipeline(**c))
 
 
+def sdxl_pipeline(kind: str = ""):
+    """SDXL txt2img ("") or img2img ("Img2Img") with tiny.py's SDXL components."""
+    import diffusers
+
+    c = tiny_sdxl_components()
+    if kind:
+        c["requires_aesthetics_score"] = False
+    return _place(getattr(diffusers, f"StableDiffusionXL{kind}Pipeline")(**c))
+
+
 def sdxl_inpaint_pipeline():
     from diffusers import StableDiffusionXLInpaintPipeline
 
@@ -116,23 +126,22 @@ def controlnet_model(unet, seed: int = 5):
     return cn
 
 
-def controlnet_pipeline(sdxl: bool = False, multi: bool = False):
-    """SD or SDXL ControlNet pipeline; multi=True: two ControlNets (diffusers wraps them in a MultiControlNetModel)."""
-    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+def controlnet_pipeline(sdxl: bool = False, multi: bool = False, kind: str = ""):
+    """SD or SDXL ControlNet pipeline (kind: "", "Img2Img" or "Inpaint": the diffusers class of that name);
+    multi=True: two ControlNets (diffusers wraps them in a MultiControlNetModel)."""
+    import diffusers
 
-    if multi:
-        c = tiny_sd_components()
-        c["controlnet"] = [controlnet_model(c["unet"], seed=5), controlnet_model(c["unet"], seed=6)]
-        return _place(StableDiffusionControlNetPipeline(**c))
-
+    cls = getattr(diffusers, f"StableDiffusion{'XL' if sdxl else ''}ControlNet{kind}Pipeline")
+    c = tiny_sdxl_components() if sdxl else tiny_sd_components()
     if sdxl:
-        c = tiny_sdxl_components()
         c.pop("image_encoder"), c.pop("feature_extractor")
+    if kind == "Inpaint" and sdxl:
+        c["requires_aesthetics_score"] = False
+    if multi:
+        c["controlnet"] = [controlnet_model(c["unet"], seed=5), controlnet_model(c["unet"], seed=6)]
+    else:
         c["controlnet"] = controlnet_model(c["unet"])
-        return _place(StableDiffusionXLControlNetPipeline(**c))
-    c = tiny_sd_components()
-    c["controlnet"] = controlnet_model(c["unet"])
-    return _place(StableDiffusionControlNetPipeline(**c))
+    return _place(cls(**c))
 
 
 def gligen_pipeline():
@@ -162,21 +171,24 @@ def _if_scheduler():
     return tiny_scheduler("ddpm", beta_schedule="squaredcos_cap_v2", variance_type="learned_range")
 
 
-def if_pipeline():
-    """IF stage I: 3 pixel channels in, 6 out (learned variance), on 8x8 images."""
-    from diffusers import IFPipeline
+def if_pipeline(kind: str = ""):
+    """IF stage I (kind "", "Img2Img", "Inpainting"): 3 pixel channels in, 6 out (learned variance), 8x8 images."""
+    import diffusers
 
-    return _place(IFPipeline(tokenizer=None, text_encoder=None, unet=cond_unet(3, 6), scheduler=_if_scheduler(),
-                             safety_checker=None, feature_extractor=None, watermarker=None,
-                             requires_safety_checker=False))
+    cls = getattr(diffusers, f"IF{kind}Pipeline")
+    return _place(cls(tokenizer=None, text_encoder=None, unet=cond_unet(3, 6), scheduler=_if_scheduler(),
+                      safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False))
 
 
-def if_superresolution_pipeline():
-    """IF stage II: [x_t (3), noised upscaled image (3)] in, 6 out, noise level in class_labels."""
-    from diffusers import DDPMScheduler, IFSuperResolutionPipeline
+def if_superresolution_pipeline(kind: str = ""):
+    """IF stage II (kind "", "Img2Img", "Inpainting"): [x_t (3), noised upscaled image (3)] in, 6 out, noise
+    level in class_labels."""
+    import diffusers
+    from diffusers import DDPMScheduler
 
+    cls = getattr(diffusers, f"IF{kind}SuperResolutionPipeline")
     unet = cond_unet(6, 6, class_embed_type="timestep")
-    return _place(IFSuperResolutionPipeline(
+    return _place(cls(
         tokenizer=None, text_encoder=None, unet=unet, scheduler=_if_scheduler(),
         image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), safety_checker=None,
         feature_extractor=None, watermarker=None, requires_safety_checker=False))
@@ -185,14 +197,17 @@ def if_superresolution_pipeline():
 IMAGE_EMBED = 16  # Kandinsky 2.2 image embedding size
 
 
-def kandinsky22_pipeline(controlnet: bool = False):
+def kandinsky22_pipeline(controlnet: bool = False, kind: str = ""):
     """Kandinsky 2.2 decoder: a UNet with image-embedding conditioning (image_proj + addition_embed_type
     "image", or "image_hint" with a 64x64 hint for the ControlNet variant), learned variance (4 -> 8 channels),
     a 2-level VQ movq (16x16 images, 8x8 latents)."""
-    from diffusers import KandinskyV22ControlnetPipeline, KandinskyV22Pipeline, VQModel
+    import diffusers
+    from diffusers import VQModel
 
-    # image_hint: the UNet concatenates the 4-channel hint embedding to its input itself (in_channels 8)
-    unet = cond_unet(2 * LATENT_CHANNELS if controlnet else LATENT_CHANNELS, 2 * LATENT_CHANNELS,
+    # image_hint: the UNet concatenates the 4-channel hint embedding to its input itself (in_channels 8);
+    # inpaint: [x_t, masked image latents, mask] (9 channels)
+    in_channels = 2 * LATENT_CHANNELS if controlnet else (9 if kind == "Inpaint" else LATENT_CHANNELS)
+    unet = cond_unet(in_channels, 2 * LATENT_CHANNELS,
                      encoder_hid_dim=IMAGE_EMBED,
                      encoder_hid_dim_type="image_proj", addition_embed_type="image_hint" if controlnet else "image",
                      resnet_time_scale_shift="scale_shift")
@@ -203,7 +218,7 @@ def kandinsky22_pipeline(controlnet: bool = False):
                        vq_embed_dim=LATENT_CHANNELS).eval()
     sched = tiny_scheduler("ddpm", beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
                            variance_type="learned_range")
-    cls = KandinskyV22ControlnetPipeline if controlnet else KandinskyV22Pipeline
+    cls = getattr(diffusers, f"KandinskyV22{'Controlnet' if controlnet else ''}{kind}Pipeline")
     return _place(cls(unet=unet, scheduler=sched, movq=movq))
 
 
