@@ -29,6 +29,8 @@ does not know is refused with the way out: declare its layout with `SAGLayout` a
 Every tensor under a named argument (in nested dicts, lists and tuples too) is cut to the degraded rows, and
 must have the model batch as its first dimension (else a RuntimeError names it). `cfg` is a bool or a function
 of the call arguments; with CFG off the batch is one way. `latent_channels=None` means all input channels.
+A pipeline whose SAGLayout.cfg is a lambda cannot be pickled (pickle cannot store lambdas): use a module-level
+function (or a bool) if the SAG pipeline is to be pickled.
 
 Refused whatever the layout (at enable_sag time): 5-D video denoisers (AnimateDiff and other video UNets and
 3-D transformers: video SAG is not supported yet), packed-latent transformers (Flux family: not supported yet),
