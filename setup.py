@@ -46,9 +46,13 @@ setup(
     version="0.1.0",
     description="Fast Self-Attention Guidance for diffusion models: fused Triton and CUDA kernels, diffusers integration",
     packages=find_packages(include=["sag_fast", "sag_fast.*"]),
+    # the built-in model (a diffusers folder) and the quality benchmark's feature network ship with the package
+    package_data={"sag_fast.models": ["builtin/*.json", "builtin/*/*.json", "builtin/*/*.safetensors",
+                                      "features/*.json", "features/*.safetensors"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "diffusers>=0.30", "tqdm", "pillow"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
+    install_requires=["torch>=2.6", "diffusers>=0.33", "tqdm", "pillow"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "transformers"],
+                    "quality": ["torchmetrics", "matplotlib"]},  # `python -m sag_fast quality`
     ext_modules=[_extension()],
     # SAG_FAST_NINJA=1 (bench/gpu_check.sh): ninja compiles the sources in parallel; else one by one
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(

@@ -1,9 +1,11 @@
-"""Command line: `python -m sag_fast sample ...` (the main job) and `python -m sag_fast bench`."""
+"""Command line: `python -m sag_fast sample ...` (the demo: with and without SAG, and SAG's mask),
+`python -m sag_fast quality` (does SAG improve samples: FID/KID sweep) and `python -m sag_fast bench`."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -11,30 +13,39 @@ import time
 SCHEDULER_NAMES = ("ddim", "ddpm", "pndm", "deis", "unipc", "dpm", "dpm_karras", "dpm_single", "euler", "euler_a",
                    "heun", "lms", "kdpm2")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+BUILTIN, TINY_SD = "builtin", "tiny-sd"
+CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels for viewing
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sag-fast", description="Self-Attention Guidance for diffusers pipelines")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sample", help="sample with and without SAG (same seed) and write images, a grid and timings")
-    s.add_argument("--model", default=None,
-                   help="a local diffusers folder or a model id already in the local HF cache (never downloaded); "
-                        "default: the built-in tiny random model")
-    s.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    s = sub.add_parser("sample", help="sample with and without SAG (same seeds) and write images, a grid with SAG's "
+                                      "mask, and timings")
+    s.add_argument("--model", default=BUILTIN,
+                   help=f"'{BUILTIN}' (default: the shipped model trained on shapes, 32x32), '{TINY_SD}' (a tiny "
+                        "random Stable Diffusion, for tests), a local diffusers folder, or a model id already in "
+                        "the local HF cache (never downloaded)")
+    s.add_argument("--prompt", default="a photograph of an astronaut riding a horse", help="text pipelines only")
     s.add_argument("--negative-prompt", default=None)
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default=None, help="default: the model's own")
-    s.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (1.0 = no CFG)")
+    s.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (1.0 = no CFG; text pipelines)")
     s.add_argument("--sag-scale", type=float, default=0.75)
     s.add_argument("--blur-sigma", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0, help="row i of the grid uses seed + i")
+    s.add_argument("--height", type=int, default=None, help="with --width (both or neither); text pipelines only")
     s.add_argument("--width", type=int, default=None)
-    s.add_argument("--batch", type=int, default=1, help="images per prompt")
-    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--batch", type=int, default=None, help=f"images (grid rows); default 8 for '{BUILTIN}', else 1")
+    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
     s.add_argument("--output-dir", default="outputs")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    q = sub.add_parser("quality", help="FID/KID of the built-in model's samples: no guidance, blur guidance, SAG "
+                                       "settings (writes bench/results/<date>-quality.md and a plot)")
+    from sag_fast.quality import add_arguments
+
+    add_arguments(q)
     b = sub.add_parser("bench", help="run the benchmark suite and write bench/results/<date>-<device>.md")
     b.add_argument("args", nargs=argparse.REMAINDER, help="passed to bench/run.py (e.g. --quick)")
     return p
@@ -43,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check_sample_args(a) -> None:
     if a.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {a.steps}")
-    if a.batch < 1:
+    if a.batch is not None and a.batch < 1:
         raise SystemExit(f"--batch must be >= 1, got {a.batch}")
     if a.guidance_scale < 0 or a.sag_scale < 0:
         raise SystemExit("--guidance-scale and --sag-scale must be >= 0")
@@ -53,26 +64,60 @@ def _check_sample_args(a) -> None:
         v = getattr(a, name)
         if v is not None and (v < 8 or v % 8):
             raise SystemExit(f"--{name} must be a positive multiple of 8, got {v}")
+    # diffusers silently ignores a lone height or width: the run would not be the size run.json records
+    if (a.height is None) != (a.width is None):
+        given, missing = ("height", "width") if a.width is None else ("width", "height")
+        raise SystemExit(f"--{given} was given without --{missing}: give both (or neither, for the model's size)")
 
 
-def _load_pipeline(model: str | None, device, dtype):
+def _device(name: str | None):
     import torch
 
-    if model is None:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"--device {name!r} is not a device this CLI runs on: use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: no CUDA GPU is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return device
+    raise SystemExit(f"--device {name!r}: only cpu and cuda are supported")
+
+
+def _load_pipeline(model: str, device, dtype):
+    if model == BUILTIN:
+        from sag_fast.models import builtin_pipeline
+
+        pipe = builtin_pipeline(dtype=dtype).to(device)
+        return pipe, "built-in (unconditional, trained on seeded shapes, 32x32)"
+    if model == TINY_SD:
         from sag_fast.diffusers.tiny import tiny_sd_pipeline
 
-        pipe = tiny_sd_pipeline(seed=0).to(device)
-        if dtype != torch.float32:  # built in fp32
-            pipe = pipe.to(dtype=dtype)
-        return pipe, "built-in tiny SD (random weights)"
+        return tiny_sd_pipeline(seed=0, device=device, dtype=dtype), "tiny SD (random weights)"
+    looks_like_path = os.path.isabs(model) or model.startswith(".") or os.sep in model.rstrip(os.sep) \
+        and model.count("/") != 1
+    if os.path.exists(model) or looks_like_path:
+        if not os.path.isdir(model):
+            raise SystemExit(f"--model {model!r}: no such folder")
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise SystemExit(f"--model {model!r}: not a diffusers pipeline folder (no model_index.json in it)")
     from diffusers import DiffusionPipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: a local folder or the local HF cache only
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+        # dtype=, not torch_dtype= (deprecated in diffusers, and it warns)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with what the user can do
-        raise SystemExit(f"--model {model!r}: could not load it from a local folder or the local HF cache "
-                         f"(nothing is downloaded): {exc}") from exc
+        if os.path.isdir(model):
+            raise SystemExit(f"--model {model!r}: could not load this diffusers folder: {exc}") from exc
+        raise SystemExit(f"--model {model!r}: not a local folder, and not in the local HF cache (nothing is "
+                         f"downloaded; pass a folder, '{BUILTIN}' or '{TINY_SD}')") from None
     return pipe.to(device), model if os.path.isdir(model) else f"{model} (local HF cache)"
 
 
@@ -84,50 +129,123 @@ def _set_scheduler(pipe, name: str | None) -> None:
     pipe.scheduler = make_scheduler(name, config=pipe.scheduler.config)
 
 
-def _run(pipe, a, generator_seed: int, device, sync):
-    """One pipeline call; returns (images, seconds per step)."""
+def _check_size(pipe, a) -> None:
+    """Refuse a size SAG cannot run at before anything is sampled: the blur reflect-pads the latent by
+    kernel_size // 2, which needs more latent pixels than that on each side."""
+    from sag_fast.guidance import SAGConfig
+
+    kernel = SAGConfig().kernel_size
+    text = _is_text_pipeline(pipe)
+    if not text and a.height is not None:
+        raise SystemExit("--height/--width: this pipeline samples at its model's own size "
+                         f"({getattr(pipe.unet.config, 'sample_size', '?')}); they apply to text pipelines only")
+    if a.height is None:
+        return
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    minimum = (kernel // 2 + 1) * factor
+    for name in ("height", "width"):
+        v = getattr(a, name)
+        if v // factor <= kernel // 2:
+            raise SystemExit(f"--{name} {v}: the latent is {v // factor} pixels, SAG's {kernel}x{kernel} blur needs "
+                             f"more than {kernel // 2}: use --{name} >= {minimum}")
+
+
+def _is_text_pipeline(pipe) -> bool:
     import inspect
 
-    import torch
+    return "prompt" in inspect.signature(pipe.__call__).parameters
 
-    stamps: list[float] = []
 
-    def on_step_end(_pipe, _i, _t, kwargs):
+def _timed_step(scheduler, sync, stamps: list, on_step=None):
+    """Wraps scheduler.step on this instance: a timestamp after each step (every pipeline calls it once per step,
+    unlike callback_on_step_end), `on_step(index)` after it, and `generator=` dropped for schedulers whose step
+    does not take one (DDPMPipeline always passes it)."""
+    import inspect
+
+    original = scheduler.step
+    takes_generator = "generator" in inspect.signature(original).parameters
+
+    def step(*args, **kwargs):
+        if not takes_generator:
+            kwargs.pop("generator", None)
+        out = original(*args, **kwargs)
         sync()
         stamps.append(time.perf_counter())
-        return kwargs
+        if on_step is not None:
+            on_step(len(stamps))
+        return out
 
-    params = inspect.signature(pipe.__call__).parameters
-    kwargs = dict(num_inference_steps=a.steps, generator=torch.Generator(device="cpu").manual_seed(generator_seed),
-                  output_type="pil")
-    if "prompt" in params:
+    scheduler.step = step
+    return lambda: vars(scheduler).pop("step", None)
+
+
+def _run(pipe, a, steps: int, sync, on_step=None):
+    """One pipeline call; returns (images, seconds per step, total seconds)."""
+    import torch
+
+    generator = [torch.Generator(device="cpu").manual_seed(a.seed + i) for i in range(a.batch)]
+    kwargs = dict(num_inference_steps=steps, generator=generator, output_type="pil")
+    if _is_text_pipeline(pipe):
         kwargs.update(prompt=a.prompt, negative_prompt=a.negative_prompt, guidance_scale=a.guidance_scale,
                       num_images_per_prompt=a.batch)
-    if a.height is not None:
-        kwargs["height"] = a.height
-    if a.width is not None:
-        kwargs["width"] = a.width
-    if "callback_on_step_end" in params:
-        kwargs["callback_on_step_end"] = on_step_end
-    sync()
-    start = time.perf_counter()
-    images = pipe(**kwargs).images
-    sync()
+        if a.height is not None:
+            kwargs.update(height=a.height, width=a.width)
+    else:
+        kwargs["batch_size"] = a.batch
+    stamps: list[float] = []
+    restore = _timed_step(pipe.scheduler, sync, stamps, on_step)
+    try:
+        sync()
+        start = time.perf_counter()
+        images = pipe(**kwargs).images
+        sync()
+        total = time.perf_counter() - start
+    finally:
+        restore()
     edges = [start] + stamps
-    per_step = [round(b - e, 6) for e, b in zip(edges, edges[1:])]
-    return images, per_step, time.perf_counter() - start
+    return images, [round(b - e, 6) for e, b in zip(edges, edges[1:])], total
+
+
+def _mask_overlay(image, mask):
+    """The image darkened, with SAG's mask (bool (h, w), upsampled nearest) in red over it."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = image.size
+    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+    img = np.asarray(image.convert("RGB"), dtype=np.float32)
+    out = img * 0.35
+    out[m] = img[m] * 0.45 + np.array([255.0, 40.0, 40.0]) * 0.55
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
 def _grid(rows):
-    """rows: [(without, with)] PIL images -> one image, a row per sample: without SAG | with SAG."""
+    """rows: [(without, with, mask overlay or None)] -> one image, a row per seed: without SAG | with SAG | mask,
+    each cell upscaled (nearest) to at least CELL pixels."""
     from PIL import Image
 
     w, h = rows[0][0].size
-    grid = Image.new("RGB", (2 * w, h * len(rows)))
-    for i, (plain, guided) in enumerate(rows):
-        grid.paste(plain, (0, i * h))
-        grid.paste(guided, (w, i * h))
-    return grid
+    k = max(1, CELL // max(w, h))
+    cols = 3 if rows[0][2] is not None else 2
+    grid = Image.new("RGB", (cols * w * k, h * k * len(rows)))
+    for i, cells in enumerate(rows):
+        for j, img in enumerate(cells[:cols]):
+            grid.paste(img.convert("RGB").resize((w * k, h * k), Image.NEAREST), (j * w * k, i * h * k))
+    return grid, k
+
+
+def _sag_capture(pipe):
+    """The AttentionCapture of the SAG session enabled on pipe (its `.mask` is the last mask SAG used), or None."""
+    try:
+        from sag_fast.diffusers.session import STATE_ATTR
+    except ImportError:
+        return None
+    session = vars(pipe).get(STATE_ATTR)
+    return getattr(session, "capture", None)
+
+
+def _median(xs):
+    return round(statistics.median(xs), 6) if xs else None
 
 
 def sample(a) -> int:
@@ -136,27 +254,51 @@ def sample(a) -> int:
 
     import sag_fast
 
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is available here")
+    device = _device(a.device)
     dtype = getattr(torch, DTYPES[a.dtype or ("fp16" if device.type == "cuda" else "fp32")])
+    if a.batch is None:
+        a.batch = 8 if a.model == BUILTIN else 1
 
     def sync():
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     pipe, source = _load_pipeline(a.model, device, dtype)
     _set_scheduler(pipe, a.scheduler)
+    _check_size(pipe, a)
     pipe.set_progress_bar_config(disable=a.no_progress)
     os.makedirs(a.output_dir, exist_ok=True)
 
     print(f"model: {source} | scheduler: {type(pipe.scheduler).__name__} | device: {device} | dtype: {dtype}")
-    plain, plain_steps, plain_total = _run(pipe, a, a.seed, device, sync)
+    # warm-up, untimed: the first call of each kind pays one-off costs (allocations, kernel selection, SAG's hook
+    # installation) that would otherwise make whichever run goes first look slow
+    warm = min(a.steps, 2)
+    _run(pipe, a, warm, sync)
     sag_fast.enable_sag(pipe, scale=a.sag_scale, blur_sigma=a.blur_sigma)
     try:
-        guided, sag_steps, sag_total = _run(pipe, a, a.seed, device, sync)
+        _run(pipe, a, warm, sync)
     finally:
         sag_fast.disable_sag(pipe)
+
+    plain, plain_steps, plain_total = _run(pipe, a, a.steps, sync)
+    n_steps = len(pipe.scheduler.timesteps)
+    masks: list = []
+
+    def on_step(done: int):
+        # SAG's own mask as it was at the middle step: the enabled session's capture holds the last one computed
+        if done == max(1, n_steps // 2):
+            capture = _sag_capture(pipe)
+            if capture is not None and getattr(capture, "mask", None) is not None:
+                masks.append(capture.mask[: a.batch].detach().cpu().numpy())  # CFG: the uncond rows come first
+
+    sag_fast.enable_sag(pipe, scale=a.sag_scale, blur_sigma=a.blur_sigma)
+    try:
+        guided, sag_steps, sag_total = _run(pipe, a, a.steps, sync, on_step)
+    finally:
+        sag_fast.disable_sag(pipe)
+    mask = masks[0] if masks else None
+    if mask is None:
+        print("no mask column: SAG computed no attention mask at the middle step (sag scale 0?)")
 
     files = []
     for i, (p_img, g_img) in enumerate(zip(plain, guided)):
@@ -164,27 +306,40 @@ def sample(a) -> int:
             path = os.path.join(a.output_dir, f"sample{i}_{tag}.png")
             img.save(path)
             files.append(path)
+    overlays = [_mask_overlay(g, mask[i]) if mask is not None else None for i, g in enumerate(guided)]
     grid_path = os.path.join(a.output_dir, "grid.png")
-    _grid(list(zip(plain, guided))).save(grid_path)
+    grid, upscale = _grid(list(zip(plain, guided, overlays)))
+    grid.save(grid_path)
+    plain_med, sag_med = _median(plain_steps), _median(sag_steps)
     report = {
         "settings": {k: v for k, v in vars(a).items() if k != "command"} | {
             "model": source, "scheduler": type(pipe.scheduler).__name__, "device": str(device), "dtype": str(dtype)},
         "timing": {
-            "no_sag": {"total_s": round(plain_total, 4), "per_step_s": plain_steps},
-            "sag": {"total_s": round(sag_total, 4), "per_step_s": sag_steps},
-            "sag_overhead": round(sag_total / plain_total, 3) if plain_total > 0 else None,
+            "warmup_steps": warm,
+            "no_sag": {"total_s": round(plain_total, 4), "median_step_s": plain_med, "per_step_s": plain_steps},
+            "sag": {"total_s": round(sag_total, 4), "median_step_s": sag_med, "per_step_s": sag_steps},
+            "sag_step_ratio": round(sag_med / plain_med, 3) if plain_med else None,
         },
         "images": files,
         "grid": grid_path,
+        "grid_columns": ["without SAG", "with SAG"] + (["SAG mask at the middle step"] if mask is not None else []),
+        "grid_upscale": upscale,
+        "mask_fraction": None if mask is None else round(float(mask.mean()), 4),
     }
     json_path = os.path.join(a.output_dir, "run.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"without SAG: {plain_total:.2f} s, with SAG: {sag_total:.2f} s "
-          f"({report['timing']['sag_overhead']}x)")
-    print(f"grid (left: without SAG, right: with SAG): {grid_path}")
+    print(f"median step after warm-up: without SAG {plain_med * 1e3:.1f} ms, with SAG {sag_med * 1e3:.1f} ms "
+          f"({report['timing']['sag_step_ratio']}x)")
+    print(f"grid ({' | '.join(report['grid_columns'])}, one row per seed): {grid_path}")
     print(f"settings and per-step timings: {json_path}")
     return 0
+
+
+def quality(a) -> int:
+    from sag_fast.quality import main as quality_main
+
+    return quality_main(a)
 
 
 def bench(a) -> int:
@@ -205,7 +360,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to bench/run.py (argparse can't pass --options on)
         return bench(argparse.Namespace(args=argv[1:]))
     a = _parser().parse_args(argv)
-    return {"sample": sample, "bench": bench}[a.command](a)
+    return {"sample": sample, "quality": quality, "bench": bench}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -1,47 +1,117 @@
-"""The main job from the command line: `python -m sag_fast sample` on the built-in tiny model."""
+"""The command line: `python -m sag_fast sample` (the demo on the built-in model, and tiny SD) and its refusals."""
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import sag_fast.__main__ as cli
 from sag_fast.__main__ import main
+from sag_fast.models import BUILTIN_DIR
 
 
-def test_sample_writes_images_grid_and_timings(tmp_path):
+def _run(tmp_path, *args):
     out = tmp_path / "run"
-    assert main(["sample", "--steps", "3", "--batch", "2", "--seed", "3", "--no-progress", "--output-dir", str(out)]) == 0
-    report = json.loads((out / "run.json").read_text())
-    assert report["settings"]["steps"] == 3 and report["settings"]["sag_scale"] == 0.75
-    for run in ("no_sag", "sag"):
-        steps = report["timing"][run]["per_step_s"]
-        assert len(steps) == 3 and all(s > 0 for s in steps)
-    assert len(report["images"]) == 4
-    plain = np.asarray(Image.open(out / "sample0_nosag.png"), dtype=np.int16)
-    guided = np.asarray(Image.open(out / "sample0_sag.png"), dtype=np.int16)
+    assert main(["sample", "--no-progress", "--output-dir", str(out), *args]) == 0
+    return out, json.loads((out / "run.json").read_text())
+
+
+def test_demo_grid_rows_are_seeds_columns_without_with_and_mask(tmp_path):
+    out, report = _run(tmp_path, "--steps", "4", "--batch", "2", "--seed", "3")
+    assert report["settings"]["batch"] == 2 and "built-in" in report["settings"]["model"]
+    assert report["grid_columns"] == ["without SAG", "with SAG", "SAG mask at the middle step"]
+    plain = Image.open(out / "sample1_nosag.png")
+    guided = Image.open(out / "sample1_sag.png")
+    assert plain.size == (32, 32)
+    k = report["grid_upscale"]
+    assert k == 4  # 32-pixel samples are shown at 128 pixels
     grid = np.asarray(Image.open(report["grid"]), dtype=np.int16)
-    h, w, _ = plain.shape
-    assert grid.shape == (2 * h, 2 * w, 3)
-    # left column: without SAG, right column: with SAG, same seed
-    assert np.array_equal(grid[:h, :w], plain) and np.array_equal(grid[:h, w:], guided)
-    assert np.abs(plain - guided).max() > 0, "SAG changed nothing"
+    assert grid.shape == (2 * 32 * k, 3 * 32 * k, 3)
+    row = grid[32 * k:]  # the second seed's row
+    up = lambda im: np.asarray(im.resize((32 * k, 32 * k), Image.NEAREST), dtype=np.int16)  # noqa: E731
+    assert np.array_equal(row[:, :32 * k], up(plain)) and np.array_equal(row[:, 32 * k:64 * k], up(guided))
+    assert np.abs(up(plain) - up(guided)).max() > 0, "SAG changed nothing"
+    mask_cell = row[:, 64 * k:]
+    assert not np.array_equal(mask_cell, up(guided)) and 0 < report["mask_fraction"] < 1
+    # row i is seed + i: the same seed alone gives row 1's image
+    out2, _ = _run(tmp_path / "b", "--steps", "4", "--batch", "1", "--seed", "4")
+    assert np.array_equal(np.asarray(Image.open(out2 / "sample0_nosag.png")), np.asarray(plain))
+
+
+def test_timing_is_warmed_up_medians_and_their_ratio(tmp_path, monkeypatch):
+    calls = []
+    original = cli._run
+
+    def counting(pipe, a, steps, *rest, **kw):
+        calls.append(steps)
+        return original(pipe, a, steps, *rest, **kw)
+
+    monkeypatch.setattr(cli, "_run", counting)
+    _, report = _run(tmp_path, "--model", "tiny-sd", "--steps", "3")
+    assert calls[:2] == [2, 2] and calls[2:] == [3, 3], "two untimed warm-up runs, then the timed ones"
+    t = report["timing"]
+    for run in ("no_sag", "sag"):
+        steps = t[run]["per_step_s"]
+        assert len(steps) == 3 and all(s > 0 for s in steps)
+        assert t[run]["median_step_s"] == pytest.approx(float(np.median(steps)), abs=1e-6)
+    assert t["sag_step_ratio"] == pytest.approx(t["sag"]["median_step_s"] / t["no_sag"]["median_step_s"], abs=2e-3)
+
+
+def test_tiny_sd_model_still_available(tmp_path):
+    out, report = _run(tmp_path, "--model", "tiny-sd", "--steps", "2")
+    assert "tiny SD" in report["settings"]["model"]
+    assert Image.open(out / "sample0_sag.png").size == (64, 64)
+    assert len(report["grid_columns"]) == 3
 
 
 def test_sag_scale_zero_matches_the_unguided_image(tmp_path):
-    main(["sample", "--steps", "2", "--sag-scale", "0", "--no-progress", "--output-dir", str(tmp_path)])
-    plain = np.asarray(Image.open(tmp_path / "sample0_nosag.png"))
-    guided = np.asarray(Image.open(tmp_path / "sample0_sag.png"))
-    assert np.array_equal(plain, guided)
+    out, _ = _run(tmp_path, "--steps", "2", "--batch", "1", "--sag-scale", "0")
+    assert np.array_equal(np.asarray(Image.open(out / "sample0_nosag.png")),
+                          np.asarray(Image.open(out / "sample0_sag.png")))
+
+
+@pytest.mark.parametrize("steps", [2, 3, 4])
+def test_pndm_runs_with_few_steps_and_one_model_call_per_step(tmp_path, steps):
+    # PNDM with Runge-Kutta warm-up steps crashed at 2-3 steps and made 13 model calls for 4 steps
+    _, report = _run(tmp_path, "--model", "tiny-sd", "--scheduler", "pndm", "--steps", str(steps))
+    assert report["settings"]["scheduler"] == "PNDMScheduler"
+    calls = len(report["timing"]["no_sag"]["per_step_s"])
+    assert calls <= steps + 1, f"{calls} scheduler steps for --steps {steps}"
+
+
+def test_size_too_small_for_the_blur_is_refused_before_sampling(tmp_path, monkeypatch):
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before the size was checked")
+
+    monkeypatch.setattr(cli, "_run", no_sampling)
+    with pytest.raises(SystemExit) as err:
+        main(["sample", "--model", "tiny-sd", "--height", "32", "--width", "32", "--no-progress",
+              "--output-dir", str(tmp_path)])
+    assert "--height" in str(err.value) and ">= 40" in str(err.value)
+
+
+def test_model_folder_loads_without_the_torch_dtype_warning(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(tmp_path, "--model", BUILTIN_DIR, "--steps", "1", "--batch", "1")
+    assert not [w for w in caught if "torch_dtype" in str(w.message)]
 
 
 @pytest.mark.parametrize("args, word", [
     (["--steps", "0"], "--steps"),
-    (["--height", "60"], "--height"),
+    (["--height", "60", "--width", "64"], "--height"),
+    (["--height", "32"], "--width"),   # a lone size was silently ignored by diffusers
+    (["--width", "48"], "--height"),
     (["--blur-sigma", "0"], "--blur-sigma"),
+    (["--batch", "0"], "--batch"),
+    (["--device", "tpu"], "--device"),
+    (["--device", "cuda:7"], "--device"),
     (["--model", "/nonexistent/folder"], "--model"),
+    (["--height", "64", "--width", "64"], "--height"),  # the built-in model has no height/width
 ])
 def test_bad_arguments_name_the_option(tmp_path, args, word):
     with pytest.raises(SystemExit) as err:
@@ -49,10 +119,22 @@ def test_bad_arguments_name_the_option(tmp_path, args, word):
     assert word in str(err.value)
 
 
+def test_missing_model_folder_message_is_ours(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        main(["sample", "--model", "/nonexistent/folder", "--output-dir", str(tmp_path)])
+    msg = str(err.value)
+    assert "no such folder" in msg and "repo" not in msg.lower() and "huggingface" not in msg.lower()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as err:
+        main(["sample", "--model", str(empty), "--output-dir", str(tmp_path)])
+    assert "model_index.json" in str(err.value)
+
+
 def test_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "sag_fast", "--help"], capture_output=True, text=True,
                          env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")})
-    assert res.returncode == 0 and "sample" in res.stdout and "bench" in res.stdout
+    assert res.returncode == 0 and all(c in res.stdout for c in ("sample", "quality", "bench"))
 
 
 def test_scheduler_names_are_the_table():
@@ -63,6 +145,11 @@ def test_scheduler_names_are_the_table():
 
 
 def test_scheduler_option_replaces_the_pipeline_scheduler(tmp_path):
-    main(["sample", "--steps", "2", "--scheduler", "euler_a", "--no-progress", "--output-dir", str(tmp_path)])
-    report = json.loads((tmp_path / "run.json").read_text())
+    _, report = _run(tmp_path, "--model", "tiny-sd", "--steps", "2", "--scheduler", "euler_a")
     assert report["settings"]["scheduler"] == "EulerAncestralDiscreteScheduler"
+
+
+def test_builtin_model_with_a_scheduler_whose_step_takes_no_generator(tmp_path):
+    # DDPMPipeline passes generator= to every scheduler.step; LMS/PNDM do not take it
+    _, report = _run(tmp_path, "--steps", "3", "--batch", "1", "--scheduler", "pndm")
+    assert report["settings"]["scheduler"] == "PNDMScheduler"

@@ -6,7 +6,8 @@ import inspect
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+    # PLMS only: the Runge-Kutta warm-up (skip_prk_steps=False) needs >= 4 steps and runs 13 model calls for 4
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "deis": ("DEISMultistepScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "dpm": ("DPMSolverMultistepScheduler", {}),
@@ -31,7 +32,7 @@ def make_scheduler(name: str, config=None, defaults: dict | None = None, **setti
     cls_name, extra = SCHEDULERS[name]
     cls = getattr(diffusers, cls_name)
     if config is not None:
-        return cls.from_config(config, **extra, **settings)
+        return cls.from_config(config, **{**extra, **settings})  # settings may override the table's
     params = inspect.signature(cls.__init__).parameters
     kept = {k: v for k, v in (defaults or {}).items() if k in params}
     return cls(**{**kept, **extra, **settings})
