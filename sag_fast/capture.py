@@ -104,6 +104,11 @@ def resolve_layer(model: torch.nn.Module, layer: str | None) -> tuple[str, torch
                              f"it matches {len(hits)}" + (f": {some}" if hits else ""))
         name = hits[0]
     module = modules[name]
+    if _is_diffusers_attention(module) and getattr(module, "added_kv_proj_dim", None) is not None:
+        raise ValueError(f"layer={name!r} is joint attention (added key/value projections: its keys are the text "
+                         "tokens and the image tokens together, as in DeepFloyd IF's and Kandinsky's UNets, SD3 and "
+                         "Flux); SAG's mask from joint attention is not supported yet; pick a pure self-attention "
+                         "layer with layer=... if the model has one")
     if _is_diffusers_attention(module) and getattr(module, "is_cross_attention", False):
         raise ValueError(f"layer={name!r} is not self-attention (a cross-attention layer); SAG needs a self-attention "
                          "layer such as an attn1")

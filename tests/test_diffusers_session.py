@@ -181,32 +181,69 @@ def test_torch_compile_reduce_overhead_cuda_graphs():
 
 
 # ------------------------------------------------------------------------------------------ item 9
+# name -> (build, call kwargs, whether the pipeline hands the model its timestep on the CPU when on a GPU: read
+# from its source: DDPM/DDIM call set_timesteps() without a device and pass those timesteps as they are; SD
+# and SDXL set them on the device; DiT moves its own copy there)
 FAKE_CASES = {
-    "ddpm": (lambda: tiny_unet2d_pipeline(), dict(batch_size=2)),        # set_timesteps() without a device
-    "ddim_unet2d": (lambda: tiny_unet2d_pipeline(DDIMPipeline), dict(batch_size=1)),
-    "sd1": (lambda: tiny_sd_pipeline(), dict(prompt="a cat")),
-    "sdxl": (lambda: tiny_sdxl_pipeline(), dict(prompt="a cat")),
-    "dit": (lambda: tiny_dit_pipeline(), dict(class_labels=[1, 3])),
+    "ddpm": (lambda: tiny_unet2d_pipeline(), dict(batch_size=2), True),
+    "ddim_unet2d": (lambda: tiny_unet2d_pipeline(DDIMPipeline), dict(batch_size=1), True),
+    "sd1": (lambda: tiny_sd_pipeline(), dict(prompt="a cat"), False),
+    "sdxl": (lambda: tiny_sdxl_pipeline(), dict(prompt="a cat"), False),
+    "dit": (lambda: tiny_dit_pipeline(), dict(class_labels=[1, 3]), False),
 }
 
 
+def _fake_cuda_like(value):
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cuda")
+    if isinstance(value, dict):
+        return {k: _fake_cuda_like(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fake_cuda_like(v) for v in value)
+    return value
+
+
 @pytest.mark.parametrize("case", list(FAKE_CASES))
-def test_guided_pipeline_on_fake_cuda_mixes_no_devices(case):
-    """The whole pipeline call with every model on a fake CUDA device (FakeTensorMode raises on any device mix;
-    the ops run their fakes): the timestep, (c1, c2) and every SAG tensor must follow the latents."""
-    build, kwargs = FAKE_CASES[case]
+def test_guided_model_call_on_fake_cuda_mixes_no_devices(case):
+    """The guided denoiser call of each pipeline with the model, latents and conditioning on a fake CUDA device
+    (FakeTensorMode raises on any device mix; the ops run their fakes) and the timestep where that pipeline
+    puts it on a GPU: DDPM/DDIM call set_timesteps() without a device, so theirs stays on the CPU. The call is
+    recorded from a real run; its replay goes through the whole SAG step (capture, degrade, extra forward)."""
+    build, kwargs, t_on_cpu = FAKE_CASES[case]
     pipe = build()
     enable_sag(pipe, 1.0)
-    seen = []
     model = getattr(pipe, "unet", None) or pipe.transformer
-    model.register_forward_hook(lambda m, a, kw, out: seen.append((a[0] if a else kw["sample"]).device),
-                                with_kwargs=True)
-    with fake_cuda():
-        for module in pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                to_fake_cuda(module)
-        out = pipe(**kwargs, num_inference_steps=2, output_type="latent", return_dict=False)[0]
-    assert out.device.type == "cuda"
+    set_timesteps, placed, calls = pipe.scheduler.set_timesteps, [], []
+    pipe.scheduler.set_timesteps = lambda *a, **k: placed.append(k.get("device")) or set_timesteps(*a, **k)
+    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)) if not calls else None,
+                                             with_kwargs=True)
+    pipe(**kwargs, num_inference_steps=2, output_type="latent")
+    handle.remove()
+    del pipe.scheduler.set_timesteps
+    args, call_kwargs = calls[0]
+    t = args[1] if len(args) > 1 else call_kwargs["timestep"]
+    assert isinstance(t, torch.Tensor)
+    if t_on_cpu:  # the premise of the case, checked on the real run: no device given, t straight from the schedule
+        assert placed[0] is None
+        assert t.untyped_storage().data_ptr() == pipe.scheduler.timesteps.untyped_storage().data_ptr()
+    on_device = not t_on_cpu
+    session = vars(pipe)["_sag_fast_state"]
+    seen = []
+    hook = model.register_forward_hook(lambda m, a, k, out: seen.append((out[0] if isinstance(out, tuple) else
+                                                                          out.sample).device), with_kwargs=True)
+    with fake_cuda(), torch.no_grad():  # as pipelines run (autograd on fake cuda aborts a CPU-only torch)
+        to_fake_cuda(model)
+        fake_args = tuple(_fake_cuda_like(a) for a in args)
+        fake_kwargs = _fake_cuda_like(call_kwargs)
+        if len(args) > 1:
+            fake_args = (fake_args[0], _fake_cuda_like(t) if on_device else t, *fake_args[2:])
+        else:
+            fake_kwargs["timestep"] = _fake_cuda_like(t) if on_device else t
+        with session.pipeline_call(type(pipe)._sag_base_class.__call__, pipe, (), dict(kwargs)):
+            out = model(*fake_args, **fake_kwargs)
+    hook.remove()
+    out = out[0] if isinstance(out, tuple) else out.sample
+    assert out.device.type == "cuda" and out.shape == args[0].shape[:1] + out.shape[1:]
     assert seen and all(d.type == "cuda" for d in seen)
 
 
