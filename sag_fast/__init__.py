@@ -19,6 +19,7 @@ _LAZY = {
     "SAGSampler": "sag_fast.sampler",
     "enable_sag": "sag_fast.diffusers",
     "SAGLayout": "sag_fast.diffusers.contract",
+    "SelfAttentionGuidance": "sag_fast.diffusers.guider",
     "disable_sag": "sag_fast.diffusers",
     "StableDiffusionSAGPipeline": "sag_fast.diffusers",
     "StableDiffusionXLSAGPipeline": "sag_fast.diffusers",

@@ -1,0 +1,485 @@
+"""SAG for diffusers' modular pipelines: `SelfAttentionGuidance`, a guider (`diffusers.guiders.BaseGuidance`).
+
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75, scheduler=pipe.scheduler))
+
+A modular denoise loop asks the guider for its batches (`prepare_inputs`), runs the denoiser once per batch
+between `prepare_models(denoiser)` and `cleanup_models(denoiser)`, and hands the predictions to the guider
+(`forward`). With CFG on, SAG adds a third batch after the unconditional one:
+
+    pred_cond      the conditional fields                  denoiser(x)
+    pred_uncond    the unconditional fields                denoiser(x), the mask captured during it
+    pred_degraded  the unconditional fields again          denoiser(x~), x~ = degrade(x, pred_uncond, mask)
+
+The loop gives every batch the same latents x, so the degraded batch gets x~ from a hook that the guider puts
+on the denoiser for that batch only: `prepare_models` installs, for the unconditional batch, the
+`AttentionCapture` on the SAG layer and a hook that keeps (x, t, output, mask), and for the degraded batch a
+hook that swaps x for x~; `cleanup_models` removes them, so between batches and after the loop the denoiser is
+exactly as it was. (c1, c2) of the degrade come from the pipeline's scheduler at the step's timestep, as in
+`enable_sag`. With CFG off (guidance_scale 1, or outside its window) the conditional batch guides and is degraded.
+
+The combination is enable_sag's: both ways shifted by s*(u - d), then CFG, then guidance_rescale against the
+shifted conditional prediction: pred = u' + w*(c' - u'), c' = c + s*(u - d), u' = u + s*(u - d).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import weakref
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.guiders import BaseGuidance
+from diffusers.guiders.guider_utils import GuiderOutput, rescale_noise_cfg
+from diffusers.hooks import HookRegistry, ModelHook
+
+from ..capture import AttentionCapture, unwrap_compiled
+from ..guidance import SAGConfig, make_config
+from ..ops.degrade import degrade
+from ..schedule import check_supported, signal_coefficients_for
+
+_HOOK = "sag_fast_guider"
+_WHERE = "SelfAttentionGuidance"
+# model arguments that carry features computed from the latents outside the denoiser (ControlNet residuals):
+# the degraded batch would get the residuals of the undegraded latents, so such loops are refused
+_EXTERNAL_FEATURES = ("down_block_additional_residuals", "mid_block_additional_residual",
+                      "down_intrablock_additional_residuals", "block_controlnet_hidden_states",
+                      "controlnet_block_samples", "controlnet_single_block_samples")
+_GUIDE, _DEGRADED = "guide", "degraded"
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{_WHERE}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _forward_names(model: torch.nn.Module) -> tuple[inspect.Signature, str, str | None]:
+    """(signature of the denoiser class's forward without self, latent input name, timestep name)."""
+    signature = inspect.signature(type(model).forward)
+    params = list(signature.parameters.values())[1:]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not positional:
+        raise TypeError(f"{_WHERE}: the forward of {type(model).__name__} takes no positional latent input")
+    names = [p.name for p in params]
+    t_name = "timestep" if "timestep" in names else (positional[1].name if len(positional) > 1 else None)
+    return signature.replace(parameters=params), positional[0].name, t_name
+
+
+def _first_tensor(result) -> torch.Tensor:
+    if isinstance(result, torch.Tensor):
+        return result
+    if isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
+        return result[0]
+    keys = list(result.keys()) if hasattr(result, "keys") else []
+    if keys and isinstance(result[keys[0]], torch.Tensor):
+        return result[keys[0]]
+    raise TypeError(f"{_WHERE}: cannot read the denoiser output of type {type(result).__name__}")
+
+
+def _same_tensor(a, b) -> bool:
+    """a and b are the same memory viewed the same way (the loop's one latent tensor); no device read."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return (a is b) or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                            and a.dtype == b.dtype and a.device == b.device)
+    return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
+
+
+class _Saved:
+    """What the guide batch leaves for the degraded one."""
+
+    def __init__(self, x, t, out, mask):
+        self.x, self.t, self.out, self.mask = x, t, out, mask
+
+
+class _DenoiserHook(ModelHook):
+    """On the denoiser for one batch: `guide` runs it (capture armed) and keeps what the degrade needs;
+    `degraded` runs it on x~ instead of x."""
+
+    def __init__(self, guider: "SelfAttentionGuidance", role: str, model: torch.nn.Module):
+        super().__init__()
+        self.guider, self.role = guider, role
+        self.signature, self.x_name, self.t_name = _forward_names(model)
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.guider._run(self, self.fn_ref.original_forward, args, kwargs)
+
+
+class _CompiledForward:
+    """`forward` of a torch.compile'd denoiser for one batch: the hook's work stays outside the compiled graph."""
+
+    def __init__(self, hook: _DenoiserHook, original):
+        self.hook, self.original = hook, original
+
+    def __call__(self, *args, **kwargs):
+        return self.hook.guider._run(self.hook, self.original, args, kwargs)
+
+
+class SelfAttentionGuidance(BaseGuidance):
+    """Classifier-free guidance plus Self-Attention Guidance (SAG, Hong et al. 2023) for modular pipelines.
+
+    pred = u' + guidance_scale * (c' - u'),  c' = c + sag_scale * (u - d),  u' = u + sag_scale * (u - d)
+
+    c, u: the conditional and unconditional predictions; d: the prediction at x~, the latents with the regions
+    that the unconditional pass attends to blurred (x~ = degrade(x, u, mask), sag_fast.ops.degrade). Three
+    denoiser calls per step (cond, uncond, degraded), in that order; with CFG off, two (cond, degraded from
+    cond), as `enable_sag` does. `sag_scale=0` (or outside the SAG window) is diffusers'
+    `ClassifierFreeGuidance`, bit for bit.
+
+    Args:
+        guidance_scale: CFG scale (1.0: no CFG, as in ClassifierFreeGuidance).
+        sag_scale: SAG scale s (0: no SAG; negative guides away from the blur).
+        blur_sigma, kernel_size, threshold, layer, mask: as in `sag_fast.SAGConfig` (the Gaussian blur, the
+            attention-mass threshold, the self-attention layer as a module path or regex (None: the model's
+            default), "attention" or "global" (blur guidance)).
+        sag_start, sag_stop: SAG runs on steps whose progress step / num_inference_steps is in
+            [sag_start, sag_stop) (enable_sag's start/stop).
+        guidance_rescale: as in ClassifierFreeGuidance, against the SAG-shifted conditional prediction c'
+            (what the classic pipelines do with enable_sag).
+        use_original_formulation: CFG around c' instead of u', as in ClassifierFreeGuidance.
+        start, stop, enabled: the window of the whole guider, as in diffusers' guiders (outside it, or when
+            disabled: the conditional prediction alone, one denoiser call).
+        scheduler: the pipeline's scheduler (`pipe.scheduler`); it gives each step's (alpha, sigma) for the
+            degrade. It is not part of the saved config. It may be omitted only when SAG never runs
+            (sag_scale=0, enabled=False); otherwise set it before sampling: `guider.scheduler = pipe.scheduler`
+            (also after `from_pretrained`/`from_config`, which take it as `scheduler=`, and after replacing the
+            pipeline's scheduler). The first SAG step refuses a missing scheduler, and one whose timesteps are
+            not the loop's (a stale scheduler), before any denoiser call of that step.
+
+    The denoiser must take (B, C, H, W) latents and show the SAG layer's attention to torch (see
+    `sag_fast.capture`); a layer the capture cannot read (e.g. joint text-image attention, until supported)
+    is refused at the first `prepare_models`, before the denoiser runs. ControlNet loops are refused (their
+    residuals come from the undegraded latents).
+    """
+
+    _input_predictions = ["pred_cond", "pred_uncond", "pred_degraded"]
+    ignore_for_config = ["scheduler"]
+
+    @register_to_config
+    def __init__(self, guidance_scale: float = 7.5, sag_scale: float = 0.75, blur_sigma: float = 1.0,
+                 kernel_size: int = 9, threshold: float = 1.0, layer: str | None = None, mask: str = "attention",
+                 sag_start: float = 0.0, sag_stop: float = 1.0, guidance_rescale: float = 0.0,
+                 use_original_formulation: bool = False, start: float = 0.0, stop: float = 1.0,
+                 enabled: bool = True, scheduler=None):
+        super().__init__(start, stop, enabled)
+        self.guidance_scale = _finite("guidance_scale", guidance_scale)
+        self.guidance_rescale = _finite("guidance_rescale", guidance_rescale)
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"{_WHERE}: guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        if not isinstance(use_original_formulation, bool):
+            raise ValueError(f"{_WHERE}: use_original_formulation must be a bool, got {use_original_formulation!r}")
+        self.use_original_formulation = use_original_formulation
+        fields = dict(blur_sigma=blur_sigma, kernel_size=kernel_size, threshold=threshold, layer=layer, mask=mask,
+                      start=sag_start, stop=sag_stop)
+        try:
+            self.sag_config: SAGConfig = make_config(sag_scale, fields=fields, where=_WHERE)
+        except ValueError as exc:  # name the guider's arguments, not SAGConfig's fields
+            text = str(exc).replace("SAGConfig.start", "sag_start").replace("SAGConfig.stop", "sag_stop")
+            raise ValueError(f"{_WHERE}: " + text.replace("SAGConfig.", "")) from None
+        self._scheduler = None
+        self.scheduler = scheduler
+        self._plan: list[tuple[int, str]] | None = None
+        self._hooks: list[tuple[torch.nn.Module, object]] = []
+        self._capture: AttentionCapture | None = None
+        self._saved: _Saved | None = None
+        self._channels: int | None = None
+        self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> layer checked
+
+    # ------------------------------------------------------------------------------------ settings
+    @property
+    def sag_scale(self) -> float:
+        return self.sag_config.scale
+
+    @property
+    def scheduler(self):
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        if scheduler is not None:
+            if not callable(getattr(scheduler, "set_timesteps", None)):
+                raise TypeError(f"{_WHERE}: scheduler must be the pipeline's diffusers scheduler (pipe.scheduler), "
+                                f"got {type(scheduler).__name__}")
+            try:
+                check_supported(scheduler)
+            except ValueError as exc:
+                raise ValueError(f"{_WHERE}: scheduler: {exc}") from None
+        self._scheduler = scheduler
+
+    def new(self, **kwargs):
+        """A copy with the same config (and scheduler), some settings overridden."""
+        scheduler = kwargs.pop("scheduler", self.scheduler)
+        return type(self).from_config(self.config, scheduler=scheduler, **kwargs)
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, scheduler=None, **kwargs):
+        """ConfigMixin.from_config, plus `scheduler=` (not part of the config)."""
+        result = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        guider = result[0] if isinstance(result, tuple) else result
+        if scheduler is not None:
+            guider.scheduler = scheduler
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None, subfolder=None,
+                        return_unused_kwargs=False, scheduler=None, **kwargs):
+        """BaseGuidance.from_pretrained, plus `scheduler=` (not part of the saved config)."""
+        result = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                         return_unused_kwargs=return_unused_kwargs, **kwargs)
+        guider = result[0] if isinstance(result, tuple) else result
+        if scheduler is not None:
+            guider.scheduler = scheduler
+        return result
+
+    # ----------------------------------------------------------------------------------- the plan
+    def _in_window(self) -> bool:
+        if not self._enabled:
+            return False
+        if self._num_inference_steps is None:
+            return True
+        # diffusers' guiders' rule, so that sag_scale=0 is ClassifierFreeGuidance with the same window
+        return int(self._start * self._num_inference_steps) <= self._step < int(self._stop * self._num_inference_steps)
+
+    def _is_cfg_enabled(self) -> bool:
+        if not self._in_window():
+            return False
+        off = 0.0 if self.use_original_formulation else 1.0
+        return not math.isclose(self.guidance_scale, off)
+
+    def _is_sag_enabled(self) -> bool:
+        if not self._in_window() or self.sag_config.scale == 0.0:
+            return False
+        if self._num_inference_steps is None:  # before the loop (e.g. an encoder asking num_conditions)
+            return True
+        return self.sag_config.active_at(self._step / self._num_inference_steps)
+
+    def _batches(self) -> list[tuple[int, str]]:
+        """(tuple index of the loop's (cond, uncond) fields, prediction name) per batch, in run order."""
+        plan = [(0, "pred_cond")]
+        cfg = self._is_cfg_enabled()
+        if cfg:
+            plan.append((1, "pred_uncond"))
+        if self._is_sag_enabled():
+            plan.append((1 if cfg else 0, "pred_degraded"))
+        return plan
+
+    @property
+    def num_conditions(self) -> int:
+        return len(self._batches())
+
+    @property
+    def is_conditional(self) -> bool:
+        plan = self._plan or self._batches()
+        index = self._count_prepared - 1
+        return 0 <= index < len(plan) and plan[index][0] == 0
+
+    def set_state(self, step: int, num_inference_steps: int, timestep) -> None:
+        super().set_state(step, num_inference_steps, timestep)
+        self._teardown()  # what a step that raised between prepare_models and cleanup_models left behind
+        self._plan, self._saved = None, None
+
+    def prepare_inputs(self, data) -> list:
+        self._plan = self._batches()
+        return [self._prepare_batch(data, index, name) for index, name in self._plan]
+
+    def prepare_inputs_from_block_state(self, data, input_fields) -> list:
+        self._plan = self._batches()
+        return [self._prepare_batch_from_block_state(input_fields, data, index, name) for index, name in self._plan]
+
+    # ------------------------------------------------------------------------------- the denoiser
+    def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        self._count_prepared += 1
+        plan = self._plan or self._batches()
+        if plan[-1][1] != "pred_degraded":  # no SAG this step: the denoiser stays plain
+            return
+        if self._count_prepared == 1:
+            self._check(denoiser)  # before the step's first denoiser call
+        index = self._count_prepared - 1
+        if index >= len(plan):
+            return
+        guide_index = len(plan) - 2  # the batch just before the degraded one
+        if index == guide_index:
+            self._install(denoiser, _GUIDE)
+        elif index == len(plan) - 1:
+            if self._saved is None:
+                raise RuntimeError(f"{_WHERE}: the degraded batch runs before its guide batch "
+                                   f"({plan[guide_index][1]}) ran through the denoiser in this step")
+            self._install(denoiser, _DEGRADED)
+
+    def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        self._teardown()
+
+    def _teardown(self) -> None:
+        self._remove_hooks()
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
+    def _check(self, denoiser: torch.nn.Module) -> None:
+        """Everything that can be refused, refused before the step's first denoiser call."""
+        if self.scheduler is None:
+            raise ValueError(f"{_WHERE}: sag_scale={self.sag_scale} needs the pipeline's scheduler for the degrade: "
+                             "SelfAttentionGuidance(..., scheduler=pipe.scheduler), or guider.scheduler = "
+                             "pipe.scheduler")
+        self._check_timestep(self._timestep)
+        if not isinstance(denoiser, torch.nn.Module):
+            raise TypeError(f"{_WHERE}: prepare_models needs the denoiser module, got {type(denoiser).__name__}")
+        model = unwrap_compiled(denoiser)
+        if self.sag_config.mask != "attention" or self._checked.get(model) == self.sag_config.layer:
+            return
+        try:  # builds the capture once (layer lookup, probe of the attention), then takes it off again
+            AttentionCapture(model, self.sag_config.layer, self.sag_config.threshold).remove()
+        except ValueError as exc:
+            raise ValueError(f"{_WHERE}: cannot read the self-attention of {type(model).__name__}: {exc}") from None
+        self._checked[model] = self.sag_config.layer
+
+    def _check_timestep(self, t) -> None:
+        """The step's timestep must come from this scheduler (else it is not the pipeline's, or stale). The
+        loop's timestep is a view of scheduler.timesteps (checked without a device read); anything else is
+        looked up by value (one host read)."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        name = type(self.scheduler).__name__
+        if not isinstance(timesteps, torch.Tensor) or timesteps.numel() == 0 \
+                or getattr(self.scheduler, "num_inference_steps", None) is None:
+            raise ValueError(f"{_WHERE}: the scheduler ({name}) has no timesteps (set_timesteps was never called on "
+                             "it): it is not the pipeline's; pass scheduler=pipe.scheduler, again after replacing "
+                             "pipe.scheduler")
+        if t is None:
+            return
+        if isinstance(t, torch.Tensor) and t.device == timesteps.device \
+                and t.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr():
+            return
+        value = torch.as_tensor(t).reshape(-1)[:1].to(timesteps.device, timesteps.dtype)
+        if not bool((timesteps == value).any()):
+            raise ValueError(f"{_WHERE}: the step's timestep {t!r} is not in the scheduler's timesteps: "
+                             "guider.scheduler is not the pipeline's scheduler (replaced since?); set "
+                             "guider.scheduler = pipe.scheduler")
+
+    def _install(self, denoiser: torch.nn.Module, role: str) -> None:
+        self._teardown()
+        model = unwrap_compiled(denoiser)
+        hook = _DenoiserHook(self, role, model)
+        if role == _GUIDE and self.sag_config.mask == "attention":
+            # probe=False: _check probed this model's layer already
+            self._capture = AttentionCapture(model, self.sag_config.layer, self.sag_config.threshold, probe=False)
+        try:
+            if isinstance(getattr(denoiser, "_orig_mod", None), torch.nn.Module):
+                previous = vars(denoiser).get("forward")
+                denoiser.forward = _CompiledForward(hook, previous if previous is not None else denoiser.forward)
+                self._hooks.append((denoiser, ("compiled", previous)))
+            else:
+                had_registry, had_forward = "_diffusers_hook" in vars(denoiser), "forward" in vars(denoiser)
+                registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+                if registry.get_hook(_HOOK) is not None:  # another guider's, left by a loop that raised mid-batch
+                    registry.remove_hook(_HOOK, recurse=False)
+                registry.register_hook(hook, _HOOK)
+                self._hooks.append((denoiser, ("registry", had_registry, had_forward)))
+        except BaseException:
+            self.cleanup_models(denoiser)
+            raise
+
+    def _remove_hooks(self) -> None:
+        while self._hooks:
+            denoiser, how = self._hooks.pop()
+            if how[0] == "compiled":
+                if how[1] is None:
+                    vars(denoiser).pop("forward", None)
+                else:
+                    denoiser.forward = how[1]
+                continue
+            registry = vars(denoiser).get("_diffusers_hook")
+            if registry is None or registry.get_hook(_HOOK) is None:
+                continue
+            registry.remove_hook(_HOOK, recurse=False)
+            if not registry.hooks:  # HookRegistry leaves a bound forward and an empty registry behind
+                if not how[2]:
+                    vars(denoiser).pop("forward", None)
+                if not how[1]:
+                    del denoiser._diffusers_hook
+
+    def _run(self, hook: _DenoiserHook, original, args, kwargs):
+        """The denoiser call of the guide or the degraded batch; on an error the hooks come off first."""
+        try:
+            return self._guided_call(hook, original, args, kwargs)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _guided_call(self, hook: _DenoiserHook, original, args, kwargs):
+        try:
+            bound = hook.signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)  # the model reports the bad call itself
+        x = bound.arguments.get(hook.x_name)
+        t = bound.arguments.get(hook.t_name) if hook.t_name is not None else None
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{_WHERE}: the denoiser got a {tuple(getattr(x, 'shape', ()))} {hook.x_name}; SAG "
+                             "guides (B, C, H, W) latents (packed or video latents are not supported)")
+        extra = {k: v for k, v in bound.arguments.items() if v is not None and k in _EXTERNAL_FEATURES}
+        extra.update({k: v for k, v in (bound.arguments.get("kwargs") or {}).items()
+                      if v is not None and k in _EXTERNAL_FEATURES})
+        if extra:
+            raise ValueError(f"{_WHERE}: the denoiser gets {sorted(extra)} (ControlNet) computed from the "
+                             "undegraded latents; SAG's degraded pass would reuse them. ControlNet modular "
+                             "pipelines are not supported; use enable_sag on the classic ControlNet pipelines")
+        if hook.role == _GUIDE:
+            if self._capture is not None:
+                with self._capture.capturing(None, input_hw=(int(x.shape[-2]), int(x.shape[-1]))):
+                    result = original(*args, **kwargs)
+                mask = self._capture.mask
+            else:
+                result, mask = original(*args, **kwargs), None
+            out = _first_tensor(result)
+            if out.dim() != 4 or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
+                raise ValueError(f"{_WHERE}: the denoiser output {tuple(out.shape)} does not match its input "
+                                 f"{tuple(x.shape)} (expected (B, C', H, W))")
+            # an inpainting UNet takes mask and image channels after the latents and predicts the latents only
+            self._channels = min(x.shape[1], out.shape[1])
+            self._saved = _Saved(x, t, out, mask)
+            return result
+        saved = self._saved
+        if not (_same_tensor(x, saved.x) and _same_tensor(t, saved.t)):
+            raise RuntimeError(f"{_WHERE}: the degraded batch got other latents than the batch that guides it; "
+                               "the denoise loop must give every guider batch the same latents and timestep")
+        c = self._channels
+        c1, c2 = signal_coefficients_for(self.scheduler, t, device=x.device)
+        x_deg = degrade(x[:, :c], saved.out[:, :c], saved.mask, c1, c2, self.sag_config.kernel_size,
+                        self.sag_config.blur_sigma)
+        if c < x.shape[1]:  # conditioning channels ride along unchanged
+            x_deg = torch.cat([x_deg, x[:, c:]], dim=1)
+        bound.arguments[hook.x_name] = x_deg
+        return original(*bound.args, **bound.kwargs)
+
+    # ---------------------------------------------------------------------------------- combination
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None,
+                pred_degraded: torch.Tensor | None = None) -> GuiderOutput:
+        cfg = self._is_cfg_enabled()
+        if pred_degraded is None:  # no SAG this step: ClassifierFreeGuidance's arithmetic, in its order
+            if not cfg:
+                pred = pred_cond
+            else:
+                shift = pred_cond - pred_uncond
+                pred = pred_cond if self.use_original_formulation else pred_uncond
+                pred = pred + self.guidance_scale * shift
+            if self.guidance_rescale > 0.0:
+                pred = rescale_noise_cfg(pred, pred_cond, self.guidance_rescale)
+            return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+        guide = pred_uncond if cfg else pred_cond
+        c = self._channels if self._channels is not None else pred_cond.shape[1]
+        # the shift on the latent channels only (a learned variance stays as predicted), on every way
+        if c == pred_cond.shape[1]:
+            sag = self.sag_config.scale * (guide - pred_degraded)
+        else:
+            sag = torch.zeros_like(pred_cond)
+            sag[:, :c] = self.sag_config.scale * (guide[:, :c] - pred_degraded[:, :c])
+        cond = pred_cond + sag
+        if not cfg:
+            pred = cond
+        else:
+            uncond = pred_uncond + sag
+            pred = cond if self.use_original_formulation else uncond
+            pred = pred + self.guidance_scale * (cond - uncond)
+        if self.guidance_rescale > 0.0:
+            pred = rescale_noise_cfg(pred, cond, self.guidance_rescale)
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)

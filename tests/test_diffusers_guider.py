@@ -1,0 +1,334 @@
+"""sag_fast.SelfAttentionGuidance, the guider for diffusers' modular pipelines, on the modular SDXL pipeline built
+offline from the tiny random SDXL components (sag_fast.diffusers.tiny): parity with enable_sag on the classic
+StableDiffusionXLPipeline, sag_scale=0 against diffusers' ClassifierFreeGuidance, windows, the config round trip,
+the denoiser left exactly as it was, what each denoiser call receives, and the refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+
+import sag_fast
+from diffusers_checks import hook_state, materialised_mask, torch_ops_on_cpu  # noqa: F401
+from diffusers_checks import vp_input_alpha_sigma_from_sigma
+from sag_fast import reference
+from sag_fast.diffusers import disable_sag, enable_sag
+from sag_fast.diffusers.guider import SelfAttentionGuidance
+from sag_fast.diffusers.tiny import tiny_scheduler, tiny_sdxl_components
+
+CALL = dict(prompt="a red cat", negative_prompt="a dog on the moon", height=64, width=64, num_inference_steps=3)
+MID_ATTN = "mid_block.attentions.0.transformer_blocks.0.attn1"
+
+
+def _modular(scheduler="euler", dtype=torch.float32):
+    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
+    parts = tiny_sdxl_components(scheduler=scheduler)
+    pipe.update_components(**{k: v for k, v in parts.items() if k in pipe._component_specs and v is not None})
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _classic(scheduler="euler", dtype=torch.float32):
+    # its own components, rebuilt from the same seeds: identical weights, no module shared with the modular one
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(scheduler=scheduler))
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models on a shared 2-core machine: one thread each is several times faster than two fighting
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def modular(_one_thread):
+    return _modular()
+
+
+def latents(pipe, guider, seed=0, **call):
+    pipe.update_components(guider=guider)
+    return pipe(**{**CALL, **call}, generator=torch.Generator().manual_seed(seed), output="latents")
+
+
+def classic_latents(pipe, seed=0, **call):
+    return pipe(**{**CALL, **call}, generator=torch.Generator().manual_seed(seed), output_type="latent").images
+
+
+class Spy:
+    """Every UNet call: the kwargs it got (embeddings, micro-conditioning), the sample that really entered the
+    UNet (conv_in's input: after the guider's hook) and the output."""
+
+    def __init__(self, unet):
+        self.calls: list[dict] = []
+        self.handles = [
+            unet.register_forward_pre_hook(self._pre, with_kwargs=True),
+            unet.conv_in.register_forward_pre_hook(self._sample),
+            unet.register_forward_hook(self._out, with_kwargs=True),
+        ]
+
+    def _pre(self, module, args, kwargs):
+        self.calls.append(dict(x=args[0], t=args[1], kwargs=dict(kwargs)))
+
+    def _sample(self, module, args):
+        self.calls[-1]["sample"] = args[0].clone()
+
+    def _out(self, module, args, kwargs, output):
+        self.calls[-1]["out"] = (output if isinstance(output, torch.Tensor) else output[0]).clone()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------------------------ parity
+PARITY = {
+    "defaults": (dict(), dict()),
+    "settings": (dict(blur_sigma=2.0, kernel_size=5, threshold=0.8, layer="down_blocks.1.attentions.0.transformer_blocks.0.attn1",
+                      sag_start=0.34, guidance_rescale=0.7),
+                 dict(blur_sigma=2.0, kernel_size=5, threshold=0.8, layer="down_blocks.1.attentions.0.transformer_blocks.0.attn1", start=0.34)),
+    "global_mask_no_cfg": (dict(mask="global", guidance_scale=1.0), dict(mask="global")),
+    "dpm": (dict(), dict()),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("case", list(PARITY))
+def test_latents_match_enable_sag_on_classic_sdxl(case, dtype):
+    """Same seeds and settings: the guider in the modular pipeline vs enable_sag on StableDiffusionXLPipeline.
+    The modular loop runs one UNet call per batch where the classic one batches [uncond, cond]; in fp64 that
+    leaves ~1e-15, in fp32 ~1e-4 (the same as plain CFG between the two pipelines)."""
+    guider_kw, sag_kw = PARITY[case]
+    guider_kw = dict(guider_kw)
+    scheduler = "dpm" if case == "dpm" else "euler"
+    guidance_scale = guider_kw.pop("guidance_scale", 5.0)
+    rescale = guider_kw.get("guidance_rescale", 0.0)
+    pipe, classic = _modular(scheduler, dtype), _classic(scheduler, dtype)
+
+    plain = classic_latents(classic, guidance_scale=guidance_scale, guidance_rescale=rescale)
+    enable_sag(classic, 0.75, **sag_kw)
+    expected = classic_latents(classic, guidance_scale=guidance_scale, guidance_rescale=rescale)
+    disable_sag(classic)
+    guider = SelfAttentionGuidance(guidance_scale=guidance_scale, sag_scale=0.75, scheduler=pipe.scheduler,
+                                   **guider_kw)
+    got = latents(pipe, guider)
+    cfg = latents(pipe, ClassifierFreeGuidance(guidance_scale=guidance_scale, guidance_rescale=rescale))
+
+    assert got.dtype == dtype and got.shape == expected.shape == (1, 4, 8, 8)
+    effect = (expected - plain).abs().max().item()
+    diff = (got - expected).abs().max().item()
+    baseline = (cfg - plain).abs().max().item()  # the same two pipelines without SAG
+    print(f"\n{case} {dtype}: |guider - enable_sag| = {diff:.3g}, plain CFG modular vs classic {baseline:.3g}, "
+          f"SAG effect {effect:.3g}")
+    assert effect > 1e-2, "SAG did not change the latents: the parity would be vacuous"
+    tol = 1e-12 if dtype == torch.float64 else 1e-3
+    assert diff <= tol
+
+
+# ------------------------------------------------------------------------------------- sag_scale = 0: CFG
+@pytest.mark.parametrize("settings", [dict(guidance_scale=5.0), dict(guidance_scale=5.0, guidance_rescale=0.7),
+                                      dict(guidance_scale=4.0, use_original_formulation=True),
+                                      dict(guidance_scale=5.0, start=0.34, stop=0.67), dict(guidance_scale=1.0)],
+                         ids=["cfg", "rescale", "original_formulation", "window", "no_cfg"])
+def test_sag_scale_zero_is_classifier_free_guidance_exactly(modular, settings):
+    unet = modular.unet
+    before = hook_state(unet)
+    expected = latents(modular, ClassifierFreeGuidance(**settings))
+    with Spy(unet) as spy:
+        got = latents(modular, SelfAttentionGuidance(sag_scale=0.0, scheduler=modular.scheduler, **settings))
+    assert torch.equal(got, expected)
+    cfg_calls = 1 if settings["guidance_scale"] == 1.0 else 2
+    assert len(spy.calls) == (4 if "start" in settings else 3 * cfg_calls)
+    assert hook_state(unet) == before
+
+
+# ------------------------------------------------------------------------------------------------ spy
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no_cfg"])
+def test_degraded_pass_gets_the_guide_rows_and_the_reference_degrade(modular, guidance_scale):
+    """Per step: cond, uncond, degraded (CFG) or cond, degraded (no CFG). The degraded call gets exactly the
+    guiding batch's embeddings and micro-conditioning, and as sample the reference degrade (float64, mask from
+    materialised softmax probabilities, (c1, c2) from the scheduler's sigma) of the guiding call's sample and
+    output."""
+    cfg = guidance_scale > 1
+    guider = SelfAttentionGuidance(guidance_scale=guidance_scale, sag_scale=0.75, scheduler=modular.scheduler)
+    sigmas = []
+    original_cleanup = guider.cleanup_models
+
+    def cleanup(denoiser):  # the scheduler's sigma of each step, read while the step runs
+        sigmas.append(modular.scheduler.sigmas[modular.scheduler.step_index or 0].item())
+        original_cleanup(denoiser)
+
+    guider.cleanup_models = cleanup
+    with Spy(modular.unet) as spy:
+        latents(modular, guider)
+    per_step = 3 if cfg else 2
+    assert len(spy.calls) == per_step * CALL["num_inference_steps"]
+    for step in range(CALL["num_inference_steps"]):
+        calls = spy.calls[per_step * step:per_step * (step + 1)]
+        cond, guide, degraded = calls[0], calls[-2], calls[-1]
+        hidden = lambda c: c["kwargs"]["encoder_hidden_states"]  # noqa: E731
+        added = lambda c: c["kwargs"]["added_cond_kwargs"]  # noqa: E731
+        assert hidden(degraded) is hidden(guide)
+        for key in ("text_embeds", "time_ids"):
+            assert added(degraded)[key] is added(guide)[key]
+        if cfg:
+            assert not torch.equal(hidden(guide), hidden(cond)), "the guide batch must be the unconditional one"
+        assert degraded["x"] is guide["x"] and degraded["t"] is guide["t"]
+        assert torch.equal(guide["sample"], guide["x"])
+        assert not torch.equal(degraded["sample"], degraded["x"])
+
+        if step == 1:  # the degraded sample from the reference, for one step
+            x, t = guide["x"], guide["t"]
+            kwargs = {k: v for k, v in guide["kwargs"].items() if k != "return_dict"}
+
+            def plain():
+                return type(modular.unet).forward(modular.unet, x, t, **kwargs, return_dict=False)[0]
+
+            with torch.no_grad():
+                _, mask = materialised_mask(modular.unet, MID_ATTN, "mid_block.attentions.0", plain, slice(None))
+            assert 0 < int(mask.sum()) < mask.numel(), "degenerate attention mask: the test would not see it"
+            alpha, sigma = vp_input_alpha_sigma_from_sigma(sigmas[per_step * step])
+            c1, c2 = reference.signal_coefficients(alpha, sigma, "epsilon")
+            expected = reference.degrade(x.double(), guide["out"].double(), mask, c1, c2, 9, 1.0)
+            torch.testing.assert_close(degraded["sample"].double(), expected, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- windows
+def test_windows(modular):
+    """sag_start/sag_stop: SAG's steps (progress step/n in [sag_start, sag_stop), enable_sag's rule); start/stop:
+    the whole guider's steps (diffusers' guiders' rule; outside, the conditional prediction alone)."""
+    def calls_per_step(**kw):
+        guider = SelfAttentionGuidance(guidance_scale=5.0, scheduler=modular.scheduler, **kw)
+        steps = []
+        hook = modular.unet.register_forward_pre_hook(lambda *a: steps.append(guider._step))
+        try:
+            latents(modular, guider, num_inference_steps=4)
+        finally:
+            hook.remove()
+        return [steps.count(i) for i in range(4)]
+
+    # 4 steps: progress 0, .25, .5, .75
+    assert calls_per_step() == [3, 3, 3, 3]
+    assert calls_per_step(sag_start=0.3, sag_stop=0.6) == [2, 2, 3, 2]
+    assert calls_per_step(sag_start=0.25) == [2, 3, 3, 3]
+    assert calls_per_step(sag_stop=0.25) == [3, 2, 2, 2]
+    assert calls_per_step(start=0.25, stop=0.75) == [1, 3, 3, 1]  # int(1.0) <= i < int(3.0)
+    assert calls_per_step(sag_scale=0.0, sag_start=0.5) == [2, 2, 2, 2]
+
+
+def test_disabled_guider_runs_the_conditional_batch_alone():
+    # (the modular SDXL loop switches `enabled` itself: on, except for LCM UNets, so this is checked here)
+    guider = SelfAttentionGuidance(guidance_scale=5.0, enabled=False)
+    guider.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(999))
+    assert guider.num_conditions == 1
+    batches = guider.prepare_inputs({"prompt_embeds": (torch.ones(1), torch.zeros(1))})
+    assert [b.prompt_embeds.item() for b in batches] == [1.0]
+    pred = torch.randn(1, 4, 8, 8)
+    assert guider.forward(pred).pred is pred
+    guider.enable()
+    assert guider.num_conditions == 3
+    batches = guider.prepare_inputs({"prompt_embeds": (torch.ones(1), torch.zeros(1))})
+    assert [b.prompt_embeds.item() for b in batches] == [1.0, 0.0, 0.0]
+    assert [getattr(b, "__guidance_identifier__") for b in batches] == ["pred_cond", "pred_uncond", "pred_degraded"]
+
+
+# ---------------------------------------------------------------------------------------- the denoiser
+def test_hooks_are_gone_after_each_cleanup_and_model_is_bit_exact(modular):
+    unet = modular.unet
+    before = hook_state(unet)
+    weights = {k: v.clone() for k, v in unet.state_dict().items()}
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = dict(encoder_hidden_states=torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(2)),
+                added_cond_kwargs=dict(text_embeds=torch.randn(2, 32), time_ids=torch.randn(2, 6)))
+    with torch.no_grad():
+        out_before = unet(x, 500, **cond).sample
+
+    guider = SelfAttentionGuidance(guidance_scale=5.0, scheduler=modular.scheduler)
+    original = guider.cleanup_models
+    seen = []
+
+    def cleanup(denoiser):
+        original(denoiser)
+        seen.append(hook_state(denoiser) == before)
+
+    guider.cleanup_models = cleanup
+    latents(modular, guider)
+    assert seen and all(seen) and len(seen) == 3 * CALL["num_inference_steps"]
+    assert hook_state(unet) == before
+    assert all(torch.equal(v, weights[k]) for k, v in unet.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(unet(x, 500, **cond).sample, out_before)
+
+
+def test_refusals_happen_before_the_step_runs(modular):
+    with Spy(modular.unet) as spy:
+        with pytest.raises(ValueError, match="needs the pipeline's scheduler"):
+            latents(modular, SelfAttentionGuidance(guidance_scale=5.0))
+        with pytest.raises(ValueError, match="has no timesteps|not in the scheduler's timesteps|set_timesteps"):
+            latents(modular, SelfAttentionGuidance(guidance_scale=5.0, scheduler=tiny_scheduler("ddim")))
+        with pytest.raises(ValueError, match="cannot read the self-attention of UNet2DConditionModel.*cross-attention"):
+            latents(modular, SelfAttentionGuidance(guidance_scale=5.0, scheduler=modular.scheduler,
+                                                   layer=MID_ATTN.replace("attn1", "attn2")))
+    assert spy.calls == []
+    # without SAG no scheduler is needed
+    assert latents(modular, SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.0)).shape == (1, 4, 8, 8)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernel_size=4), "kernel_size must be a positive odd int"),
+    (dict(blur_sigma=0.0), "blur_sigma must be > 0"),
+    (dict(mask="box"), "mask must be one of"),
+    (dict(sag_start=0.6, sag_stop=0.5), "sag_start=0.6 must be <= sag_stop=0.5"),
+    (dict(sag_scale=float("nan")), "scale must be a finite number"),
+    (dict(guidance_rescale=1.5), "guidance_rescale must be in"),
+    (dict(guidance_scale="7"), "guidance_scale must be a finite number"),
+    (dict(start=0.5, stop=0.2), "stop"),
+])
+def test_argument_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SelfAttentionGuidance(**kwargs)
+
+
+def test_scheduler_argument_is_checked():
+    with pytest.raises(TypeError, match="scheduler must be the pipeline's diffusers scheduler"):
+        SelfAttentionGuidance(scheduler=object())
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_save_and_load_config(modular, tmp_path):
+    settings = dict(guidance_scale=4.0, sag_scale=0.6, blur_sigma=1.5, kernel_size=7, threshold=0.9,
+                    layer=MID_ATTN, mask="attention", sag_start=0.1, sag_stop=0.9,
+                    guidance_rescale=0.3, start=0.0, stop=1.0)
+    guider = SelfAttentionGuidance(**settings, scheduler=modular.scheduler)
+    guider.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "guider_config.json").read_text())
+    assert saved["_class_name"] == "SelfAttentionGuidance" and "scheduler" not in saved
+    assert {k: saved[k] for k in settings} == settings
+
+    loaded = SelfAttentionGuidance.from_pretrained(tmp_path)
+    public = lambda g: {k: v for k, v in g.config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded) == public(guider) and loaded.scheduler is None
+    assert loaded.sag_config == guider.sag_config and loaded.guidance_rescale == 0.3
+    again = SelfAttentionGuidance.from_pretrained(tmp_path, scheduler=modular.scheduler)
+    assert again.scheduler is modular.scheduler
+    copy = guider.new(sag_scale=0.2)
+    assert copy.scheduler is modular.scheduler and copy.sag_scale == 0.2 and copy.config.kernel_size == 7
+    assert torch.equal(latents(modular, again), latents(modular, guider))
+
+
+def test_exported_from_the_package():
+    assert sag_fast.SelfAttentionGuidance is SelfAttentionGuidance
