@@ -4,6 +4,7 @@ StableDiffusionXLPipeline, sag_scale=0 against diffusers' ClassifierFreeGuidance
 the denoiser left exactly as it was, what each denoiser call receives, and the refusals."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -332,3 +333,133 @@ def test_save_and_load_config(modular, tmp_path):
 
 def test_exported_from_the_package():
     assert sag_fast.SelfAttentionGuidance is SelfAttentionGuidance
+
+
+# ---------------------------------------------------------------------------------------------------- SD3
+def _sd3_modular(dual_attention: bool):
+    """The modular SD3 text-to-image core (latents, timesteps, denoise loop) with a tiny SD3Transformer2DModel
+    (patch 2: a 4x4 token grid for 8x8 latents, 16 channels; with dual_attention, block 0 also has SD3.5's
+    image-only self-attention `attn2`), flow matching with shift 3. The prompt embeddings are given."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
+        StableDiffusion3T2ICoreDenoiseStep)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+            pos_embed_max_size=16, dual_attention_layers=(0,) if dual_attention else ()).eval()
+    pipe = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return pipe
+
+
+def _sd3_latents(pipe, guider):
+    g = torch.Generator().manual_seed(1)
+    embeds = dict(prompt_embeds=torch.randn(1, 7, 32, generator=g), negative_prompt_embeds=torch.randn(1, 7, 32, generator=g),
+                  pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g))
+    pipe.update_components(guider=guider)
+    return pipe(**embeds, height=64, width=64, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                output="latents")
+
+
+def test_sd3_modular_pipeline_with_an_image_self_attention_layer(_one_thread):
+    """SD3.5's image-only self-attention (attn2 of a dual-attention block) in the modular SD3 pipeline, flow
+    matching: sag_scale=0 is ClassifierFreeGuidance bit for bit; with SAG the degraded call gets the unconditional
+    embeddings and, as latents, the reference degrade ((c1, c2) of flow matching at the scheduler's sigma, mask
+    from materialised softmax probabilities); the transformer is left exactly as it was."""
+    pipe = _sd3_modular(dual_attention=True)
+    transformer, layer = pipe.transformer, "transformer_blocks.0.attn2"
+    before = hook_state(transformer)
+    cfg = _sd3_latents(pipe, ClassifierFreeGuidance(guidance_scale=5.0))
+    zero = _sd3_latents(pipe, SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.0, layer=layer))
+    assert torch.equal(zero, cfg)
+
+    guider = SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75, layer=layer, scheduler=pipe.scheduler)
+    calls, sigmas = [], []
+    original_cleanup = guider.cleanup_models
+
+    def cleanup(denoiser):
+        sigmas.append(pipe.scheduler.sigmas[pipe.scheduler.step_index or 0].item())
+        original_cleanup(denoiser)
+
+    guider.cleanup_models = cleanup
+
+    def record(module, args, kwargs):
+        calls.append(dict(kwargs))
+    handles = [transformer.register_forward_pre_hook(record, with_kwargs=True),
+               transformer.pos_embed.register_forward_pre_hook(lambda m, a: calls[-1].update(sample=a[0].clone()))]
+    try:
+        guided = _sd3_latents(pipe, guider)
+    finally:
+        for h in handles:
+            h.remove()
+    assert (guided - cfg).abs().max() > 1e-3, "SAG did not change the SD3 latents"
+    assert len(calls) == 9
+    cond, uncond, degraded = calls[3:6]  # step 1
+    assert degraded["encoder_hidden_states"] is uncond["encoder_hidden_states"]
+    assert degraded["pooled_projections"] is uncond["pooled_projections"]
+    assert not torch.equal(uncond["encoder_hidden_states"], cond["encoder_hidden_states"])
+    x = uncond["hidden_states"]
+    assert degraded["hidden_states"] is x and torch.equal(uncond["sample"], x)
+
+    kwargs = {k: v for k, v in uncond.items() if k not in ("hidden_states", "sample", "return_dict")}
+
+    def plain():
+        return type(transformer).forward(transformer, x, **kwargs, return_dict=False)[0]
+
+    with torch.no_grad():
+        out, mask = materialised_mask(transformer, layer, (4, 4), plain, slice(None))
+    assert 0 < int(mask.sum()) < mask.numel(), "degenerate attention mask: the test would not see it"
+    s = torch.tensor(sigmas[3], dtype=torch.float64)  # step 1's sigma
+    c1, c2 = reference.signal_coefficients(1 - s, s, "flow")
+    expected = reference.degrade(x.double(), out.double(), mask, c1, c2, 9, 1.0)
+    torch.testing.assert_close(degraded["sample"].double(), expected, rtol=0, atol=1e-5)
+    assert hook_state(transformer) == before
+
+
+def test_sd3_joint_attention_refused_before_the_step_runs_without_joint_support(_one_thread, monkeypatch):
+    """Without joint-attention support (no image-token layout for the denoiser), SD3's joint layers are refused at
+    the first prepare_models, before any transformer call, naming the layer and the reason."""
+    import sag_fast.diffusers.guider as guider_module
+
+    monkeypatch.setattr(guider_module, "_joint_layout", None)
+    pipe = _sd3_modular(dual_attention=False)
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *a: seen.append(1))
+    try:
+        for layer in (None, "transformer_blocks.1.attn"):
+            with pytest.raises(ValueError, match=r"cannot read the self-attention of SD3Transformer2DModel: "
+                                                 r"layer='transformer_blocks.1.attn' is joint attention"):
+                _sd3_latents(pipe, SelfAttentionGuidance(guidance_scale=5.0, layer=layer, scheduler=pipe.scheduler))
+    finally:
+        handle.remove()
+    assert seen == []
+
+
+def _joint_masks_available() -> bool:
+    import sag_fast.diffusers.guider as guider_module
+    from sag_fast.ops.mask import mask_from_qk
+
+    return guider_module._joint_layout is not None and "image_span" in inspect.signature(mask_from_qk).parameters
+
+
+@pytest.mark.skipif(not _joint_masks_available(), reason="joint-attention SAG masks (mask_from_qk's image span) are "
+                                                         "not in this tree yet")
+def test_sd3_joint_attention_default_layer(_one_thread):
+    """SD3's default layer (the middle block's joint attention): SAG runs in the modular SD3 pipeline, changes the
+    latents, the degraded call gets the unconditional embeddings, and the transformer is left as it was."""
+    pipe = _sd3_modular(dual_attention=False)
+    before = hook_state(pipe.transformer)
+    cfg = _sd3_latents(pipe, ClassifierFreeGuidance(guidance_scale=5.0))
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
+    try:
+        guided = _sd3_latents(pipe, SelfAttentionGuidance(guidance_scale=5.0, scheduler=pipe.scheduler))
+    finally:
+        handle.remove()
+    assert (guided - cfg).abs().max() > 1e-3 and torch.isfinite(guided).all()
+    assert len(calls) == 9 and calls[2]["encoder_hidden_states"] is calls[1]["encoder_hidden_states"]
+    assert hook_state(pipe.transformer) == before

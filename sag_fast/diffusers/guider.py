@@ -38,6 +38,11 @@ from ..guidance import SAGConfig, make_config
 from ..ops.degrade import degrade
 from ..schedule import check_supported, signal_coefficients_for
 
+try:  # where a joint-attention denoiser (SD3, Flux) puts its image tokens: the session's table, shared
+    from .session import _joint_layout
+except ImportError:  # a sag_fast without joint-attention support: such layers are refused by the capture
+    _joint_layout = None
+
 _HOOK = "sag_fast_guider"
 _WHERE = "SelfAttentionGuidance"
 # model arguments that carry features computed from the latents outside the denoiser (ControlNet residuals):
@@ -325,13 +330,19 @@ class SelfAttentionGuidance(BaseGuidance):
         if not isinstance(denoiser, torch.nn.Module):
             raise TypeError(f"{_WHERE}: prepare_models needs the denoiser module, got {type(denoiser).__name__}")
         model = unwrap_compiled(denoiser)
-        if self.sag_config.mask != "attention" or self._checked.get(model) == self.sag_config.layer:
+        if self.sag_config.mask != "attention" or model in self._checked \
+                and self._checked[model] == self.sag_config.layer:
             return
         try:  # builds the capture once (layer lookup, probe of the attention), then takes it off again
-            AttentionCapture(model, self.sag_config.layer, self.sag_config.threshold).remove()
+            self._new_capture(model, probe=True).remove()
         except ValueError as exc:
             raise ValueError(f"{_WHERE}: cannot read the self-attention of {type(model).__name__}: {exc}") from None
         self._checked[model] = self.sag_config.layer
+
+    def _new_capture(self, model: torch.nn.Module, probe: bool) -> AttentionCapture:
+        joint = _joint_layout(model) if _joint_layout is not None else None
+        extra = {"joint": joint} if joint is not None else {}
+        return AttentionCapture(model, self.sag_config.layer, self.sag_config.threshold, probe=probe, **extra)
 
     def _check_timestep(self, t) -> None:
         """The step's timestep must come from this scheduler (else it is not the pipeline's, or stale). The
@@ -361,7 +372,7 @@ class SelfAttentionGuidance(BaseGuidance):
         hook = _DenoiserHook(self, role, model)
         if role == _GUIDE and self.sag_config.mask == "attention":
             # probe=False: _check probed this model's layer already
-            self._capture = AttentionCapture(model, self.sag_config.layer, self.sag_config.threshold, probe=False)
+            self._capture = self._new_capture(model, probe=False)
         try:
             if isinstance(getattr(denoiser, "_orig_mod", None), torch.nn.Module):
                 previous = vars(denoiser).get("forward")
