@@ -463,3 +463,67 @@ def test_sd3_joint_attention_default_layer(_one_thread):
     assert (guided - cfg).abs().max() > 1e-3 and torch.isfinite(guided).all()
     assert len(calls) == 9 and calls[2]["encoder_hidden_states"] is calls[1]["encoder_hidden_states"]
     assert hook_state(pipe.transformer) == before
+
+
+# -------------------------------------------------------------------------------- the loop's contract
+def _loop_step(guider, unet, scheduler, x, step=0, latents_for=None, **extra):
+    """One step of a modular denoise loop (as diffusers' SDXL LoopDenoiser does it), on the bare UNet."""
+    t = scheduler.timesteps[step]
+    g = torch.Generator().manual_seed(3)
+    fields = {"prompt_embeds": (torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)),
+              "text_embeds": (torch.randn(1, 32, generator=g), torch.randn(1, 32, generator=g)),
+              "time_ids": (torch.tensor([[64.0, 64, 0, 0, 64, 64]]),) * 2}
+    guider.set_state(step=step, num_inference_steps=len(scheduler.timesteps), timestep=t)
+    batches = guider.prepare_inputs(fields)
+    for i, batch in enumerate(batches):
+        guider.prepare_models(unet)
+        sample = x if latents_for is None else latents_for(i, x)
+        batch.noise_pred = unet(sample, t, encoder_hidden_states=batch.prompt_embeds, return_dict=False,
+                                added_cond_kwargs=dict(text_embeds=batch.text_embeds, time_ids=batch.time_ids),
+                                **extra)[0]
+        guider.cleanup_models(unet)
+    return guider(batches).pred
+
+
+@pytest.fixture
+def bare(modular):
+    scheduler = tiny_scheduler("euler")
+    scheduler.set_timesteps(3)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    return modular.unet, scheduler, x
+
+
+def test_controlnet_residuals_refused_and_hooks_removed(bare):
+    unet, scheduler, x = bare
+    before = hook_state(unet)
+    residuals = [torch.zeros(1, 16, 8, 8), torch.zeros(1, 16, 8, 8), torch.zeros(1, 16, 4, 4), torch.zeros(1, 32, 4, 4)]
+    guider = SelfAttentionGuidance(guidance_scale=5.0, scheduler=scheduler)
+    with pytest.raises(ValueError, match=r"\['down_block_additional_residuals', 'mid_block_additional_residual'\] "
+                                         r"\(ControlNet\)"):
+        _loop_step(guider, unet, scheduler, x, down_block_additional_residuals=residuals,
+                   mid_block_additional_residual=torch.zeros(1, 32, 4, 4))
+    assert hook_state(unet) == before  # the guider took its hooks off on the way out
+
+
+def test_batches_with_other_latents_refused(bare):
+    """The degraded batch is built from the guide batch's latents: a loop feeding it other latents is refused."""
+    unet, scheduler, x = bare
+    guider = SelfAttentionGuidance(guidance_scale=5.0, scheduler=scheduler)
+    with pytest.raises(RuntimeError, match="the degraded batch got other latents"):
+        _loop_step(guider, unet, scheduler, x, latents_for=lambda i, x: x.clone())
+    assert _loop_step(guider, unet, scheduler, x).shape == x.shape  # the next step starts clean
+
+
+@pytest.mark.slow
+def test_compiled_denoiser(bare):
+    """torch.compile'd UNet (eager backend: Dynamo's tracing without code generation): the guided step runs
+    around the compiled forward and gives the plain module's result; the wrapper is left as it was."""
+    unet, scheduler, x = bare
+    guider = SelfAttentionGuidance(guidance_scale=5.0, scheduler=scheduler)
+    expected = _loop_step(guider, unet, scheduler, x, step=1)
+    compiled = torch.compile(unet, backend="eager")
+    before, forward = hook_state(compiled), vars(compiled)["forward"]  # OptimizedModule keeps its own forward
+    got = _loop_step(guider, compiled, scheduler, x, step=1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (expected - _loop_step(guider.new(sag_scale=0.0), unet, scheduler, x, step=1)).abs().max() > 1e-3
+    assert hook_state(compiled) == before and vars(compiled)["forward"] is forward
