@@ -61,10 +61,11 @@ def _default_layer(model, modules: dict) -> str:
         if name in modules:
             return name
     blocks = getattr(model, "transformer_blocks", None)
-    if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
-        name = f"transformer_blocks.{len(blocks) // 2}.attn1"
-        if name in modules:
-            return name
+    if isinstance(blocks, torch.nn.ModuleList) and len(blocks):  # the middle block: DiT/PixArt attn1, SD3/Flux attn
+        for attr in ("attn1", "attn"):
+            name = f"transformer_blocks.{len(blocks) // 2}.{attr}"
+            if name in modules:
+                return name
     raise ValueError(f"layer=None: no default self-attention layer is known for {type(model).__name__}; pass "
                      "layer= a module path (see model.named_modules()) or a regex matching exactly one module")
 
@@ -76,7 +77,7 @@ def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def resolve_layer(model: torch.nn.Module, layer: str | None) -> tuple[str, torch.nn.Module]:
+def resolve_layer(model: torch.nn.Module, layer: str | None, joint: bool = False) -> tuple[str, torch.nn.Module]:
     """(name, module) of the self-attention layer: an exact module path, else a regex over module names
     (searched). When the matches include attention modules, only their self-attention ones count, else
     a full match beats partial ones; exactly one module must remain, and it must be an attention layer."""
@@ -104,11 +105,11 @@ def resolve_layer(model: torch.nn.Module, layer: str | None) -> tuple[str, torch
                              f"it matches {len(hits)}" + (f": {some}" if hits else ""))
         name = hits[0]
     module = modules[name]
-    if _is_diffusers_attention(module) and getattr(module, "added_kv_proj_dim", None) is not None:
+    if _is_diffusers_attention(module) and getattr(module, "added_kv_proj_dim", None) is not None and not joint:
         raise ValueError(f"layer={name!r} is joint attention (added key/value projections: its keys are the text "
-                         "tokens and the image tokens together, as in DeepFloyd IF's and Kandinsky's UNets, SD3 and "
-                         "Flux); SAG's mask from joint attention is not supported yet; pick a pure self-attention "
-                         "layer with layer=... if the model has one")
+                         "tokens and the image tokens together, as in DeepFloyd IF's and Kandinsky's UNets); SAG reads "
+                         "joint attention only where it knows where the image tokens are (SD3, Flux: "
+                         "AttentionCapture(..., joint=...)); pick a pure self-attention layer with layer=...")
     if _is_diffusers_attention(module) and getattr(module, "is_cross_attention", False):
         raise ValueError(f"layer={name!r} is not self-attention (a cross-attention layer); SAG needs a self-attention "
                          "layer such as an attn1")
@@ -200,6 +201,8 @@ class _CaptureProcessor:
             hidden_states = args[1] if len(args) > 1 else kwargs.get("hidden_states")
             if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4:  # spatial attention: its grid
                 capture._layer_hw = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
+            elif isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3:  # its own (image) tokens
+                capture._layer_tokens = int(hidden_states.shape[1])
             with _AttentionProbe(capture):
                 return self.inner(*args, **kwargs)
         return self.inner(*args, **kwargs)
@@ -269,7 +272,7 @@ class AttentionCapture:
     """
 
     def __init__(self, model: torch.nn.Module, layer: str | None = None, threshold: float = 1.0,
-                 grid_hw: tuple[int, int] | None = None, probe: bool = True):
+                 grid_hw: tuple[int, int] | None = None, probe: bool = True, joint: str | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
@@ -278,10 +281,15 @@ class AttentionCapture:
             if len(tuple(grid_hw)) != 2 or any(not isinstance(v, int) or v <= 0 for v in grid_hw):
                 raise ValueError(f"grid_hw must be None or two positive ints (h, w), got {grid_hw!r}")
             grid_hw = tuple(grid_hw)
+        if joint not in (None, "image_first", "text_first"):
+            raise ValueError(f"joint must be None, 'image_first' (SD3) or 'text_first' (Flux), got {joint!r}")
         self.model = unwrap_compiled(model)
         self.threshold = float(threshold)
         self.grid_hw = grid_hw
-        self.layer_name, self.layer = resolve_layer(self.model, layer)
+        self.joint = joint            # where the image tokens sit in a joint attention's sequence
+        self.image_tokens: int | None = None   # their count, when the layer's own input does not tell
+        self._layer_tokens: int | None = None
+        self.layer_name, self.layer = resolve_layer(self.model, layer, joint=joint is not None)
         if _has_processor(self.layer):
             self.kind = "processor"
         elif isinstance(self.layer, torch.nn.MultiheadAttention):
@@ -471,7 +479,26 @@ class AttentionCapture:
         if q.dim() != 4 or k.dim() != 4:
             raise RuntimeError(f"layer {self.layer_name!r}: scaled_dot_product_attention got q {tuple(query.shape)}, "
                                "expected (B, heads, N, d)")
-        self._compute(q[self._slice()], k[self._slice()], scale)
+        if self.joint is not None:
+            self._compute_joint(q[self._slice()], k[self._slice()], scale)
+        else:
+            self._compute(q[self._slice()], k[self._slice()], scale)
+
+    def _compute_joint(self, q: torch.Tensor, k: torch.Tensor, scale) -> None:
+        """Joint attention (image and text tokens in one softmax): the mass of the image keys from the image
+        queries, the row softmax over every key (text included); see reference.joint_attention_mass."""
+        n_all = q.shape[2]
+        n = self.image_tokens if self.image_tokens is not None else self._layer_tokens
+        if n is None or not 0 < n <= n_all or k.shape[2] != n_all:
+            raise RuntimeError(f"layer {self.layer_name!r}: joint attention over {n_all} queries / {k.shape[2]} keys "
+                               f"with {n} image tokens: the image tokens cannot be located")
+        start = 0 if self.joint == "image_first" else n_all - n
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        if n == n_all:  # no text tokens in this call: plain self-attention
+            self._compute(q, k, scale)
+            return
+        self.mask = mask_from_qk(q, k, self._grid(n), self.threshold, scale, image_span=(start, n))
+        self._done = True
 
     def _from_probs(self, probs: torch.Tensor):
         if getattr(self, "_probing", False):
@@ -510,7 +537,7 @@ class AttentionCapture:
             raise RuntimeError("this AttentionCapture was removed")
         self._sync_processor()
         self._armed, self._done, self._rows, self.mask = True, False, rows, None
-        self._input_hw, self._layer_hw = input_hw, None
+        self._input_hw, self._layer_hw, self._layer_tokens = input_hw, None, None
         self._shapes.clear()
         try:
             yield self

@@ -121,7 +121,8 @@ def _rows_of(c, rows: slice, total: int):
 def sag_guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t, model_kwargs: dict | None = None, *,
                        config: SAGConfig, capture: Any = None, c1, c2, ways: int = 1, uncond_index: int = 0,
                        guided_channels: int | None = -1, latent_channels: int | None = None,
-                       degraded_kwargs: Callable[..., dict] | None = None) -> torch.Tensor:
+                       degraded_kwargs: Callable[..., dict] | None = None,
+                       on_shift: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """One guided model evaluation (docs/design.md). forward(x, t, **kwargs) -> (ways*B, C', H, W).
 
     x: (ways*B, C, H, W) the model input; way `uncond_index` is degraded and guides every way. Returns the
@@ -180,4 +181,7 @@ def sag_guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t,
     else:
         kwargs_rows = degraded_kwargs(model_kwargs, rows, total, x_deg, t_rows)
     degraded = forward(x_deg, t_rows, **kwargs_rows)
+    if on_shift is not None:
+        g = out.shape[1] if guided_channels == -1 else guided_channels
+        on_shift(config.scale * (out[rows, :g].float() - degraded[:, :g].float()))
     return guidance_shift_(out, degraded, config.scale, guided_channels, uncond_index)

@@ -136,6 +136,9 @@ DENOISER_PER_ROW: dict[str, tuple[str, ...]] = {
     "DiTTransformer2DModel": ("class_labels",),
     "PixArtTransformer2DModel": ("encoder_hidden_states", "encoder_attention_mask", "attention_mask",
                                  "added_cond_kwargs"),
+    "SD3Transformer2DModel": ("encoder_hidden_states", "pooled_projections"),
+    # Flux: txt_ids / img_ids are (tokens, 3), shared by every row: never cut
+    "FluxTransformer2DModel": ("encoder_hidden_states", "pooled_projections", "guidance"),
     "Transformer2DModel": ("encoder_hidden_states", "encoder_attention_mask", "attention_mask", "class_labels",
                            "added_cond_kwargs"),
 }
@@ -216,6 +219,9 @@ class Row:
     denoisers: tuple[str, ...]
     source: str
     controlnet: bool = False
+    packed: bool = False                  # Flux: (B, tokens, C*4) 2x2-packed latents
+    split_cfg: Callable[[Any, dict], bool] | None = None   # CFG as two calls per step: cond first, then uncond
+    t_scale: float = 1.0                  # the model's timestep times t_scale is the scheduler's timestep
 
 
 def _scale_above_one(pipe, call) -> bool:
@@ -253,10 +259,35 @@ def _half_out_channels(model) -> int:  # learned variance: [eps (C), variance (C
     return int(model.config.out_channels) // 2
 
 
+def _flux_true_cfg(pipe, call) -> bool:
+    # pipeline_flux.py: do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+    has_neg = call.get("negative_prompt") is not None or (
+        call.get("negative_prompt_embeds") is not None and call.get("negative_pooled_prompt_embeds") is not None)
+    return call.get("true_cfg_scale", 1.0) > 1 and has_neg
+
+
+def _packed_channels(model) -> int:  # Flux: 2x2 patches packed on channels
+    return int(model.config.in_channels) // 4
+
+
 _UNET = ("UNet2DConditionModel",)
 _SD = "pipeline_stable_diffusion.py: torch.cat([negative_prompt_embeds, prompt_embeds]), [latents] * 2"
 
+_SD3 = ("SD3Transformer2DModel",)
+
 TABLE: dict[str, Row] = {
+    # Flux.1: packed latents; guidance-distilled (one way, guidance as an input) or true CFG: the transformer is
+    # called twice per step, cond then uncond (pipeline_flux.py: noise_pred, then neg_noise_pred); timestep / 1000
+    "FluxPipeline": Row(_never, 1, 0, _packed_channels, ("FluxTransformer2DModel",), "flux/pipeline_flux.py",
+                        packed=True, split_cfg=_flux_true_cfg, t_scale=1000.0),
+    "FluxImg2ImgPipeline": Row(_never, 1, 0, _packed_channels, ("FluxTransformer2DModel",),
+                               "flux/pipeline_flux_img2img.py", packed=True, split_cfg=_flux_true_cfg, t_scale=1000.0),
+    # SD3 / SD3.5: [uncond, cond] (torch.cat([negative_prompt_embeds, prompt_embeds])), flow matching; the
+    # skip-layer-guidance call (skip_layers=...) is a separate, unguided call (see session.py)
+    "StableDiffusion3Pipeline": Row(_scale_above_one, 2, 0, _out_channels, _SD3,
+                                    "stable_diffusion_3/pipeline_stable_diffusion_3.py"),
+    "StableDiffusion3Img2ImgPipeline": Row(_scale_above_one, 2, 0, _out_channels, _SD3,
+                                           "stable_diffusion_3/pipeline_stable_diffusion_3_img2img.py"),
     # Stable Diffusion 1/2: [uncond, cond]; `do_classifier_free_guidance` = scale > 1 and not an LCM UNet
     "StableDiffusionPipeline": Row(_scale_above_one_no_lcm, 2, 0, _out_channels, _UNET, _SD),
     "StableDiffusionImg2ImgPipeline": Row(_scale_above_one_no_lcm, 2, 0, _out_channels, _UNET, _SD),
@@ -344,7 +375,7 @@ _CFG_PROPERTY_ROWS = frozenset({
     "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionControlNetInpaintPipeline",
     "StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
     "StableDiffusionXLControlNetInpaintPipeline", "KandinskyV22Pipeline", "KandinskyV22Img2ImgPipeline",
-    "KandinskyV22InpaintPipeline",
+    "KandinskyV22InpaintPipeline", "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
 })
 
 _WAY_OUT = ("declare the batch layout of its denoiser calls with sag_fast.SAGLayout and pass it as "
@@ -361,8 +392,12 @@ class BatchContract:
 
     def __init__(self, pipe, model: torch.nn.Module, *, name: str, cfg: Callable[[Any, dict], bool], ways: int,
                  uncond_index: int, latent_channels: int | None, per_row: tuple[str, ...], controlnet: bool = False,
-                 defaults: dict | None = None, check_property: bool = False):
+                 defaults: dict | None = None, check_property: bool = False, packed: bool = False,
+                 split_cfg: Callable[[Any, dict], bool] | None = None, t_scale: float = 1.0):
         self.name = name
+        self.packed = packed          # the denoiser takes 2x2-packed (B, tokens, C*4) latents (Flux)
+        self.t_scale = t_scale        # scheduler timestep = model timestep * t_scale
+        self._split_cfg = split_cfg
         self._defaults = dict(defaults or {})   # the pipeline __call__'s defaults, under the call's arguments
         self._check_property = check_property   # cross-check with pipe.do_classifier_free_guidance
         self._cfg = cfg
@@ -372,6 +407,21 @@ class BatchContract:
         self.per_row = tuple(per_row)
         self._paths = tuple((p, tuple(p.split("."))) for p in self.per_row)
         self._controlnet = _ControlNetReplay(pipe) if controlnet else None
+
+    def split_cfg(self, pipe, call_args: dict) -> bool:
+        """Whether this call does CFG as two denoiser calls per step (cond first, then uncond)."""
+        if self._split_cfg is None:
+            return False
+        call = ChainMap(call_args, self._defaults) if self._defaults else call_args
+        return bool(self._split_cfg(pipe, call))
+
+    def latent_hw(self, pipe, call_args: dict) -> tuple[int, int]:
+        """(H, W) of the unpacked latent of a packed-latent call (pipeline_flux.py's _unpack_latents rule)."""
+        call = ChainMap(call_args, self._defaults) if self._defaults else call_args
+        factor = int(getattr(pipe, "vae_scale_factor", 8))
+        size = int(getattr(pipe, "default_sample_size", 128)) * factor
+        height, width = call.get("height") or size, call.get("width") or size
+        return 2 * (int(height) // (factor * 2)), 2 * (int(width) // (factor * 2))
 
     def __repr__(self):
         return (f"BatchContract({self.name}: ways_if_cfg={self._ways}, uncond_index={self._uncond_index}, "
@@ -551,9 +601,12 @@ def _refusal(pipe, model) -> str | None:
                 "(SAG degrades 4-D (batch, channels, height, width) inputs); use an image pipeline")
     if "PAGMixin" in mro_names:
         return _refuse_pag(name)
-    if hasattr(type(pipe), "_pack_latents") or model_name.startswith(("Flux", "Chroma", "QwenImage")):
+    packed_row = TABLE.get(name) is not None and TABLE[name].packed or any(
+        c.__name__ in TABLE and TABLE[c.__name__].packed for c in type(pipe).__mro__)
+    if not packed_row and (hasattr(type(pipe), "_pack_latents") or model_name.startswith(("Flux", "Chroma", "QwenImage"))):
         return (f"{name} feeds {model_name} packed 3-D latents (batch, tokens, channels): packed-latent "
-                "transformers (the Flux family) are not supported yet; SAG needs a 4-D latent to blur")
+                "transformers other than FluxPipeline / FluxImg2ImgPipeline are not supported yet; SAG needs to "
+                "know how to unpack the latent to blur it")
     for module in model.modules():
         proc = getattr(module, "processor", None)
         if "LinearAttention" in type(module).__name__ or (proc is not None and "LinearAttn" in type(proc).__name__):
@@ -629,4 +682,5 @@ def contract_for(pipe, model: torch.nn.Module, layout: SAGLayout | None = None) 
                 if p.default is not inspect.Parameter.empty}
     return BatchContract(pipe, model, name=table_name, cfg=row.cfg, ways=row.ways, uncond_index=row.uncond_index,
                          latent_channels=latent, per_row=per_row, controlnet=row.controlnet and controlnet,
-                         defaults=defaults, check_property=table_name in _CFG_PROPERTY_ROWS)
+                         defaults=defaults, check_property=table_name in _CFG_PROPERTY_ROWS, packed=row.packed,
+                         split_cfg=row.split_cfg, t_scale=row.t_scale)

@@ -70,6 +70,29 @@ def _split_output(result):
                     "or a diffusers BaseOutput")
 
 
+# joint-attention denoisers: where their attention puts the image tokens (read from their processors:
+# JointAttnProcessor2_0 concatenates [image, text])
+_JOINT = {"SD3Transformer2DModel": "image_first", "FluxTransformer2DModel": "text_first"}
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2*W/2, C*4): Flux's 2x2 packing (pipeline_flux.py's _pack_latents)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H/2*W/2, C*4) -> (B, C, H, W), the inverse of pack_latents (exact: a permutation of elements)."""
+    b, n, c4 = x.shape
+    if n != (h // 2) * (w // 2) or c4 % 4:
+        raise RuntimeError(f"packed latents {tuple(x.shape)} do not fit a {h}x{w} latent with 2x2 patches")
+    return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def _joint_layout(model: torch.nn.Module) -> str | None:
+    return next((_JOINT[c.__name__] for c in type(model).__mro__ if c.__name__ in _JOINT), None)
+
+
 def _is_compiled(module) -> bool:
     return isinstance(getattr(module, "_orig_mod", None), torch.nn.Module)
 
@@ -81,6 +104,8 @@ class _CallState:
         self.session, self.pipe, self.args, self.config = session, pipe, call_args, config
         self.calls = 0           # model calls so far in this pipeline call (host counter)
         self.offset: int | None = None
+        self.split = session.contract.split_cfg(pipe, call_args)  # CFG as two calls per step (Flux true CFG)
+        self.pending = None      # the conditional output of this step's first call, when split
 
 
 class _SAGModelHook(ModelHook):
@@ -130,7 +155,8 @@ class SAGSession:
         self._had_registry = self._had_forward = False
         try:
             if config.mask == "attention":
-                self.capture = AttentionCapture(self.model, config.layer, config.threshold)
+                self.capture = AttentionCapture(self.model, config.layer, config.threshold,
+                                                joint=_joint_layout(self.model))
             self._install_outer(self.outer)
         except BaseException:
             self.remove()
@@ -224,7 +250,7 @@ class SAGSession:
             return 0.0
         if state.offset is None:
             state.offset = self._start_index(state, scheduler, timesteps, t)
-        return (state.offset + state.calls) / n
+        return (state.offset + (state.calls // 2 if state.split else state.calls)) / n
 
     @staticmethod
     def _start_index(state: _CallState, scheduler, timesteps, t) -> int:
@@ -258,21 +284,36 @@ class SAGSession:
         t = arguments.pop(t_name, None) if t_name is not None else None
         pipe, config = state.pipe, state.config
         scheduler = pipe.scheduler
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:  # the contract refuses these at enable time
+        if arguments.get("skip_layers") is not None:  # SD3's skip-layer-guidance call: its own guidance term
+            return original(*args, **kwargs)
+        contract = self.contract
+        packed = contract.packed and isinstance(x, torch.Tensor) and x.dim() == 3
+        if not isinstance(x, torch.Tensor) or (x.dim() != 4 and not packed):  # the contract refuses these early
             raise RuntimeError(f"SAG: pipe.{self.model_attr} was called with a {getattr(x, 'shape', type(x))} input; "
-                               "SAG guides (B, C, H, W) latents only")
+                               "SAG guides (B, C, H, W) latents (or the packed latents of a known pipeline) only")
         active = config.active_at(self._progress(state, scheduler, t))
+        way = state.calls % 2 if state.split else None  # split CFG: 0 = the conditional call, 1 = the unconditional
         state.calls += 1
         if not active:
             return original(*args, **kwargs)
+        if way == 0:  # keep the conditional prediction: the unconditional call adds SAG's shift to it too
+            result = original(*args, **kwargs)
+            state.pending = _split_output(result)[0]
+            return result
 
-        layout = self.contract.layout(pipe, state.args, x, arguments)
-        c1, c2 = signal_coefficients_for(scheduler, t, device=x.device)
+        if packed:
+            h, w = contract.latent_hw(pipe, state.args)
+            x4 = unpack_latents(x, h, w)
+        else:
+            x4 = x
+        layout = contract.layout(pipe, state.args, x4, arguments)
+        t_sched = t * contract.t_scale if contract.t_scale != 1.0 and isinstance(t, torch.Tensor) else t
+        c1, c2 = signal_coefficients_for(scheduler, t_sched, device=x.device)
         return_dict = arguments.pop("return_dict", True) if has_return_dict else None
         first: list = []
 
         def model(x_in, t_in, **kw):
-            call_kw = {x_name: x_in, **kw}
+            call_kw = {x_name: pack_latents(x_in) if packed else x_in, **kw}
             if t_name is not None:
                 call_kw[t_name] = t_in
             if has_return_dict:
@@ -280,15 +321,27 @@ class SAGSession:
             tensor, rebuild = _split_output(original(**call_kw))
             if not first:
                 first.append(rebuild)
-            return tensor
+            return unpack_latents(tensor, h, w) if packed else tensor
+
+        on_shift = None
+        if way == 1 and state.pending is not None:
+            pending, state.pending = state.pending, None
+
+            def on_shift(delta):  # the conditional way, returned by the step's first call and held by the pipeline
+                shift = pack_latents(delta) if packed else delta
+                if packed:
+                    pending.add_(shift.to(pending.dtype))
+                else:
+                    pending[:, :shift.shape[1]].add_(shift.to(pending.dtype))
 
         if self.capture is not None:
             self.capture.threshold = config.threshold
-        out = sag_guided_forward(model, x, t, arguments, config=config, capture=self.capture, c1=c1, c2=c2,
+            self.capture.image_tokens = x.shape[1] if packed else None
+        out = sag_guided_forward(model, x4, t, arguments, config=config, capture=self.capture, c1=c1, c2=c2,
                                  ways=layout.ways, uncond_index=layout.uncond_index,
                                  guided_channels=layout.latent_channels, latent_channels=layout.latent_channels,
-                                 degraded_kwargs=self.contract.degraded_kwargs)
-        return first[0](out)
+                                 degraded_kwargs=contract.degraded_kwargs, on_shift=on_shift)
+        return first[0](pack_latents(out) if packed else out)
 
 
 # ------------------------------------------------------------------------------ copies and pickles

@@ -96,15 +96,15 @@ def tiny_text_encoder(seed: int = 0, with_projection: bool = False):
         return cls(_text_config()).eval()
 
 
-def tiny_vae(seed: int = 0, latent_channels: int = LATENT_CHANNELS):
-    """AutoencoderKL with 4 levels (vae_scale_factor 8) and 8-16 channels."""
+def tiny_vae(seed: int = 0, latent_channels: int = LATENT_CHANNELS, **config):
+    """AutoencoderKL with 4 levels (vae_scale_factor 8) and 8-16 channels; config: e.g. SD3's shift_factor."""
     from diffusers import AutoencoderKL
 
     with _seeded(seed):
         return AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=latent_channels,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64,
+            block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64, **config,
         ).eval()
 
 
@@ -249,3 +249,50 @@ def tiny_unet2d_pipeline(cls=None, scheduler: str | None = None, seed: int = 0, 
         sched = tiny_scheduler("ddim", "epsilon", **overrides)
     pipe = cls(unet=tiny_unet2d(seed, learned_variance), scheduler=sched)
     return _place(pipe, device, dtype)
+
+
+def tiny_sd3_pipeline(cls=None, seed: int = 0, shift: float = 3.0, device=None, dtype=None):
+    """A tiny SD3 pipeline: an SD3Transformer2DModel with joint attention (image and text tokens in one softmax),
+    patch 2 (a 4x4 token grid for 8x8 latents), 16 latent channels, flow matching with shift; two tiny CLIP
+    text encoders and no T5 (diffusers then uses zeros for the T5 tokens: pass max_sequence_length=4)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    if cls is None:
+        from diffusers import StableDiffusion3Pipeline as cls
+
+    with _seeded(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=2 * TEXT_HIDDEN, caption_projection_dim=16,
+            pooled_projection_dim=2 * TEXT_HIDDEN, pos_embed_max_size=16,
+        ).eval()
+    return _place(cls(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=tiny_vae(seed + 1, latent_channels=16, shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=tiny_text_encoder(seed + 2, with_projection=True), tokenizer=tiny_tokenizer(),
+        text_encoder_2=tiny_text_encoder(seed + 3, with_projection=True), tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None,
+    ), device, dtype)
+
+
+def tiny_flux_pipeline(cls=None, seed: int = 0, guidance_embeds: bool = True, device=None, dtype=None):
+    """A tiny Flux.1 pipeline: FluxTransformer2DModel (3 double-stream + 2 single-stream blocks, rotary
+    embeddings, 16 latent channels packed 2x2 into 64), flow matching with dynamic shifting, a 16-channel VAE.
+    No text encoders: call it with prompt_embeds (B, T, 32) and pooled_prompt_embeds (B, 32), height=width=64
+    (8x8 latents, 16 image tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    if cls is None:
+        from diffusers import FluxPipeline as cls
+
+    with _seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=3, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN, pooled_projection_dim=TEXT_HIDDEN,
+            guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+        ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+    return _place(cls(
+        transformer=transformer, scheduler=scheduler,
+        vae=tiny_vae(seed + 1, latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+    ), device, dtype)
