@@ -2,8 +2,11 @@
 
 GPU: (2, 20, 4096, 4096) fp16 probabilities (1.34 GB, read once: target >= 80% of a copy's bandwidth),
 and q/k at N = 4096 against softmax(q k^T) materialised (target: faster, peak extra memory < 1% of the
-probabilities). CPU: small shapes that run in seconds, timing the ops' CPU kernel (torch, in chunks of
-query rows; TRITON_INTERPRET does not change which kernel a CPU tensor gets).
+probabilities). Joint attention (GPU only; the CPU run records the rows as skipped): mask_from_qk with
+image_span on (B, N, heads, d) q/k slices of a fused projection, SD3-like (B=2, 24 heads, 4096 image + 333
+text tokens, d=64) and Flux-like (B=1, guidance-distilled; 24 heads, 512 text + 4096 image, d=128), fp16,
+against the materialised softmax. CPU: small shapes that run in seconds, timing the ops' CPU kernel (torch,
+in chunks of query rows; TRITON_INTERPRET does not change which kernel a CPU tensor gets).
 Run: `python -m pytest bench/bench_mask.py`.
 """
 from __future__ import annotations
@@ -115,3 +118,50 @@ def test_bench_mask_from_qk(benchmark, qk, bench_device, impl):
     record("mask_from_qk", "q, k (B, heads, N, d) -> mask", impl, seconds,
            baseline=None if impl == "materialised probs" else "materialised probs",
            shape=str(QK_SHAPE), dtype=DTYPE_NAME, **fields)
+
+
+# ------------------------------------------------------------------------------ joint attention
+JOINT_CASES = {  # name: (B, heads, image tokens, text tokens, d, text first)
+    "SD3-like [image, text]": (2, 24, 4096, 333, 64, False),
+    "Flux-like [text, image]": (1, 24, 4096, 512, 128, True),
+}
+
+
+def _joint_qk(b, heads, n_img, n_txt, d, text_first, device):
+    """q, k (B, N, heads, d) as diffusers' attention dispatch has them: slices of a fused qkv projection."""
+    qkv = torch.randn(b, n_img + n_txt, 3 * heads * d, device=device, dtype=torch.float16)
+    q = qkv[..., : heads * d].unflatten(-1, (heads, d))
+    k = qkv[..., heads * d: 2 * heads * d].unflatten(-1, (heads, d))
+    return q, k, (n_txt if text_first else 0, n_img)
+
+
+def _materialised_joint_mask(q, k, span, grid):
+    """The joint mask the plain way: the whole (B, heads, N, N) softmax, the image block summed."""
+    start, length = span
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+    attn = torch.softmax((qh @ kh.transpose(-1, -2)) * qh.shape[-1] ** -0.5, dim=-1)
+    mass = attn[:, :, start:start + length, start:start + length].float().sum(2).mean(1)
+    return (mass > mass.mean(-1, keepdim=True)).view(q.shape[0], *grid)
+
+
+@pytest.mark.parametrize("impl", ["materialised probs", "sag_fast triton"])
+@pytest.mark.parametrize("case", list(JOINT_CASES))
+def test_bench_mask_from_qk_joint(benchmark, bench_device, case, impl):
+    b, heads, n_img, n_txt, d, text_first = JOINT_CASES[case]
+    shape = f"(B={b}, N={n_img}+{n_txt}, heads={heads}, d={d}) BNHD"
+    if bench_device.type != "cuda":
+        record("mask_from_qk joint", case, f"{impl} (GPU only: skipped)", None, shape=shape, dtype="float16")
+        pytest.skip("joint-attention mask benchmark: GPU only")
+    q, k, span = _joint_qk(b, heads, n_img, n_txt, d, text_first, bench_device)
+    grid = _grid(n_img)
+    if impl == "sag_fast triton":
+        fn = lambda: mask_from_qk(q, k, grid, layout="BNHD", image_span=span)  # noqa: E731
+    else:
+        fn = lambda: _materialised_joint_mask(q, k, span, grid)  # noqa: E731
+    seconds = _measure(benchmark, fn, bench_device)
+    n = n_img + n_txt
+    probs_bytes = b * heads * n * n * q.element_size()
+    extra = _peak_extra_bytes(fn, bench_device)
+    record("mask_from_qk joint", case, impl, seconds,
+           baseline=None if impl == "materialised probs" else "materialised probs", shape=shape, dtype="float16",
+           peak_extra_MB=f"{extra / 2**20:.1f}", pct_of_probs=f"{100 * extra / probs_bytes:.2f}%")

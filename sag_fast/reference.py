@@ -57,6 +57,55 @@ def mass_to_mask(mass: torch.Tensor, grid_hw, threshold: float = 1.0) -> torch.T
     return (mass > threshold).reshape(mass.shape[0], h, w)
 
 
+# ----------------------------------------------------------------------------- joint attention
+def check_image_span(image_span, n: int) -> tuple[int, int]:
+    """(start, length) of the image tokens among the N tokens of a joint-attention layer."""
+    start, length = (int(v) for v in image_span)
+    if length < 1 or start < 0 or start + length > n:
+        raise ValueError(f"image_span={tuple(image_span)} is out of range for N={n} tokens "
+                         "(need 0 <= start, length >= 1, start + length <= N)")
+    return start, length
+
+
+def joint_attention_mass(probs: torch.Tensor, image_span) -> torch.Tensor:
+    """Joint attention (image and text tokens in one softmax, SD3/Flux): (B, length) mass of the image keys.
+
+    probs: (B, heads, N, N), each row the softmax over *all* N keys the layer attends to (text included).
+    image_span = (start, length): the image tokens are start .. start+length-1 (text before them, as in
+    Flux, or after, as in SD3). mass[b, j] = mean over heads of the sum over the image queries i of
+    probs[b, head, i, j], for the image keys j only: text queries are not image regions, and text keys
+    take their share of each row's mass without being part of the mask.
+    """
+    if probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
+        raise ValueError(f"joint_attention_mass: probs must be (B, heads, N, N), got {tuple(probs.shape)}")
+    start, length = check_image_span(image_span, probs.shape[-1])
+    image = slice(start, start + length)
+    return attention_mass(probs[:, :, image, image])
+
+
+def joint_attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, image_span,
+                                 scale: float | None = None) -> torch.Tensor:
+    """joint_attention_mass of softmax(q k^T * scale) over all keys; q, k (B, heads, N, d), materialised."""
+    if q.dim() != 4 or q.shape != k.shape:
+        raise ValueError(f"joint_attention_mass_from_qk: q {tuple(q.shape)} and k {tuple(k.shape)} must both be "
+                         "(B, heads, N, d)")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    probs = torch.softmax(q.to(acc) @ k.to(acc).transpose(-1, -2) * scale, dim=-1)
+    return joint_attention_mass(probs, image_span)
+
+
+def joint_mass_to_mask(mass: torch.Tensor, grid_hw, threshold: float = 1.0) -> torch.Tensor:
+    """(B, length) image-key mass -> (B, h, w) bool: mass > threshold * (mean mass of the image keys).
+
+    Relative, so that threshold 1.0 keeps meaning "above the average image token" whatever share of each
+    row the text keys take (docs/design.md, "The mask for joint attention"). Without text keys the mean is
+    1 (in exact arithmetic: every row sums to 1), and this is mass_to_mask's rule.
+    """
+    h, w = check_grid(grid_hw, mass.shape[-1])
+    return (mass > threshold * mass.mean(-1, keepdim=True)).reshape(mass.shape[0], h, w)
+
+
 def upsample_mask(mask: torch.Tensor, out_hw) -> torch.Tensor:
     """Nearest upsampling of a (B, h, w) mask to (B, H, W) with F.interpolate's index rule
     (src = min(floor(dst * fp32(in/out)), in-1), in fp32 arithmetic; not the exact integer quotient)."""

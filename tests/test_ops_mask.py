@@ -456,6 +456,8 @@ def _aot_spec(fn, dtype: str, constexprs: dict):
     cx = {**constexprs, **{n: 1 for n in _CONTIGUOUS_LAST if n in fn.arg_names}}
     if "WRITE_MASS" in fn.arg_names:
         cx["WRITE_MASS"] = False  # what the custom ops launch
+    if "RELATIVE" in fn.arg_names:
+        cx.setdefault("RELATIVE", False)  # absolute threshold; the joint-attention tests compile True
     sig = {}
     for name in fn.arg_names:
         if name in cx:

@@ -99,10 +99,11 @@ def interpreted(kernel) -> bool:
 
 def cuda_decomposition(arg_names: tuple[str, ...], traced_impl):
     """The FunctionalTensorMode rule of a Triton-backed op (torch.library.register_torch_dispatch): when
-    torch.compile functionalises a graph, a call on CUDA tensors becomes `traced_impl(*args)`, its Triton
+    torch.compile functionalises a graph, a call on CUDA tensors becomes `traced_impl(*args, **kwargs)`, its Triton
     launches recorded with wrap_triton (graph nodes Inductor compiles with the rest of the graph); a call on
     any other device stays the op. torch.library.triton_op does the same for every device, which would run
-    the Triton body for CPU tensors too (see docs/design.md). The first argument's device decides."""
+    the Triton body for CPU tensors too (see docs/design.md). The first argument's device decides.
+    arg_names: the schema's positional arguments; keyword-only ones are passed on as keywords."""
     def rule(mode, op, types, args, kwargs):
         from torch._subclasses.fake_tensor import FakeTensor
         from torch._subclasses.functional_tensor import FunctionalTensor
@@ -113,6 +114,7 @@ def cuda_decomposition(arg_names: tuple[str, ...], traced_impl):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         if any(t is not torch.Tensor and not issubclass(t, (FakeTensor, FunctionalTensor)) for t in types):
             return NotImplemented
+        positional = [bound.pop(n) for n in arg_names]
         with mode:
-            return traced_impl(*(bound[n] for n in arg_names))
+            return traced_impl(*positional, **bound)  # what is left: the schema's keyword-only arguments
     return rule

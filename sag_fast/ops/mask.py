@@ -13,6 +13,12 @@ the partials in split order 0, 1, ... (so the sum does not depend on which progr
 by heads and thresholds, in the same kernel. Results are bitwise reproducible for a given device
 (the split count depends on the SM count).
 
+Joint attention (`mask_from_qk(..., image_span=(start, length))`, SD3/Flux: image and text tokens in one
+softmax): the log-sum-exp kernel reads the image queries (a view of q) against all N keys, the mass kernel
+the image queries against the image keys (views of q and k), and the threshold is relative to the mean
+image-key mass: the last key block of a batch to finish (a second counter) sums the masses in key order
+and thresholds the whole row. q/k in diffusers' (B, N, heads, d) layout are read as a transposed view.
+
 Two custom ops, `sag_fast::mask_from_probs` and `sag_fast::mask_from_qk`, each with a kernel per device:
 CUDA the Triton kernels (decomposed into them when torch.compile functionalises the graph, like
 sag_fast::degrade); every other device (CPU) a torch implementation in this file that accumulates in
@@ -23,6 +29,7 @@ TRITON_INTERPRET=1 the Triton path runs on CPU tensors through the launchers, `*
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import triton
@@ -92,9 +99,25 @@ def head_dim_pad(d: int) -> int:
 
 # ---------------------------------------------------------------------------------------- kernels
 @triton.jit
+def _relative_threshold(mass_row, mask_row, nk, threshold, BLOCK: tl.constexpr):
+    """mask = mass > threshold * mean(mass) over one batch row of Nk masses (all stored, made visible)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, nk, BLOCK):  # fixed order: the mean does not depend on which program ran last
+        acc += tl.load(mass_row + k0 + offs, mask=k0 + offs < nk, other=0.0, cache_modifier=".cg")
+    cut = threshold * (tl.sum(acc, axis=0) / nk)
+    for k0 in range(0, nk, BLOCK):
+        m = tl.load(mass_row + k0 + offs, mask=k0 + offs < nk, other=0.0, cache_modifier=".cg")
+        tl.store(mask_row + k0 + offs, (m > cut).to(tl.uint8), mask=k0 + offs < nk)
+
+
+@triton.jit
 def _finish_mass(col, offs_k, kmask, b, pid_k, pid_s, n_kb, n_split, nk, heads, threshold,
-                 part_ptr, count_ptr, mask_ptr, mass_ptr, WRITE_MASS: tl.constexpr):
-    """Store this program's partial column sums; the last program of (b, key block) reduces them."""
+                 part_ptr, count_ptr, mask_ptr, mass_ptr, WRITE_MASS: tl.constexpr,
+                 RELATIVE: tl.constexpr, BLOCK: tl.constexpr):
+    """Store this program's partial column sums; the last program of (b, key block) reduces them.
+    RELATIVE: the threshold is relative to the mean mass of batch row b; the mass is stored, and the last
+    key block of the row to finish (counter count_ptr[B * n_kb + b]) thresholds the whole row."""
     part = part_ptr + b.to(tl.int64) * n_split * nk  # partials: (B, n_split, Nk) fp32
     tl.store(part + pid_s * nk + offs_k, col, mask=kmask)
     tl.debug_barrier()  # all threads' partials are stored before the release below
@@ -106,9 +129,17 @@ def _finish_mass(col, offs_k, kmask, b, pid_k, pid_s, n_kb, n_split, nk, heads, 
             total += tl.load(part + s * nk + offs_k, mask=kmask, other=0.0, cache_modifier=".cg")
         mass = total / heads
         out = b.to(tl.int64) * nk + offs_k
-        tl.store(mask_ptr + out, (mass > threshold).to(tl.uint8), mask=kmask)
-        if WRITE_MASS:
+        if RELATIVE:
             tl.store(mass_ptr + out, mass, mask=kmask)
+            tl.debug_barrier()  # the same release/acquire as above, one level up: key blocks -> batch row
+            row_done = tl.atomic_add(count_ptr + tl.num_programs(2) * n_kb + b, 1, sem="acq_rel")
+            if row_done == n_kb - 1:
+                row = b.to(tl.int64) * nk
+                _relative_threshold(mass_ptr + row, mask_ptr + row, nk, threshold, BLOCK)
+        else:
+            tl.store(mask_ptr + out, (mass > threshold).to(tl.uint8), mask=kmask)
+            if WRITE_MASS:
+                tl.store(mass_ptr + out, mass, mask=kmask)
 
 
 @triton.jit
@@ -136,7 +167,7 @@ def _probs_mass_kernel(p_ptr, part_ptr, count_ptr, mask_ptr, mass_ptr,
             row_ptr += BLOCK_Q * stride_q
         head += stride_h
     _finish_mass(tl.sum(acc, axis=0), offs_k, kmask, b, pid_k, pid_s, tl.num_programs(0), n_split, nk,
-                 heads, threshold, part_ptr, count_ptr, mask_ptr, mass_ptr, WRITE_MASS)
+                 heads, threshold, part_ptr, count_ptr, mask_ptr, mass_ptr, WRITE_MASS, False, BLOCK_K)
 
 
 @triton.jit
@@ -185,8 +216,9 @@ def _qk_mass_kernel(q_ptr, k_ptr, lse_ptr, part_ptr, count_ptr, mask_ptr, mass_p
                     heads, nq, nk, d, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, qk_scale,
                     rows_per_split, n_split, threshold,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr,
-                    WRITE_MASS: tl.constexpr):
-    """Per key block: sum over heads and this program's query rows of 2^(s_ij - lse2_i)."""
+                    WRITE_MASS: tl.constexpr, RELATIVE: tl.constexpr):
+    """Per key block: sum over heads and this program's query rows of 2^(s_ij - lse2_i).
+    RELATIVE: threshold relative to each batch row's mean mass (joint attention)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = tl.program_id(2)
@@ -217,7 +249,7 @@ def _qk_mass_kernel(q_ptr, k_ptr, lse_ptr, part_ptr, count_ptr, mask_ptr, mass_p
         k_head += sk_h
         lse_head += nq
     _finish_mass(tl.sum(acc, axis=0), offs_n, nmask, b, pid_n, pid_s, tl.num_programs(0), n_split, nk,
-                 heads, threshold, part_ptr, count_ptr, mask_ptr, mass_ptr, WRITE_MASS)
+                 heads, threshold, part_ptr, count_ptr, mask_ptr, mass_ptr, WRITE_MASS, RELATIVE, BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------- launchers
@@ -240,11 +272,13 @@ def _check_tile_offsets(name: str, *spans: int) -> None:
                          "pass a tensor with a more compact layout")
 
 
-def _outputs(bsz: int, n_kb: int, n_split: int, nk: int, device, return_mass: bool):
+def _outputs(bsz: int, n_kb: int, n_split: int, nk: int, device, return_mass: bool, relative: bool = False):
+    """Partials, counters (per key block; relative: then one per batch row), mask, mass (relative needs it)."""
     part = torch.empty((bsz, n_split, nk), dtype=torch.float32, device=device)
-    count = torch.zeros((bsz, n_kb), dtype=torch.int32, device=device)
+    count = torch.zeros((bsz * n_kb + (bsz if relative else 0),), dtype=torch.int32, device=device)
     mask = torch.empty((bsz, nk), dtype=torch.bool, device=device)
-    mass = torch.empty((bsz, nk), dtype=torch.float32, device=device) if return_mass else part  # dummy ptr
+    keep = return_mass or relative
+    mass = torch.empty((bsz, nk), dtype=torch.float32, device=device) if keep else part  # else a dummy ptr
     return part, count, mask, mass
 
 
@@ -279,11 +313,20 @@ def launch_mask_from_probs(probs: torch.Tensor, threshold: float, *, n_split: in
 
 
 def launch_mask_from_qk(q: torch.Tensor, k: torch.Tensor, threshold: float, scale: float, *,
-                        n_split: int | None = None, return_mass: bool = False, traced: bool = False):
-    """Triton path for q (B, heads, Nq, d), k (B, heads, Nk, d). -> (mask (B, Nk) bool, mass or None).
+                        image_span: tuple[int, int] | None = None, n_split: int | None = None,
+                        return_mass: bool = False, traced: bool = False):
+    """Triton path for q (B, heads, Nq, d), k (B, heads, Nk, d), any strides (a (B, N, heads, d) tensor is
+    passed as its .transpose(1, 2)). -> (mask (B, Nk) bool, mass or None).
+    image_span=(start, length): joint attention (Nq == Nk == N): image queries and keys are the span, the
+    softmax runs over all N keys, the threshold is relative to the mean mass -> (mask (B, length), mass).
     Launches under q's device. traced: record the launches with wrap_triton (torch.compile)."""
+    relative = image_span is not None
+    lse_keys = k  # the keys of each row's log-sum-exp: all of them
+    if relative:  # views (no copy): image queries; the mass is summed over image keys only
+        start, length = image_span
+        q, k = q.narrow(2, start, length), k.narrow(2, start, length)
     bsz, heads, nq, d = (int(v) for v in q.shape)
-    nk = int(k.shape[2])
+    nk, nk_lse = int(k.shape[2]), int(lse_keys.shape[2])
     d_pad = head_dim_pad(d)
     lse_cfg, mass_cfg = qk_configs(q.dtype, d_pad)
     qs, ks = q.stride(), k.stride()
@@ -298,15 +341,15 @@ def launch_mask_from_qk(q: torch.Tensor, k: torch.Tensor, threshold: float, scal
     bm, bn = mass_cfg["BLOCK_M"], mass_cfg["BLOCK_N"]
     n_kb = triton.cdiv(nk, bn)
     n_split, rows = _split_queries(nq, bm, bsz * n_kb, _target_programs(q, 8), n_split)
-    part, count, mask, mass = _outputs(bsz, n_kb, n_split, nk, q.device, return_mass)
+    part, count, mask, mass = _outputs(bsz, n_kb, n_split, nk, q.device, return_mass, relative)
     lse_kernel = wrap_triton(_qk_lse_kernel) if traced else _qk_lse_kernel
     mass_kernel = wrap_triton(_qk_mass_kernel) if traced else _qk_mass_kernel
     with device_guard(q, traced):
         lse_kernel[(triton.cdiv(nq, lse_cfg["BLOCK_M"]), bsz * heads)](
-            q, k, lse, heads, nq, nk, d, *qs, *ks, qk_scale, **lse_cfg)
+            q, lse_keys, lse, heads, nq, nk_lse, d, *qs, *lse_keys.stride(), qk_scale, **lse_cfg)
         mass_kernel[(n_kb, n_split, bsz)](
             q, k, lse, part, count, mask.view(torch.uint8), mass, heads, nq, nk, d, *qs, *ks, qk_scale,
-            rows, n_split, float(threshold), WRITE_MASS=return_mass, **mass_cfg)
+            rows, n_split, float(threshold), WRITE_MASS=return_mass, RELATIVE=relative, **mass_cfg)
     return mask, (mass if return_mass else None)
 
 
@@ -344,26 +387,71 @@ def check_probs(probs, h: int, w: int, threshold: float, heads) -> int:
     return heads
 
 
-def check_qk(q, k, h: int, w: int, threshold: float, scale: float, triton: bool) -> None:
+LAYOUTS = {"BHND": "(B, heads, N, d)", "BNHD": "(B, N, heads, d)"}
+
+
+def heads_first(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """q or k as a (B, heads, N, d) view (a transpose of a (B, N, heads, d) tensor: strides only)."""
+    return t if layout == "BHND" else t.transpose(1, 2)
+
+
+def image_span_pair(image_span, op: str = "mask_from_qk") -> tuple[int, int] | None:
+    """image_span as (start, length) Python ints, or None; a TypeError naming it otherwise."""
+    if image_span is None:
+        return None
+    try:
+        start, length = image_span
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: image_span must be None or a pair of ints (start, length), "
+                        f"got {image_span!r}") from None
+    for v in (start, length):
+        if isinstance(v, bool) or not isinstance(v, (numbers.Integral, torch.SymInt)):
+            raise TypeError(f"{op}: image_span must be a pair of ints (start, length), got {image_span!r}")
+    return tuple(v if isinstance(v, torch.SymInt) else int(v) for v in (start, length))
+
+
+def check_qk(q, k, h: int, w: int, threshold: float, scale: float, triton: bool, layout: str = "BHND",
+             image_span=None) -> tuple[int, int] | None:
     """The argument checks of sag_fast::mask_from_qk (its fake and both kernels); triton: the Triton kernel
-    will run it (head dims up to MAX_HEAD_DIM)."""
+    will run it (head dims up to MAX_HEAD_DIM). Returns image_span as (start, length), or None."""
     op = "mask_from_qk"
+    if layout not in LAYOUTS:
+        raise ValueError(f"{op}: layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    span = image_span_pair(image_span, op)
     check_float(q, "q", op, allow_fp64=q.device.type == "cpu" if isinstance(q, torch.Tensor) else True)
     check_float(k, "k", op)
     check_same_device(op, "q", q, "k", k)
     if k.dtype != q.dtype:
         raise ValueError(f"{op}: k must have the dtype of q ({q.dtype}), got {k.dtype}")
+    shape = LAYOUTS[layout]
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"{op}: q and k must be (B, heads, N, d), got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"{op}: k {tuple(k.shape)} must match q {tuple(q.shape)} in B, heads and d")
-    if q.shape[1] < 1 or q.shape[2] < 1 or q.shape[3] < 1:
-        raise ValueError(f"{op}: q must have heads, Nq and d >= 1, got {tuple(q.shape)}")
-    if triton and q.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"{op}: q has head dim d={q.shape[3]}, more than the {MAX_HEAD_DIM} the kernels support")
-    check_grid(h, w, k.shape[2], op)
+        raise ValueError(f"{op}: q and k must be {shape} (layout={layout!r}), got q {tuple(q.shape)} and "
+                         f"k {tuple(k.shape)}")
+    qh, kh = heads_first(q, layout), heads_first(k, layout)
+    if qh.shape[:2] != kh.shape[:2] or qh.shape[3] != kh.shape[3]:
+        raise ValueError(f"{op}: k {tuple(k.shape)} must match q {tuple(q.shape)} in B, heads and d "
+                         f"(layout={layout!r}: {shape})")
+    if qh.shape[1] < 1 or qh.shape[2] < 1 or qh.shape[3] < 1:
+        raise ValueError(f"{op}: q must have heads, N and d >= 1 (layout={layout!r}: {shape}), got {tuple(q.shape)}")
+    if triton and qh.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"{op}: q has head dim d={qh.shape[3]}, more than the {MAX_HEAD_DIM} the kernels support")
+    if span is None:
+        check_grid(h, w, kh.shape[2], op)
+    else:
+        n = kh.shape[2]
+        if qh.shape[2] != n:
+            raise ValueError(f"{op}: image_span is for joint attention, where q and k hold the same N tokens; "
+                             f"got Nq={qh.shape[2]} and Nk={n}")
+        start, length = span
+        if length < 1 or start < 0 or start + length > n:
+            raise ValueError(f"{op}: image_span=({start}, {length}) is out of range for N={n} tokens "
+                             "(need start >= 0, length >= 1, start + length <= N)")
+        if h <= 0 or w <= 0 or h * w != length:
+            raise ValueError(f"{op}: grid_hw=({h}, {w}) does not match image_span's length {length} "
+                             "(need h*w == length)")
     check_threshold(threshold, op)
     real_number(scale, "scale", op)
+    return span
 
 
 # ----------------------------------------------------------------------- the torch (CPU) kernels
@@ -376,18 +464,27 @@ def _mass_probs_torch(p4: torch.Tensor) -> torch.Tensor:
     return p4.sum(dim=2, dtype=acc).mean(dim=1)
 
 
-def _mass_qk_torch(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, Nk) mass of softmax(q k^T * scale), a chunk of query rows at a time (never all Nq x Nk)."""
+def _mass_qk_torch(q: torch.Tensor, k: torch.Tensor, scale: float, image_span=None) -> torch.Tensor:
+    """(B, Nk) mass of softmax(q k^T * scale), a chunk of query rows at a time (never all Nq x Nk).
+    image_span=(start, length): the rows of the span's queries, softmax over all keys, summed over the
+    span's keys -> (B, length)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    start, length = (0, k.shape[2]) if image_span is None else image_span
+    q = q.narrow(2, start, length) if image_span is not None else q
     bsz, heads, nq, _ = q.shape
     nk = k.shape[2]
     kt = k.to(acc).transpose(-1, -2)
     rows = max(1, _QUERY_CHUNK_ELEMENTS // max(1, bsz * heads * nk))
-    mass = torch.zeros(bsz, heads, nk, dtype=acc, device=q.device)
+    mass = torch.zeros(bsz, heads, length, dtype=acc, device=q.device)
     for i in range(0, nq, rows):
         scores = torch.matmul(q[:, :, i:i + rows].to(acc), kt).mul_(scale)
-        mass += torch.softmax(scores, dim=-1).sum(dim=2)
+        mass += torch.softmax(scores, dim=-1).narrow(-1, start, length).sum(dim=2)
     return mass.mean(dim=1)
+
+
+def _threshold_mass(mass: torch.Tensor, threshold: float, relative: bool) -> torch.Tensor:
+    """mass > threshold, or (joint attention) mass > threshold * the row's mean mass."""
+    return mass > (threshold * mass.mean(dim=-1, keepdim=True) if relative else threshold)
 
 
 def _mask_from_probs_torch(probs, h, w, threshold, heads):
@@ -396,9 +493,10 @@ def _mask_from_probs_torch(probs, h, w, threshold, heads):
     return (_mass_probs_torch(p4) > threshold).view(p4.shape[0], h, w)
 
 
-def _mask_from_qk_torch(q, k, h, w, threshold, scale):
-    check_qk(q, k, h, w, threshold, scale, triton=False)
-    return (_mass_qk_torch(q, k, scale) > threshold).view(q.shape[0], h, w)
+def _mask_from_qk_torch(q, k, h, w, threshold, scale, *, layout="BHND", image_span=None):
+    span = check_qk(q, k, h, w, threshold, scale, triton=False, layout=layout, image_span=image_span)
+    mass = _mass_qk_torch(heads_first(q, layout), heads_first(k, layout), scale, span)
+    return _threshold_mass(mass, threshold, span is not None).view(q.shape[0], h, w)
 
 
 # ------------------------------------------------------------------------ the Triton (CUDA) kernels
@@ -411,11 +509,12 @@ def _probs_triton(probs, h, w, threshold, heads, traced):
     return mask.view(-1, h, w)
 
 
-def _qk_triton(q, k, h, w, threshold, scale, traced):
-    check_qk(q, k, h, w, threshold, scale, triton=True)
+def _qk_triton(q, k, h, w, threshold, scale, traced, layout="BHND", image_span=None):
+    span = check_qk(q, k, h, w, threshold, scale, triton=True, layout=layout, image_span=image_span)
     if q.shape[0] == 0:
         return torch.empty((0, h, w), dtype=torch.bool, device=q.device)
-    mask, _ = launch_mask_from_qk(q, k, threshold, scale, traced=traced)
+    mask, _ = launch_mask_from_qk(heads_first(q, layout), heads_first(k, layout), threshold, scale,
+                                  image_span=span, traced=traced)
     return mask.view(-1, h, w)
 
 
@@ -424,9 +523,10 @@ def mask_from_probs_triton(probs, h: int, w: int, threshold: float, heads: int) 
     return _probs_triton(probs, h, w, threshold, heads, traced=False)
 
 
-def mask_from_qk_triton(q, k, h: int, w: int, threshold: float, scale: float) -> torch.Tensor:
+def mask_from_qk_triton(q, k, h: int, w: int, threshold: float, scale: float, *, layout: str = "BHND",
+                        image_span=None) -> torch.Tensor:
     """The CUDA kernel of sag_fast::mask_from_qk (on CPU tensors under TRITON_INTERPRET=1)."""
-    return _qk_triton(q, k, h, w, threshold, scale, traced=False)
+    return _qk_triton(q, k, h, w, threshold, scale, traced=False, layout=layout, image_span=image_span)
 
 
 # ------------------------------------------------------------------------------------------- ops
@@ -436,8 +536,8 @@ def _probs_fake(probs, h, w, threshold, heads):
     return probs.new_empty((bsz, h, w), dtype=torch.bool)
 
 
-def _qk_fake(q, k, h, w, threshold, scale):
-    check_qk(q, k, h, w, threshold, scale, triton=q.device.type == "cuda")
+def _qk_fake(q, k, h, w, threshold, scale, *, layout="BHND", image_span=None):
+    check_qk(q, k, h, w, threshold, scale, triton=q.device.type == "cuda", layout=layout, image_span=image_span)
     return q.new_empty((q.shape[0], h, w), dtype=torch.bool)
 
 
@@ -445,7 +545,8 @@ _LIB = torch.library.Library("sag_fast", "FRAGMENT")  # noqa: TOR901
 _PROBS_ARGS = ("probs", "h", "w", "threshold", "heads")
 _QK_ARGS = ("q", "k", "h", "w", "threshold", "scale")
 _LIB.define("mask_from_probs(Tensor probs, int h, int w, float threshold, int heads) -> Tensor")
-_LIB.define("mask_from_qk(Tensor q, Tensor k, int h, int w, float threshold, float scale) -> Tensor")
+_LIB.define("mask_from_qk(Tensor q, Tensor k, int h, int w, float threshold, float scale, *, "
+            "str layout=\"BHND\", int[]? image_span=None) -> Tensor")
 # every device but CUDA: the torch kernels (CompositeExplicitAutograd is the default for backends without their own)
 _LIB.impl("mask_from_probs", _mask_from_probs_torch, "CompositeExplicitAutograd")
 _LIB.impl("mask_from_qk", _mask_from_qk_torch, "CompositeExplicitAutograd")
@@ -456,7 +557,7 @@ torch.library.register_fake("sag_fast::mask_from_qk", _qk_fake, lib=_LIB)
 torch.library.register_torch_dispatch("sag_fast::mask_from_probs", FunctionalTensorMode, cuda_decomposition(
     _PROBS_ARGS, lambda *args: _probs_triton(*args, traced=True)), lib=_LIB)
 torch.library.register_torch_dispatch("sag_fast::mask_from_qk", FunctionalTensorMode, cuda_decomposition(
-    _QK_ARGS, lambda *args: _qk_triton(*args, traced=True)), lib=_LIB)
+    _QK_ARGS, lambda *args, **kwargs: _qk_triton(*args, traced=True, **kwargs)), lib=_LIB)
 
 
 # ------------------------------------------------------------------------------------- public API
@@ -478,16 +579,29 @@ def mask_from_probs(probs: torch.Tensor, grid_hw, threshold: float = 1.0, heads:
 
 
 def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw, threshold: float = 1.0,
-                 scale: float | None = None) -> torch.Tensor:
+                 scale: float | None = None, *, layout: str = "BHND", image_span=None) -> torch.Tensor:
     """The same (B, h, w) torch.bool mask from q (B, heads, Nq, d) and k (B, heads, Nk, d), without
     materialising the (Nq, Nk) probabilities: A = softmax(q k^T * scale) over keys, scale 1/sqrt(d) by
     default. Any strides (e.g. (B, N, heads*d).view(B, N, heads, d).transpose(1, 2)); d <= 256 on CUDA.
     Extra memory O(B*heads*(Nq+Nk)) on CUDA. One call of sag_fast::mask_from_qk.
+
+    layout: "BHND" (q, k are (B, heads, N, d)) or "BNHD" ((B, N, heads, d), as diffusers' attention
+    dispatch has them); read through strides either way, never copied.
+    image_span: None (every token is an image token; mask = mass > threshold), or (start, length) for joint
+    attention (image and text tokens in one softmax, SD3/Flux; Nq == Nk == N): the image tokens are
+    start .. start+length-1 (text before or after them), the softmax runs over all N keys, the mass is
+    summed over the image queries for the image keys, and mask = mass > threshold * mean image-key mass
+    (so 1.0 is "above the average image token"); grid_hw is the image grid, h*w == length.
     """
     h, w = _grid(grid_hw)
     threshold = check_threshold(threshold, "mask_from_qk")
+    span = image_span_pair(image_span)
     if scale is None:
         if not isinstance(q, torch.Tensor):
             check_float(q, "q", "mask_from_qk")
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.sag_fast.mask_from_qk(q, k, h, w, threshold, real_number(scale, "scale", "mask_from_qk"))
+        scale = 1.0 / math.sqrt(q.shape[-1])  # d is the last dim in both layouts
+    scale = real_number(scale, "scale", "mask_from_qk")
+    if layout == "BHND" and span is None:  # today's call, exactly
+        return torch.ops.sag_fast.mask_from_qk(q, k, h, w, threshold, scale)
+    return torch.ops.sag_fast.mask_from_qk(q, k, h, w, threshold, scale, layout=layout,
+                                           image_span=None if span is None else list(span))
