@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
 
@@ -35,9 +35,10 @@ def _modular(scheduler="euler", dtype=torch.float32):
     return pipe
 
 
-def _classic(scheduler="euler", dtype=torch.float32):
+def _classic(scheduler="euler", dtype=torch.float32, img2img=False):
     # its own components, rebuilt from the same seeds: identical weights, no module shared with the modular one
-    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(scheduler=scheduler))
+    cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
+    pipe = cls(**tiny_sdxl_components(scheduler=scheduler))
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -97,37 +98,46 @@ class Spy:
 
 
 # ------------------------------------------------------------------------------------------------ parity
+INIT_IMAGE = torch.linspace(0, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
+# case -> (guider settings, enable_sag settings, call arguments)
 PARITY = {
-    "defaults": (dict(), dict()),
-    "settings": (dict(blur_sigma=2.0, kernel_size=5, threshold=0.8, layer="down_blocks.1.attentions.0.transformer_blocks.0.attn1",
-                      sag_start=0.34, guidance_rescale=0.7),
-                 dict(blur_sigma=2.0, kernel_size=5, threshold=0.8, layer="down_blocks.1.attentions.0.transformer_blocks.0.attn1", start=0.34)),
-    "global_mask_no_cfg": (dict(mask="global", guidance_scale=1.0), dict(mask="global")),
-    "dpm": (dict(), dict()),
+    "defaults": (dict(), dict(), dict()),
+    "settings": (dict(blur_sigma=2.0, kernel_size=5, threshold=0.8,
+                      layer="down_blocks.1.attentions.0.transformer_blocks.0.attn1", sag_start=0.34,
+                      guidance_rescale=0.7),
+                 dict(blur_sigma=2.0, kernel_size=5, threshold=0.8,
+                      layer="down_blocks.1.attentions.0.transformer_blocks.0.attn1", start=0.34), dict()),
+    "global_mask_no_cfg": (dict(mask="global", guidance_scale=1.0), dict(mask="global"), dict()),
+    "dpm": (dict(), dict(), dict()),
+    # 3 of 4 steps run: the SAG window counts the skipped one, as enable_sag does (steps 1 and 2 of the 3 here)
+    "img2img_window": (dict(sag_start=0.4), dict(start=0.4),
+                       dict(image=INIT_IMAGE, strength=0.75, num_inference_steps=4)),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("case", list(PARITY))
 def test_latents_match_enable_sag_on_classic_sdxl(case, dtype):
-    """Same seeds and settings: the guider in the modular pipeline vs enable_sag on StableDiffusionXLPipeline.
-    The modular loop runs one UNet call per batch where the classic one batches [uncond, cond]; in fp64 that
-    leaves ~1e-15, in fp32 ~1e-4 (the same as plain CFG between the two pipelines)."""
-    guider_kw, sag_kw = PARITY[case]
+    """Same seeds and settings: the guider in the modular pipeline vs enable_sag on StableDiffusionXLPipeline
+    (Img2Img for the image case). The modular loop runs one UNet call per batch where the classic one batches
+    [uncond, cond]; in fp64 that leaves ~1e-15, in fp32 ~1e-4 (the same as plain CFG between the two)."""
+    guider_kw, sag_kw, call = PARITY[case]
     guider_kw = dict(guider_kw)
     scheduler = "dpm" if case == "dpm" else "euler"
     guidance_scale = guider_kw.pop("guidance_scale", 5.0)
     rescale = guider_kw.get("guidance_rescale", 0.0)
-    pipe, classic = _modular(scheduler, dtype), _classic(scheduler, dtype)
+    pipe, classic = _modular(scheduler, dtype), _classic(scheduler, dtype, img2img="image" in call)
+    if "image" in call:
+        call = dict(call, image=call["image"].to(dtype))
 
-    plain = classic_latents(classic, guidance_scale=guidance_scale, guidance_rescale=rescale)
+    plain = classic_latents(classic, guidance_scale=guidance_scale, guidance_rescale=rescale, **call)
     enable_sag(classic, 0.75, **sag_kw)
-    expected = classic_latents(classic, guidance_scale=guidance_scale, guidance_rescale=rescale)
+    expected = classic_latents(classic, guidance_scale=guidance_scale, guidance_rescale=rescale, **call)
     disable_sag(classic)
     guider = SelfAttentionGuidance(guidance_scale=guidance_scale, sag_scale=0.75, scheduler=pipe.scheduler,
                                    **guider_kw)
-    got = latents(pipe, guider)
-    cfg = latents(pipe, ClassifierFreeGuidance(guidance_scale=guidance_scale, guidance_rescale=rescale))
+    got = latents(pipe, guider, **call)
+    cfg = latents(pipe, ClassifierFreeGuidance(guidance_scale=guidance_scale, guidance_rescale=rescale), **call)
 
     assert got.dtype == dtype and got.shape == expected.shape == (1, 4, 8, 8)
     effect = (expected - plain).abs().max().item()

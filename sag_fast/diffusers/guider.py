@@ -137,13 +137,15 @@ class SelfAttentionGuidance(BaseGuidance):
         blur_sigma, kernel_size, threshold, layer, mask: as in `sag_fast.SAGConfig` (the Gaussian blur, the
             attention-mass threshold, the self-attention layer as a module path or regex (None: the model's
             default), "attention" or "global" (blur guidance)).
-        sag_start, sag_stop: SAG runs on steps whose progress step / num_inference_steps is in
-            [sag_start, sag_stop) (enable_sag's start/stop).
+        sag_start, sag_stop: SAG runs on steps whose progress is in [sag_start, sag_stop): enable_sag's
+            start/stop, progress being the step's index in the scheduler's whole schedule over its length
+            (img2img's skipped steps count; for txt2img, step / num_inference_steps).
         guidance_rescale: as in ClassifierFreeGuidance, against the SAG-shifted conditional prediction c'
             (what the classic pipelines do with enable_sag).
         use_original_formulation: CFG around c' instead of u', as in ClassifierFreeGuidance.
         start, stop, enabled: the window of the whole guider, as in diffusers' guiders (outside it, or when
-            disabled: the conditional prediction alone, one denoiser call).
+            disabled: the conditional prediction alone, one denoiser call). The modular SDXL loop sets `enabled`
+            itself (off for LCM UNets only).
         scheduler: the pipeline's scheduler (`pipe.scheduler`); it gives each step's (alpha, sigma) for the
             degrade. It is not part of the saved config. It may be omitted only when SAG never runs
             (sag_scale=0, enabled=False); otherwise set it before sampling: `guider.scheduler = pipe.scheduler`
@@ -256,7 +258,17 @@ class SelfAttentionGuidance(BaseGuidance):
             return False
         if self._num_inference_steps is None:  # before the loop (e.g. an encoder asking num_conditions)
             return True
-        return self.sag_config.active_at(self._step / self._num_inference_steps)
+        return self.sag_config.active_at(self._progress())
+
+    def _progress(self) -> float:
+        """The step's place in the scheduler's whole schedule, as enable_sag counts it: img2img's skipped steps
+        (the scheduler's begin_index) included, one entry per timestep (second-order schedulers' too)."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if isinstance(timesteps, torch.Tensor) and len(timesteps) \
+                and getattr(self.scheduler, "num_inference_steps", None) is not None:
+            begin = getattr(self.scheduler, "begin_index", None)
+            return ((begin if isinstance(begin, int) else 0) + self._step) / len(timesteps)
+        return self._step / self._num_inference_steps
 
     def _batches(self) -> list[tuple[int, str]]:
         """(tuple index of the loop's (cond, uncond) fields, prediction name) per batch, in run order."""
