@@ -1,10 +1,10 @@
-"""sag_fast.SelfAttentionGuidance, the guider for diffusers' modular pipelines, on the modular SDXL pipeline built
-offline from the tiny random SDXL components (sag_fast.diffusers.tiny): parity with enable_sag on the classic
-StableDiffusionXLPipeline, sag_scale=0 against diffusers' ClassifierFreeGuidance, windows, the config round trip,
-the denoiser left exactly as it was, what each denoiser call receives, and the refusals."""
+"""sag_fast.SelfAttentionGuidance, the guider for diffusers' modular pipelines, on the modular SDXL and SD3 pipelines
+built offline from tiny random models (sag_fast.diffusers.tiny): parity with enable_sag on the classic
+StableDiffusionXLPipeline (txt2img, img2img) and StableDiffusion3Pipeline, sag_scale=0 against diffusers'
+ClassifierFreeGuidance, windows, the config round trip, the denoiser left exactly as it was, what each denoiser
+call receives (against the float64 reference degrade), the refusals, a torch.compile'd denoiser."""
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
@@ -449,29 +449,42 @@ def test_sd3_joint_attention_refused_before_the_step_runs_without_joint_support(
     assert seen == []
 
 
-def _joint_masks_available() -> bool:
-    import sag_fast.diffusers.guider as guider_module
-    from sag_fast.ops.mask import mask_from_qk
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_sd3_joint_attention_matches_enable_sag_on_classic_sd3(_one_thread, dtype):
+    """SD3's default layer (the middle block's joint attention, image tokens first): the guider in the modular SD3
+    pipeline gives the latents of enable_sag on StableDiffusion3Pipeline (tiny_sd3_pipeline's transformer, rebuilt
+    from its seed for each pipeline; prompt embeddings given), and leaves the transformer as it was."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
+        StableDiffusion3T2ICoreDenoiseStep)
+    from sag_fast.diffusers.tiny import tiny_sd3_pipeline
 
-    return guider_module._joint_layout is not None and "image_span" in inspect.signature(mask_from_qk).parameters
+    classic = tiny_sd3_pipeline(dtype=dtype)
+    pipe = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=tiny_sd3_pipeline(dtype=dtype).transformer,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    g = torch.Generator().manual_seed(1)
+    embeds = {k: torch.randn(*shape, generator=g).to(dtype) for k, shape in (
+        ("prompt_embeds", (1, 7, 64)), ("negative_prompt_embeds", (1, 7, 64)),
+        ("pooled_prompt_embeds", (1, 64)), ("negative_pooled_prompt_embeds", (1, 64)))}
+    call = dict(**embeds, height=64, width=64, num_inference_steps=3)
 
+    def classic_run():
+        return classic(**call, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                       output_type="latent").images
 
-@pytest.mark.skipif(not _joint_masks_available(), reason="joint-attention SAG masks (mask_from_qk's image span) are "
-                                                         "not in this tree yet")
-def test_sd3_joint_attention_default_layer(_one_thread):
-    """SD3's default layer (the middle block's joint attention): SAG runs in the modular SD3 pipeline, changes the
-    latents, the degraded call gets the unconditional embeddings, and the transformer is left as it was."""
-    pipe = _sd3_modular(dual_attention=False)
+    plain = classic_run()
+    enable_sag(classic, 0.75)
+    expected = classic_run()
+    disable_sag(classic)
     before = hook_state(pipe.transformer)
-    cfg = _sd3_latents(pipe, ClassifierFreeGuidance(guidance_scale=5.0))
-    calls = []
-    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
-    try:
-        guided = _sd3_latents(pipe, SelfAttentionGuidance(guidance_scale=5.0, scheduler=pipe.scheduler))
-    finally:
-        handle.remove()
-    assert (guided - cfg).abs().max() > 1e-3 and torch.isfinite(guided).all()
-    assert len(calls) == 9 and calls[2]["encoder_hidden_states"] is calls[1]["encoder_hidden_states"]
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, scheduler=pipe.scheduler))
+    got = pipe(**call, generator=torch.Generator().manual_seed(0), output="latents")
+
+    effect, diff = (expected - plain).abs().max().item(), (got - expected).abs().max().item()
+    print(f"\nSD3 {dtype}: |guider - enable_sag| = {diff:.3g}, SAG effect {effect:.3g}")
+    assert got.shape == expected.shape == (1, 16, 8, 8) and effect > 1e-2
+    assert diff <= (1e-12 if dtype == torch.float64 else 1e-4)
     assert hook_state(pipe.transformer) == before
 
 

@@ -154,9 +154,10 @@ class SelfAttentionGuidance(BaseGuidance):
             not the loop's (a stale scheduler), before any denoiser call of that step.
 
     The denoiser must take (B, C, H, W) latents and show the SAG layer's attention to torch (see
-    `sag_fast.capture`); a layer the capture cannot read (e.g. joint text-image attention, until supported)
-    is refused at the first `prepare_models`, before the denoiser runs. ControlNet loops are refused (their
-    residuals come from the undegraded latents).
+    `sag_fast.capture`; SD3's joint attention is read with its image tokens first, as by enable_sag); a layer
+    the capture cannot read (e.g. the joint attention of a model whose token layout sag_fast does not know) is
+    refused at the first `prepare_models`, before the denoiser runs; packed or video latents at the first
+    guided call. ControlNet loops are refused (their residuals come from the undegraded latents).
     """
 
     _input_predictions = ["pred_cond", "pred_uncond", "pred_degraded"]
