@@ -4,6 +4,7 @@ call), fake-CUDA device placement, and the small refusals. Each test failed on t
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import pickle
 
@@ -16,7 +17,8 @@ from diffusers_checks import hook_state, images
 from fake_cuda import fake_cuda, to_fake_cuda
 from sag_fast import SAGConfig
 from sag_fast.diffusers import disable_sag, enable_sag, sag_config
-from sag_fast.diffusers.tiny import tiny_dit_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unet2d_pipeline
+from sag_fast.diffusers.tiny import (tiny_dit_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline,
+                                     tiny_sdxl_pipeline, tiny_unet2d_pipeline)
 
 peft = pytest.importorskip("peft")  # a test dependency (requirements.txt): present in make test
 
@@ -190,6 +192,9 @@ FAKE_CASES = {
     "sd1": (lambda: tiny_sd_pipeline(), dict(prompt="a cat"), False),
     "sdxl": (lambda: tiny_sdxl_pipeline(), dict(prompt="a cat"), False),
     "dit": (lambda: tiny_dit_pipeline(), dict(class_labels=[1, 3]), False),
+    "sd3": (lambda: tiny_sd3_pipeline(), dict(prompt="a cat", max_sequence_length=4), False),
+    "flux": (lambda: tiny_flux_pipeline(), dict(prompt_embeds=torch.ones(1, 5, 32), pooled_prompt_embeds=torch.ones(1, 32),
+                                                height=64, width=64), False),
 }
 
 
@@ -214,7 +219,8 @@ def test_guided_model_call_on_fake_cuda_mixes_no_devices(case):
     enable_sag(pipe, 1.0)
     model = getattr(pipe, "unet", None) or pipe.transformer
     set_timesteps, placed, calls = pipe.scheduler.set_timesteps, [], []
-    pipe.scheduler.set_timesteps = lambda *a, **k: placed.append(k.get("device")) or set_timesteps(*a, **k)
+    pipe.scheduler.set_timesteps = functools.wraps(set_timesteps)(  # wraps: pipelines inspect its parameters
+        lambda *a, **k: placed.append(k.get("device")) or set_timesteps(*a, **k))
     handle = model.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)) if not calls else None,
                                              with_kwargs=True)
     pipe(**kwargs, num_inference_steps=2, output_type="latent")
@@ -222,6 +228,8 @@ def test_guided_model_call_on_fake_cuda_mixes_no_devices(case):
     del pipe.scheduler.set_timesteps
     args, call_kwargs = calls[0]
     t = args[1] if len(args) > 1 else call_kwargs["timestep"]
+    if not args:  # a transformer called by keyword (SD3, Flux): hidden_states is the first argument
+        args, call_kwargs = (call_kwargs.pop("hidden_states"),), call_kwargs
     assert isinstance(t, torch.Tensor)
     if t_on_cpu:  # the premise of the case, checked on the real run: no device given, t straight from the schedule
         assert placed[0] is None

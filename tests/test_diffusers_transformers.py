@@ -259,3 +259,78 @@ def test_flux_guided_call_equals_the_float64_reference():
         degraded = model(hidden_states=pack_latents(x_deg), return_dict=False, **kwargs)[0]
     want = pack_latents(reference.guidance_shift(out4.double(), unpack_latents(degraded, 8, 8).double(), 0.9).float())
     torch.testing.assert_close(guided, want, rtol=0, atol=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------- PixArt
+def _pixart_call():
+    import tiny_pipelines as tp
+    from test_diffusers_contract import t5_text
+
+    return tp, dict(**t5_text(mask=True), height=64, width=64, output_type="np", num_inference_steps=3,
+                    guidance_scale=4.5)
+
+
+class _TimestepSecond(torch.nn.Module):
+    """PixArt's forward takes (hidden_states, encoder_hidden_states, timestep): the (x, t, **kw) order the
+    reference helpers call with."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, t, return_dict=False, **kwargs):
+        return self.inner(x, timestep=t, return_dict=False, **kwargs)
+
+
+@pytest.mark.parametrize("sigma", [False, True], ids=["alpha", "sigma"])
+def test_pixart_only_the_unconditional_rows_are_degraded_and_match_the_reference(sigma):
+    """PixArt keeps CFG in a local variable ([uncond, cond]) and predicts a learned variance: the guided call
+    equals the float64 reference with uncond_index 0, the variance channels untouched."""
+    from diffusers_checks import expected_guided_step, record_call
+
+    tp, call = _pixart_call()
+    pipe = tp.pixart_pipeline(sigma=sigma)
+    plain = np.asarray(pipe(generator=gen(0), **call).images)
+    enable_sag(pipe, 0.9)
+    assert vars(pipe)["_sag_fast_state"].capture.layer_name == "transformer_blocks.1.attn1"
+    model = pipe.transformer
+    with record_call(model, 1) as rec:
+        guided = np.asarray(pipe(generator=gen(0), **call).images)
+    assert np.abs(guided - plain).max() > 1e-3
+    x = rec["args"][0] if rec["args"] else rec["kwargs"].pop("hidden_states")
+    kwargs = {k: v for k, v in rec["kwargs"].items() if k not in ("return_dict", "hidden_states")}
+    t = kwargs.pop("timestep")
+    acp = pipe.scheduler.alphas_cumprod[int(t[0])].double()
+    disable_sag(pipe)
+    with torch.no_grad():
+        expected, out, mask = expected_guided_step(
+            _TimestepSecond(model), x, t, kwargs, attn_path="inner.transformer_blocks.1.attn1", grid_path=(4, 4),
+            alpha=acp.sqrt(),
+            sigma=(1 - acp).sqrt(), prediction_type="epsilon", scale=0.9, ways=2, uncond_index=0, guided=4)
+    assert 0 < int(mask.sum()) < mask.numel()
+    assert torch.equal(rec["output"][:, 4:], out[:, 4:])
+    torch.testing.assert_close(rec["output"], expected, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ generic path
+def test_generic_joint_transformer_declared_with_a_layout():
+    """A pipeline sag_fast does not know (a user subclass with its own __call__) around a joint-attention
+    transformer: declared with SAGLayout (ways, per-row arguments, where the image tokens sit), it gives exactly
+    what the known SD3 pipeline gives; undeclared it is refused at enable time."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from sag_fast import SAGLayout
+
+    class MyPipeline(StableDiffusion3Pipeline):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    known = tiny_sd3_pipeline()
+    enable_sag(known, 1.0)
+    want = sd3_images(known)
+    mine = tiny_sd3_pipeline(MyPipeline)
+    with pytest.raises(ValueError, match="SAGLayout"):
+        enable_sag(mine, 1.0)
+    enable_sag(mine, 1.0, layout=SAGLayout(ways=2, uncond_index=0, latent_channels=16, joint="image_first",
+                                           per_row=("encoder_hidden_states", "pooled_projections")))
+    np.testing.assert_allclose(sd3_images(mine), want, rtol=0, atol=1e-6)

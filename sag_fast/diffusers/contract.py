@@ -93,7 +93,9 @@ class SAGLayout:
     by parameter name, defaults filled in) returning a bool; default `guidance_scale > 1`. ways: the number of
     ways when cfg is on (1 when off). uncond_index: the unconditional way (0 for diffusers' usual
     [uncond, cond]). latent_channels: leading input channels that are the latent (None: all). per_row: model
-    argument names (dotted for nested dict entries) whose tensors are per-row.
+    argument names (dotted for nested dict entries) whose tensors are per-row. joint: for a denoiser whose
+    attention puts text and image tokens in one softmax and that sag_fast does not know, where the image tokens
+    sit in that sequence ("image_first" as SD3, "text_first" as Flux); None: plain self-attention.
     """
 
     cfg: bool | Callable[[dict], bool] = _default_cfg
@@ -101,6 +103,7 @@ class SAGLayout:
     uncond_index: int = 0
     latent_channels: int | None = None
     per_row: tuple[str, ...] = ("encoder_hidden_states",)
+    joint: str | None = None   # joint attention (text and image tokens in one softmax): "image_first" | "text_first"
 
     def __post_init__(self):
         if not (isinstance(self.cfg, bool) or callable(self.cfg)):
@@ -113,6 +116,8 @@ class SAGLayout:
         lc = self.latent_channels
         if lc is not None and (isinstance(lc, bool) or not isinstance(lc, int) or lc < 1):
             raise ValueError(f"SAGLayout.latent_channels must be None or a positive int, got {lc!r}")
+        if self.joint not in (None, "image_first", "text_first"):
+            raise ValueError(f"SAGLayout.joint must be None, 'image_first' or 'text_first', got {self.joint!r}")
         per_row = self.per_row
         if isinstance(per_row, str):
             per_row = (per_row,)

@@ -97,6 +97,16 @@ def _is_compiled(module) -> bool:
     return isinstance(getattr(module, "_orig_mod", None), torch.nn.Module)
 
 
+def _named_signature(cls: type, call) -> inspect.Signature:
+    """The signature to read a call's arguments by name: `call`'s, or, when it only forwards (*args, **kwargs),
+    as a user subclass's __call__ often does, the nearest base class __call__ that names its parameters."""
+    for candidate in (call, *(vars(c)["__call__"] for c in cls.__mro__ if "__call__" in vars(c))):
+        signature = inspect.signature(candidate)
+        if any(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in list(signature.parameters.values())[1:]):
+            return signature
+    return inspect.signature(call)
+
+
 class _CallState:
     """One SAG pipeline call: its arguments (bound, defaults filled in), config and model-call counter."""
 
@@ -155,8 +165,8 @@ class SAGSession:
         self._had_registry = self._had_forward = False
         try:
             if config.mask == "attention":
-                self.capture = AttentionCapture(self.model, config.layer, config.threshold,
-                                                joint=_joint_layout(self.model))
+                joint = _joint_layout(self.model) or getattr(layout, "joint", None)
+                self.capture = AttentionCapture(self.model, config.layer, config.threshold, joint=joint)
             self._install_outer(self.outer)
         except BaseException:
             self.remove()
@@ -228,7 +238,7 @@ class SAGSession:
         """One pipeline __call__: the guided step is live for this session's denoiser until it returns."""
         self._sync(pipe)
         try:
-            bound = inspect.signature(call).bind(pipe, *args, **kwargs)
+            bound = _named_signature(type(pipe), call).bind(pipe, *args, **kwargs)
             bound.apply_defaults()
             call_args = dict(bound.arguments)
             call_args.update(call_args.pop("kwargs", None) or {})
