@@ -12,6 +12,7 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+from diffusers.modular_pipelines.modular_pipeline import BlockState
 
 import sag_fast
 from diffusers_checks import hook_state, materialised_mask, torch_ops_on_cpu  # noqa: F401
@@ -255,6 +256,10 @@ def test_disabled_guider_runs_the_conditional_batch_alone():
     batches = guider.prepare_inputs({"prompt_embeds": (torch.ones(1), torch.zeros(1))})
     assert [b.prompt_embeds.item() for b in batches] == [1.0, 0.0, 0.0]
     assert [getattr(b, "__guidance_identifier__") for b in batches] == ["pred_cond", "pred_uncond", "pred_degraded"]
+    state = BlockState(prompt_embeds=torch.ones(1), negative_prompt_embeds=torch.zeros(1))
+    fields = {"prompt_embeds": ("prompt_embeds", "negative_prompt_embeds")}
+    batches = guider.prepare_inputs_from_block_state(state, fields)
+    assert [b.prompt_embeds.item() for b in batches] == [1.0, 0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------- the denoiser
@@ -367,7 +372,8 @@ def _sd3_modular(dual_attention: bool):
 
 def _sd3_latents(pipe, guider):
     g = torch.Generator().manual_seed(1)
-    embeds = dict(prompt_embeds=torch.randn(1, 7, 32, generator=g), negative_prompt_embeds=torch.randn(1, 7, 32, generator=g),
+    embeds = dict(prompt_embeds=torch.randn(1, 7, 32, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 7, 32, generator=g),
                   pooled_prompt_embeds=torch.randn(1, 32, generator=g),
                   negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g))
     pipe.update_components(guider=guider)
