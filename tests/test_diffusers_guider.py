@@ -556,3 +556,30 @@ def test_compiled_denoiser(bare):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert (expected - _loop_step(guider.new(sag_scale=0.0), unet, scheduler, x, step=1)).abs().max() > 1e-3
     assert hook_state(compiled) == before and vars(compiled)["forward"] is forward
+
+
+class _TokenDenoiser(torch.nn.Module):
+    """A denoiser on (B, N, C) tokens (packed or video-like latents) with an SDPA self-attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states=None):
+        return (self.attn(hidden_states, hidden_states, hidden_states, need_weights=False)[0],)
+
+
+def test_token_latents_refused_with_the_hooks_removed(bare):
+    _, scheduler, _ = bare
+    model = _TokenDenoiser()
+    before = hook_state(model)
+    guider = SelfAttentionGuidance(guidance_scale=5.0, layer="attn", scheduler=scheduler)
+    guider.set_state(step=0, num_inference_steps=3, timestep=scheduler.timesteps[0])
+    batches = guider.prepare_inputs({"encoder_hidden_states": (torch.ones(1), torch.zeros(1))})
+    guider.prepare_models(model)
+    model(torch.randn(1, 16, 8), scheduler.timesteps[0])  # the conditional batch: no hook
+    guider.cleanup_models(model)
+    guider.prepare_models(model)
+    with pytest.raises(ValueError, match=r"got a \(1, 16, 8\) hidden_states; SAG guides \(B, C, H, W\) latents"):
+        model(torch.randn(1, 16, 8), scheduler.timesteps[0])
+    assert len(batches) == 3 and hook_state(model) == before
