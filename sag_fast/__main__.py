@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
 import statistics
 import sys
@@ -33,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (1.0 = no CFG; text pipelines)")
     s.add_argument("--sag-scale", type=float, default=0.75)
     s.add_argument("--blur-sigma", type=float, default=1.0)
+    s.add_argument("--kernel-size", type=int, default=9, help="the Gaussian blur's size (odd)")
+    s.add_argument("--threshold", type=float, default=1.0, help="attention-mass threshold (1.0: above average)")
+    s.add_argument("--layer", default=None, help="self-attention module path or regex (default: the model's own)")
     s.add_argument("--seed", type=int, default=0, help="row i of the grid uses seed + i")
     s.add_argument("--height", type=int, default=None, help="with --width (both or neither); text pipelines only")
     s.add_argument("--width", type=int, default=None)
@@ -56,10 +61,16 @@ def _check_sample_args(a) -> None:
         raise SystemExit(f"--steps must be >= 1, got {a.steps}")
     if a.batch is not None and a.batch < 1:
         raise SystemExit(f"--batch must be >= 1, got {a.batch}")
-    if a.guidance_scale < 0 or a.sag_scale < 0:
-        raise SystemExit("--guidance-scale and --sag-scale must be >= 0")
+    if a.guidance_scale < 0:
+        raise SystemExit("--guidance-scale must be >= 0")
+    if not math.isfinite(a.sag_scale):  # any finite SAG scale, as in the API (negative: away from the blur)
+        raise SystemExit(f"--sag-scale must be a finite number, got {a.sag_scale}")
     if a.blur_sigma <= 0:
         raise SystemExit(f"--blur-sigma must be > 0, got {a.blur_sigma}")
+    if a.kernel_size < 1 or a.kernel_size % 2 == 0:
+        raise SystemExit(f"--kernel-size must be a positive odd number, got {a.kernel_size}")
+    if a.threshold < 0:
+        raise SystemExit(f"--threshold must be >= 0, got {a.threshold}")
     for name in ("height", "width"):
         v = getattr(a, name)
         if v is not None and (v < 8 or v % 8):
@@ -112,13 +123,24 @@ def _load_pipeline(model: str, device, dtype):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: a local folder or the local HF cache only
     try:
         # dtype=, not torch_dtype= (deprecated in diffusers, and it warns)
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=True, **_absent(model))
     except Exception as exc:  # noqa: BLE001 - re-raised with what the user can do
         if os.path.isdir(model):
             raise SystemExit(f"--model {model!r}: could not load this diffusers folder: {exc}") from exc
         raise SystemExit(f"--model {model!r}: not a local folder, and not in the local HF cache (nothing is "
                          f"downloaded; pass a folder, '{BUILTIN}' or '{TINY_SD}')") from None
     return pipe.to(device), model if os.path.isdir(model) else f"{model} (local HF cache)"
+
+
+def _absent(model: str) -> dict:
+    """Components a saved folder lists as [null, null] (e.g. SD3 saved without T5): diffusers' loader only
+    accepts them when they are passed as None explicitly."""
+    index = os.path.join(model, "model_index.json")
+    if not os.path.isfile(index):
+        return {}
+    with open(index) as f:
+        entries = json.load(f)
+    return {k: None for k, v in entries.items() if isinstance(v, list) and v == [None, None]}
 
 
 def _set_scheduler(pipe, name: str | None) -> None:
@@ -134,7 +156,7 @@ def _check_size(pipe, a) -> None:
     kernel_size // 2, which needs more latent pixels than that on each side."""
     from sag_fast.guidance import SAGConfig
 
-    kernel = SAGConfig().kernel_size
+    kernel = getattr(a, "kernel_size", SAGConfig().kernel_size)
     text = _is_text_pipeline(pipe)
     if not text and a.height is not None:
         raise SystemExit("--height/--width: this pipeline samples at its model's own size "
@@ -186,8 +208,12 @@ def _run(pipe, a, steps: int, sync, on_step=None):
     generator = [torch.Generator(device="cpu").manual_seed(a.seed + i) for i in range(a.batch)]
     kwargs = dict(num_inference_steps=steps, generator=generator, output_type="pil")
     if _is_text_pipeline(pipe):
-        kwargs.update(prompt=a.prompt, negative_prompt=a.negative_prompt, guidance_scale=a.guidance_scale,
-                      num_images_per_prompt=a.batch)
+        kwargs.update(prompt=a.prompt, negative_prompt=a.negative_prompt, num_images_per_prompt=a.batch)
+        if "true_cfg_scale" in inspect.signature(pipe.__call__).parameters:  # Flux: guidance_scale is distilled
+            if a.negative_prompt is not None:
+                kwargs["true_cfg_scale"] = a.guidance_scale  # true CFG, two calls per step
+        else:
+            kwargs["guidance_scale"] = a.guidance_scale
         if a.height is not None:
             kwargs.update(height=a.height, width=a.width)
     else:
@@ -244,6 +270,11 @@ def _sag_capture(pipe):
     return getattr(session, "capture", None)
 
 
+def _sag_settings(a) -> dict:
+    return dict(scale=a.sag_scale, blur_sigma=a.blur_sigma, kernel_size=a.kernel_size, threshold=a.threshold,
+                layer=a.layer)
+
+
 def _median(xs):
     return round(statistics.median(xs), 6) if xs else None
 
@@ -266,6 +297,11 @@ def sample(a) -> int:
     pipe, source = _load_pipeline(a.model, device, dtype)
     _set_scheduler(pipe, a.scheduler)
     _check_size(pipe, a)
+    try:  # everything SAG refuses (model, layer, scheduler) is refused here, before any sampling
+        sag_fast.enable_sag(pipe, **_sag_settings(a))
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"SAG cannot run with these settings: {exc}") from None
+    sag_fast.disable_sag(pipe)
     pipe.set_progress_bar_config(disable=a.no_progress)
     os.makedirs(a.output_dir, exist_ok=True)
 
@@ -274,7 +310,7 @@ def sample(a) -> int:
     # installation) that would otherwise make whichever run goes first look slow
     warm = min(a.steps, 2)
     _run(pipe, a, warm, sync)
-    sag_fast.enable_sag(pipe, scale=a.sag_scale, blur_sigma=a.blur_sigma)
+    sag_fast.enable_sag(pipe, **_sag_settings(a))
     try:
         _run(pipe, a, warm, sync)
     finally:
@@ -291,7 +327,7 @@ def sample(a) -> int:
             if capture is not None and getattr(capture, "mask", None) is not None:
                 masks.append(capture.mask[: a.batch].detach().cpu().numpy())  # CFG: the uncond rows come first
 
-    sag_fast.enable_sag(pipe, scale=a.sag_scale, blur_sigma=a.blur_sigma)
+    sag_fast.enable_sag(pipe, **_sag_settings(a))
     try:
         guided, sag_steps, sag_total = _run(pipe, a, a.steps, sync, on_step)
     finally:

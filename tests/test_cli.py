@@ -112,6 +112,9 @@ def test_model_folder_loads_without_the_torch_dtype_warning(tmp_path):
     (["--device", "cuda:7"], "--device"),
     (["--model", "/nonexistent/folder"], "--model"),
     (["--height", "64", "--width", "64"], "--height"),  # the built-in model has no height/width
+    (["--kernel-size", "4"], "--kernel-size"),
+    (["--threshold", "-1"], "--threshold"),
+    (["--sag-scale", "nan"], "--sag-scale"),
 ])
 def test_bad_arguments_name_the_option(tmp_path, args, word):
     with pytest.raises(SystemExit) as err:
@@ -153,3 +156,24 @@ def test_builtin_model_with_a_scheduler_whose_step_takes_no_generator(tmp_path):
     # DDPMPipeline passes generator= to every scheduler.step; LMS/PNDM do not take it
     _, report = _run(tmp_path, "--steps", "3", "--batch", "1", "--scheduler", "pndm")
     assert report["settings"]["scheduler"] == "PNDMScheduler"
+
+
+def test_sd3_folder_with_layer_threshold_kernel_size_and_a_negative_scale(tmp_path):
+    """An SD3 pipeline folder (saved from the tiny one) through --model, with the SAG settings as options; a
+    negative --sag-scale is accepted (one rule with the API: any finite scale)."""
+    from sag_fast.diffusers.tiny import tiny_sd3_pipeline
+
+    folder = tmp_path / "sd3"
+    tiny_sd3_pipeline().save_pretrained(folder)
+    out, report = _run(tmp_path, "--model", str(folder), "--steps", "2", "--height", "64", "--width", "64",
+                       "--layer", "transformer_blocks.0.attn", "--threshold", "0.8", "--kernel-size", "5",
+                       "--sag-scale", "-0.5", "--prompt", "a red square")
+    settings = report["settings"]
+    assert (settings["layer"], settings["threshold"], settings["kernel_size"], settings["sag_scale"]) == \
+        ("transformer_blocks.0.attn", 0.8, 5, -0.5)
+    plain = np.asarray(Image.open(out / "sample0_nosag.png"), dtype=np.int16)
+    guided = np.asarray(Image.open(out / "sample0_sag.png"), dtype=np.int16)
+    assert plain.shape == (64, 64, 3) and np.abs(plain - guided).max() > 0
+    with pytest.raises(SystemExit, match="not an attention layer"):
+        main(["sample", "--no-progress", "--output-dir", str(tmp_path / "x"), "--model", str(folder), "--steps", "1",
+              "--layer", "pos_embed"])

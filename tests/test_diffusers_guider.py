@@ -441,7 +441,7 @@ def test_sd3_joint_attention_refused_before_the_step_runs_without_joint_support(
     the first prepare_models, before any transformer call, naming the layer and the reason."""
     import sag_fast.diffusers.guider as guider_module
 
-    monkeypatch.setattr(guider_module, "_joint_layout", None)
+    monkeypatch.setattr(guider_module, "joint_layout", lambda model: None)  # a joint model sag_fast does not know
     pipe = _sd3_modular(dual_attention=False)
     seen = []
     handle = pipe.transformer.register_forward_pre_hook(lambda *a: seen.append(1))

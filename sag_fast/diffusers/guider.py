@@ -38,10 +38,7 @@ from ..guidance import SAGConfig, make_config
 from ..ops.degrade import degrade
 from ..schedule import check_supported, signal_coefficients_for
 
-try:  # where a joint-attention denoiser (SD3, Flux) puts its image tokens: the session's table, shared
-    from .session import _joint_layout
-except ImportError:  # a sag_fast without joint-attention support: such layers are refused by the capture
-    _joint_layout = None
+from .session import joint_layout  # where a joint-attention denoiser (SD3, Flux) puts its image tokens
 
 _HOOK = "sag_fast_guider"
 _WHERE = "SelfAttentionGuidance"
@@ -353,7 +350,7 @@ class SelfAttentionGuidance(BaseGuidance):
         self._checked[model] = self.sag_config.layer
 
     def _new_capture(self, model: torch.nn.Module, probe: bool) -> AttentionCapture:
-        joint = _joint_layout(model) if _joint_layout is not None else None
+        joint = joint_layout(model)
         extra = {"joint": joint} if joint is not None else {}
         return AttentionCapture(model, self.sag_config.layer, self.sag_config.threshold, probe=probe, **extra)
 

@@ -89,7 +89,8 @@ def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
-def _joint_layout(model: torch.nn.Module) -> str | None:
+def joint_layout(model: torch.nn.Module) -> str | None:
+    """Where a known joint-attention denoiser puts the image tokens ('image_first', 'text_first'), else None."""
     return next((_JOINT[c.__name__] for c in type(model).__mro__ if c.__name__ in _JOINT), None)
 
 
@@ -165,7 +166,7 @@ class SAGSession:
         self._had_registry = self._had_forward = False
         try:
             if config.mask == "attention":
-                joint = _joint_layout(self.model) or getattr(layout, "joint", None)
+                joint = joint_layout(self.model) or getattr(layout, "joint", None)
                 self.capture = AttentionCapture(self.model, config.layer, config.threshold, joint=joint)
             self._install_outer(self.outer)
         except BaseException:
