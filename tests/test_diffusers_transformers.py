@@ -44,6 +44,19 @@ def recorded_sdpa():
         F.scaled_dot_product_attention = original
 
 
+def recorded_calls(model):
+    """Every call of model through its __call__, in order: (its kwargs, a clone of its output)."""
+    seen = []
+    model.register_forward_hook(lambda m, a, k, out: seen.append((dict(k), out[0].clone())), with_kwargs=True)
+    return seen
+
+
+def flow_coefficients(sigma: float):
+    """(c1, c2) of the reference for flow matching at sigma: x = (1 - sigma) x0 + sigma eps."""
+    return reference.signal_coefficients(torch.tensor(1 - sigma, dtype=torch.float64),
+                                         torch.tensor(sigma, dtype=torch.float64), "flow")
+
+
 def joint_mask_reference(q, k, scale, image_span, grid, threshold=1.0):
     """float64, materialised: softmax over all keys; mass of image keys from image queries, mean over heads;
     mask = mass > threshold * mean image-key mass; (B, h, w) bool."""
@@ -95,9 +108,7 @@ def test_sd3_guided_call_equals_the_float64_reference():
     pipe = tiny_sd3_pipeline()
     enable_sag(pipe, 0.9)
     model = pipe.transformer
-    seen = {}
-    model.register_forward_hook(lambda m, a, k, out: seen.setdefault(len(seen), (dict(k), out[0].clone())) and None,
-                                with_kwargs=True)
+    seen = recorded_calls(model)
     sd3_images(pipe, num_inference_steps=2)
     kwargs, guided = seen[1]  # the second step: at the first, sigma = 1 and SAG's x0 estimate is 0 (no effect)
     x, t = kwargs.pop("hidden_states"), kwargs.pop("timestep")
@@ -111,8 +122,7 @@ def test_sd3_guided_call_equals_the_float64_reference():
     n = (x.shape[-2] // 2) * (x.shape[-1] // 2)
     mask = joint_mask_reference(q[:b], k[:b], scale, (0, n), (x.shape[-2] // 2, x.shape[-1] // 2))
     assert mask.any() and not mask.all()
-    c1, c2 = reference.signal_coefficients(torch.tensor(1 - sigma, dtype=torch.float64),
-                                           torch.tensor(sigma, dtype=torch.float64), "flow")
+    c1, c2 = flow_coefficients(sigma)
     x_deg = reference.degrade(x[:b].double(), out[:b].double(), mask, c1, c2).float()
     cut = {name: (v[:b] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 2 * b else v)
            for name, v in kwargs.items()}
@@ -236,9 +246,7 @@ def test_flux_guided_call_equals_the_float64_reference():
     pipe = tiny_flux_pipeline()
     enable_sag(pipe, 0.9)
     model = pipe.transformer
-    seen = {}
-    model.register_forward_hook(lambda m, a, k, out: seen.setdefault(len(seen), (dict(k), out[0].clone())) and None,
-                                with_kwargs=True)
+    seen = recorded_calls(model)
     pipe(generator=gen(0), **flux_inputs())
     kwargs, guided = seen[1]  # the second step (at the first, sigma = 1: x0's estimate, and SAG's effect, is 0)
     kwargs.pop("return_dict", None)
@@ -252,8 +260,7 @@ def test_flux_guided_call_equals_the_float64_reference():
     mask = joint_mask_reference(q, k, scale, (n_txt, 16), (4, 4))
     assert mask.any() and not mask.all()
     x4, out4 = unpack_latents(x, 8, 8), unpack_latents(out, 8, 8)
-    c1, c2 = reference.signal_coefficients(torch.tensor(1 - sigma, dtype=torch.float64),
-                                           torch.tensor(sigma, dtype=torch.float64), "flow")
+    c1, c2 = flow_coefficients(sigma)
     x_deg = reference.degrade(x4.double(), out4.double(), mask, c1, c2).float()
     with torch.no_grad():
         degraded = model(hidden_states=pack_latents(x_deg), return_dict=False, **kwargs)[0]
