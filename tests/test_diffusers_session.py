@@ -13,14 +13,16 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
+import tiny_pipelines as tp
 from diffusers_checks import hook_state, images
 from fake_cuda import fake_cuda, to_fake_cuda
+from test_diffusers_contract import t5_text
 from sag_fast import SAGConfig
 from sag_fast.diffusers import disable_sag, enable_sag, sag_config
 from sag_fast.diffusers.tiny import (tiny_dit_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline,
                                      tiny_sdxl_pipeline, tiny_unet2d_pipeline)
 
-peft = pytest.importorskip("peft")  # a test dependency (requirements.txt): present in make test
+import peft  # noqa: E402  (a test dependency: requirements.txt)
 
 
 def _add_lora(unet, seed: int = 1):
@@ -193,6 +195,7 @@ FAKE_CASES = {
     "sdxl": (lambda: tiny_sdxl_pipeline(), dict(prompt="a cat"), False),
     "dit": (lambda: tiny_dit_pipeline(), dict(class_labels=[1, 3]), False),
     "sd3": (lambda: tiny_sd3_pipeline(), dict(prompt="a cat", max_sequence_length=4), False),
+    "pixart": (lambda: tp.pixart_pipeline(), dict(**t5_text(mask=True), height=64, width=64), False),
     "flux": (lambda: tiny_flux_pipeline(), dict(prompt_embeds=torch.ones(1, 5, 32), pooled_prompt_embeds=torch.ones(1, 32),
                                                 height=64, width=64), False),
 }

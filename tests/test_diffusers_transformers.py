@@ -341,3 +341,41 @@ def test_generic_joint_transformer_declared_with_a_layout():
     enable_sag(mine, 1.0, layout=SAGLayout(ways=2, uncond_index=0, latent_channels=16, joint="image_first",
                                            per_row=("encoder_hidden_states", "pooled_projections")))
     np.testing.assert_allclose(sd3_images(mine), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [False, True], ids=["alpha", "sigma"])
+def test_pixart_scale_zero_disable_window_and_batch_invariance(sigma):
+    from test_diffusers_contract import t5_text
+
+    tp, call = _pixart_call()
+    pipe = tp.pixart_pipeline(sigma=sigma)
+    state = hook_state(pipe.transformer)
+    plain = np.asarray(pipe(generator=gen(0), **call).images)
+    enable_sag(pipe, 0.0)
+    assert np.array_equal(np.asarray(pipe(generator=gen(0), **call).images), plain)
+    enable_sag(pipe, 1.0, start=0.5)
+    window = np.asarray(pipe(generator=gen(0), **call).images)
+    enable_sag(pipe, 1.0)
+    full = np.asarray(pipe(generator=gen(0), **call).images)
+    assert np.abs(window - plain).max() > 1e-4 and np.abs(full - window).max() > 1e-4
+    two = dict(call, **t5_text(n=2, mask=True))
+    both = np.asarray(pipe(generator=[gen(0), gen(1)], **two).images)
+    one = dict(call, **{k: (v[1:] if isinstance(v, torch.Tensor) else v) for k, v in t5_text(n=2, mask=True).items()})
+    alone = np.asarray(pipe(generator=gen(1), **one).images)
+    np.testing.assert_allclose(both[1], alone[0], rtol=0, atol=1e-4)
+    disable_sag(pipe)
+    assert hook_state(pipe.transformer) == state
+    assert np.array_equal(np.asarray(pipe(generator=gen(0), **call).images), plain)
+
+
+def test_flux_window():
+    from sag_fast.diffusers.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    kw = dict(flux_inputs(), num_inference_steps=4)
+    plain = pipe(generator=gen(0), **kw).images
+    enable_sag(pipe, 1.0, stop=0.5)
+    first_half = pipe(generator=gen(0), **kw).images
+    enable_sag(pipe, 1.0)
+    full = pipe(generator=gen(0), **kw).images
+    assert (first_half - plain).abs().max() > 1e-4 and (full - first_half).abs().max() > 1e-4
