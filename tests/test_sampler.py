@@ -2,12 +2,16 @@
 the start/stop window costs one forward outside it, learned variance, CFG wiring, and bad input raising early."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
 from sag_fast import reference
 from sag_fast.guidance import SAGConfig
+from sag_fast.ops.testing import triton_on_cpu
 from sag_fast.sampler import SAGSampler
 from tiny_models import tiny_unet, tiny_unet_cond
 
@@ -131,21 +135,26 @@ def vp_coefficients(scheduler, t, n):
     return torch.full((n,), 1.0), torch.full((n,), -((1 - acp) ** 0.5))
 
 
-def test_cfg_sag_matches_a_reference_loop():
+@pytest.mark.parametrize("kernels", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernels on CPU tensors need TRITON_INTERPRET=1"))])
+def test_cfg_sag_matches_a_reference_loop(kernels):
     """CFG + SAG through the sampler (fused ops, capture, schedule) == a loop written from sag_fast.reference
-    with (c1, c2) from alphas_cumprod on the host and CFG applied to the guided output."""
+    with (c1, c2) from alphas_cumprod on the host and CFG applied to the guided output. kernels: the ops' CPU
+    kernels (C++ degrade, torch masks), or their Triton kernels interpreted (sag_fast.ops.testing)."""
     model = tiny_unet_cond()
     noise, e, e0 = torch.randn(2, 4, 9, 11), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     cfg, w = SAGConfig(scale=0.7, kernel_size=5), 3.0
+    steps = 2 if kernels == "cpu" else 1  # the interpreter takes seconds per launch
     with torch.no_grad():
         sampler = SAGSampler(model, ddim(), cfg, guidance_scale=w, progress=False)
-        got = sampler(noise, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": e0},
-                      num_inference_steps=2)
+        with contextlib.nullcontext() if kernels == "cpu" else triton_on_cpu():
+            got = sampler(noise, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": e0},
+                          num_inference_steps=steps)
         layer = sampler.capture.layer_name
         plain = SAGSampler(model, ddim(), SAGConfig(scale=0.0), guidance_scale=w, progress=False)(
-            noise, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": e0}, num_inference_steps=2)
+            noise, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": e0}, num_inference_steps=steps)
         scheduler = ddim()
-        scheduler.set_timesteps(2)
+        scheduler.set_timesteps(steps)
         lat = noise.clone()
         kw = {"encoder_hidden_states": torch.cat([e0, e])}
         for t in scheduler.timesteps:
@@ -154,7 +163,7 @@ def test_cfg_sag_matches_a_reference_loop():
             u, c = out.chunk(2)
             lat = scheduler.step(u + w * (c - u), t, lat, return_dict=False)[0]
     torch.testing.assert_close(got, lat, rtol=1e-4, atol=1e-4)
-    assert (got - plain).abs().max() > 100 * 1e-4  # SAG moved the sample far more than the tolerance
+    assert (got - plain).abs().max() > 10 * 1e-4  # SAG moved the sample well beyond the tolerance
 
 
 @pytest.mark.parametrize("start, stop, guided", [(0.0, 1.0, 4), (0.25, 0.75, 2), (0.5, 0.5, 0), (0.0, 0.25, 1)])
