@@ -50,7 +50,7 @@ setup(
     package_data={"sag_fast.models": ["builtin/*.json", "builtin/*/*.json", "builtin/*/*.safetensors",
                                       "features/*.json", "features/*.safetensors"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "diffusers>=0.33", "tqdm", "pillow"],
+    install_requires=["torch>=2.6", "triton>=3.2; platform_system == 'Linux'", "diffusers>=0.33", "tqdm", "pillow"],
     extras_require={"test": ["pytest", "pytest-benchmark", "transformers"],
                     "quality": ["torchmetrics", "matplotlib"]},  # `python -m sag_fast quality`
     ext_modules=[_extension()],

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import torch
 
-from . import reference
 
 from .ops.degrade import degrade  # noqa: F401  (sag_fast.guidance.degrade: the fused op, as before)
 from .ops.guidance import guidance_shift_  # noqa: F401  (the fused in-place shift, as before)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-import pytest
 import torch
 
 from sag_fast import reference
@@ -139,11 +138,3 @@ def expected_guided_step(model, x, t, kwargs, *, attn_path, grid_path, alpha, si
     for slot, i in enumerate(order):
         back[i] = shifted[slot * b:(slot + 1) * b]
     return torch.cat(back).float(), out, mask
-
-
-@pytest.fixture(autouse=True)
-def torch_ops_on_cpu(monkeypatch):
-    """Integration tests run the ops' CPU path: the interpreted Triton kernels take ~10 s per degrade call on
-    a pipeline's tensors here; the kernels are tested on their own in tests/test_ops_*.py, and one test
-    (test_diffusers_parity.py::test_interpreted_kernels_end_to_end) runs them inside a pipeline."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -18,7 +18,7 @@ import torch
 
 import tiny_pipelines as tp
 from diffusers import DDIMPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusionImg2ImgPipeline
-from diffusers_checks import gen, torch_ops_on_cpu  # noqa: F401  (the fixture: the ops' CPU path)
+from diffusers_checks import gen
 from sag_fast.diffusers.contract import BatchContract, CallLayout, SAGLayout, contract_for
 from sag_fast.diffusers.tiny import TEXT_HIDDEN, TEXT_MAX_LENGTH, tiny_dit_pipeline, tiny_sd3_pipeline, \
     tiny_sd_pipeline, \

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import (DDIMPipeline, DDPMPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
 
-from diffusers_checks import expected_guided_step, hook_state, images, record_call, torch_ops_on_cpu  # noqa: F401
+from diffusers_checks import expected_guided_step, hook_state, images, record_call
 from sag_fast import SAGConfig
 from sag_fast.diffusers import disable_sag, enable_sag, sag_config
 from sag_fast.diffusers.tiny import (tiny_dit_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline,
@@ -200,8 +200,17 @@ class _NoDenoiser:
 def test_errors_at_enable_time():
     pipe = tiny_sd_pipeline()
     state = hook_state(pipe.unet)
-    with pytest.raises(ValueError, match="pipe: .*unet.*transformer"):
+    with pytest.raises(TypeError, match="pipe must be a diffusers pipeline.*_NoDenoiser"):
         enable_sag(_NoDenoiser())
+    from diffusers import DiffusionPipeline
+
+    class SchedulerOnly(DiffusionPipeline):
+        def __init__(self, scheduler):
+            super().__init__()
+            self.register_modules(scheduler=scheduler)
+
+    with pytest.raises(ValueError, match="pipe: SchedulerOnly has no `unet` or `transformer`"):
+        enable_sag(SchedulerOnly(pipe.scheduler))
     with pytest.raises(ValueError, match="layer="):
         enable_sag(pipe, layer="mid_block.not_there")
     with pytest.raises(ValueError, match="not self-attention"):

@@ -15,7 +15,7 @@ from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
 from diffusers.modular_pipelines.modular_pipeline import BlockState
 
 import sag_fast
-from diffusers_checks import hook_state, materialised_mask, torch_ops_on_cpu  # noqa: F401
+from diffusers_checks import hook_state, materialised_mask
 from diffusers_checks import vp_input_alpha_sigma_from_sigma
 from sag_fast import reference
 from sag_fast.diffusers import disable_sag, enable_sag

@@ -12,9 +12,9 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
     StableDiffusionSAGPipeline as DeprecatedSAGPipeline,
 )
 
-from diffusers_checks import (expected_guided_step, images, record_call, torch_ops_on_cpu,  # noqa: F401
-                             vp_input_alpha_sigma_from_sigma)
+from diffusers_checks import expected_guided_step, images, record_call, vp_input_alpha_sigma_from_sigma
 from sag_fast.diffusers import StableDiffusionSAGPipeline, disable_sag, enable_sag
+from sag_fast.ops.testing import triton_on_cpu
 from sag_fast.diffusers.tiny import tiny_sd_components, tiny_sd_pipeline
 
 PROMPTS = ["a red cat", "a dog on the moon"]
@@ -91,12 +91,15 @@ def test_guided_step_matches_reference_for_other_schedulers(scheduler, guidance_
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
-def test_interpreted_kernels_end_to_end(monkeypatch):
-    """The fused ops (Triton, interpreted) inside a pipeline, against the deprecated pipeline. Small: one image."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter is what runs Triton on a CPU "
+                    "(make test sets TRITON_INTERPRET=1 without a GPU)")
+def test_interpreted_kernels_end_to_end():
+    """The fused ops' Triton kernels (interpreted, as the CPU kernels of the ops) inside a pipeline, against the
+    deprecated pipeline. Small: one image. The other integration tests run the C++/torch CPU kernels."""
     call = dict(guidance_scale=7.5, height=64, width=64)
     expected = images(_pipe(DeprecatedSAGPipeline, "ddim"), PROMPTS[0], sag_scale=0.75, **call)
-    got = images(_pipe(StableDiffusionSAGPipeline, "ddim"), PROMPTS[0], sag_scale=0.75, **call)
+    with triton_on_cpu():
+        got = images(_pipe(StableDiffusionSAGPipeline, "ddim"), PROMPTS[0], sag_scale=0.75, **call)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 

@@ -12,7 +12,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 )
 
 import sag_fast
-from diffusers_checks import gen, hook_state, images, torch_ops_on_cpu  # noqa: F401
+from diffusers_checks import gen, hook_state, images
 from sag_fast import SAGConfig
 from sag_fast.diffusers import StableDiffusionSAGPipeline, StableDiffusionXLSAGPipeline, disable_sag, enable_sag
 from sag_fast.diffusers.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_checks import images, torch_ops_on_cpu  # noqa: F401
+from diffusers_checks import images
 from sag_fast.diffusers.tiny import (SCHEDULERS, tiny_dit_pipeline, tiny_scheduler, tiny_sd_pipeline, tiny_tokenizer,
                                      tiny_unet2d_pipeline)
 

@@ -26,6 +26,7 @@ import functools
 import inspect
 import pickle
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..capture import AttentionCapture, unwrap_compiled
@@ -144,7 +145,7 @@ class SAGSession:
     """SAG installed on one pipeline: contract, capture, the guided step on the denoiser, per-call state."""
 
     def __init__(self, pipe, config: SAGConfig, layout=None, where: str = "enable_sag"):
-        if pipe is None or not hasattr(pipe, "components"):
+        if not isinstance(pipe, DiffusionPipeline):
             raise TypeError(f"{where}: pipe must be a diffusers pipeline, got {type(pipe).__name__}")
         model_attr = next((n for n in DENOISERS if isinstance(getattr(pipe, n, None), torch.nn.Module)), None)
         if model_attr is None:
