@@ -177,3 +177,19 @@ def test_sd3_folder_with_layer_threshold_kernel_size_and_a_negative_scale(tmp_pa
     with pytest.raises(SystemExit, match="not an attention layer"):
         main(["sample", "--no-progress", "--output-dir", str(tmp_path / "x"), "--model", str(folder), "--steps", "1",
               "--layer", "pos_embed"])
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"], ids=["distilled", "true_cfg"])
+def test_flux_folder(tmp_path, negative):
+    """A Flux pipeline folder (the tiny one, saved with its text encoders): guidance-distilled, or true CFG when a
+    negative prompt is given (then --guidance-scale is the true-CFG scale)."""
+    from sag_fast.diffusers.tiny import tiny_flux_pipeline
+
+    folder = tmp_path / "flux"
+    tiny_flux_pipeline(text_encoders=True).save_pretrained(folder)
+    args = ["--model", str(folder), "--steps", "3", "--height", "64", "--width", "64", "--guidance-scale", "4"]
+    out, report = _run(tmp_path, *args, *(["--negative-prompt", negative] if negative else []))
+    plain = np.asarray(Image.open(out / "sample0_nosag.png"), dtype=np.int16)
+    guided = np.asarray(Image.open(out / "sample0_sag.png"), dtype=np.int16)
+    assert plain.shape == (64, 64, 3) and np.abs(plain - guided).max() > 0
+    assert report["grid_columns"][-1] == "SAG mask at the middle step"

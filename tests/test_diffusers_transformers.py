@@ -379,3 +379,19 @@ def test_flux_window():
     enable_sag(pipe, 1.0)
     full = pipe(generator=gen(0), **kw).images
     assert (first_half - plain).abs().max() > 1e-4 and (full - first_half).abs().max() > 1e-4
+
+
+def test_flux_img2img():
+    from diffusers import FluxImg2ImgPipeline
+
+    from sag_fast.diffusers.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(FluxImg2ImgPipeline)
+    kw = dict(flux_inputs(), image=torch.linspace(0, 1, 3 * 64 * 64).reshape(1, 3, 64, 64), strength=0.8,
+              num_inference_steps=4)
+    plain = pipe(generator=gen(0), **kw).images
+    enable_sag(pipe, 1.0)
+    guided = pipe(generator=gen(0), **kw).images
+    assert (guided - plain).abs().max() > 1e-3
+    disable_sag(pipe)
+    assert torch.equal(pipe(generator=gen(0), **kw).images, plain)

@@ -274,11 +274,24 @@ def tiny_sd3_pipeline(cls=None, seed: int = 0, shift: float = 3.0, device=None, 
     ), device, dtype)
 
 
-def tiny_flux_pipeline(cls=None, seed: int = 0, guidance_embeds: bool = True, device=None, dtype=None):
+def tiny_t5_encoder(seed: int = 0):
+    """A T5 encoder over the tiny byte-level vocabulary (Flux's second text encoder; its tokenizer is the tiny
+    CLIP one: any tokenizer producing ids below the vocabulary size serves)."""
+    from transformers import T5Config, T5EncoderModel
+
+    vocab, _ = _vocab_and_merges()
+    with _seeded(seed):
+        return T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2,
+                                       num_heads=4, pad_token_id=vocab["<|endoftext|>"])).eval()
+
+
+def tiny_flux_pipeline(cls=None, seed: int = 0, guidance_embeds: bool = True, text_encoders: bool = False,
+                       device=None, dtype=None):
     """A tiny Flux.1 pipeline: FluxTransformer2DModel (3 double-stream + 2 single-stream blocks, rotary
     embeddings, 16 latent channels packed 2x2 into 64), flow matching with dynamic shifting, a 16-channel VAE.
-    No text encoders: call it with prompt_embeds (B, T, 32) and pooled_prompt_embeds (B, 32), height=width=64
-    (8x8 latents, 16 image tokens)."""
+    Without text_encoders: call it with prompt_embeds (B, T, 32) and pooled_prompt_embeds (B, 32); with them
+    (a tiny CLIP and a tiny T5), with prompts (and max_sequence_length <= 77). height=width=64: 8x8 latents,
+    16 image tokens."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     if cls is None:
         from diffusers import FluxPipeline as cls
@@ -294,5 +307,8 @@ def tiny_flux_pipeline(cls=None, seed: int = 0, guidance_embeds: bool = True, de
     return _place(cls(
         transformer=transformer, scheduler=scheduler,
         vae=tiny_vae(seed + 1, latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611),
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder=tiny_text_encoder(seed + 2) if text_encoders else None,
+        tokenizer=tiny_tokenizer() if text_encoders else None,
+        text_encoder_2=tiny_t5_encoder(seed + 3) if text_encoders else None,
+        tokenizer_2=tiny_tokenizer() if text_encoders else None,
     ), device, dtype)
