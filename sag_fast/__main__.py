@@ -260,16 +260,6 @@ def _grid(rows):
     return grid, k
 
 
-def _sag_capture(pipe):
-    """The AttentionCapture of the SAG session enabled on pipe (its `.mask` is the last mask SAG used), or None."""
-    try:
-        from sag_fast.diffusers.session import STATE_ATTR
-    except ImportError:
-        return None
-    session = vars(pipe).get(STATE_ATTR)
-    return getattr(session, "capture", None)
-
-
 def _sag_settings(a) -> dict:
     return dict(scale=a.sag_scale, blur_sigma=a.blur_sigma, kernel_size=a.kernel_size, threshold=a.threshold,
                 layer=a.layer)
@@ -284,6 +274,7 @@ def sample(a) -> int:
     import torch
 
     import sag_fast
+    from sag_fast.diffusers import last_mask
 
     device = _device(a.device)
     dtype = getattr(torch, DTYPES[a.dtype or ("fp16" if device.type == "cuda" else "fp32")])
@@ -323,9 +314,9 @@ def sample(a) -> int:
     def on_step(done: int):
         # SAG's own mask as it was at the middle step: the enabled session's capture holds the last one computed
         if done == max(1, n_steps // 2):
-            capture = _sag_capture(pipe)
-            if capture is not None and getattr(capture, "mask", None) is not None:
-                masks.append(capture.mask[: a.batch].detach().cpu().numpy())  # CFG: the uncond rows come first
+            mask = last_mask(pipe)
+            if mask is not None:
+                masks.append(mask[: a.batch].detach().cpu().numpy())
 
     sag_fast.enable_sag(pipe, **_sag_settings(a))
     try:

@@ -291,3 +291,21 @@ def test_processor_that_hides_its_attention_is_refused_at_enable_time():
     with pytest.raises(ValueError, match="OpaqueProcessor.*without torch's scaled_dot_product_attention"):
         enable_sag(pipe)
     assert sag_config(pipe) is None
+
+
+def test_last_mask_is_the_mask_of_the_last_guided_call():
+    from sag_fast.diffusers import last_mask
+
+    pipe = tiny_sd_pipeline()
+    assert last_mask(pipe) is None
+    enable_sag(pipe, 1.0)
+    assert last_mask(pipe) is None  # nothing guided yet
+    images(pipe, ["a cat", "a dog"], guidance_scale=7.5)
+    mask = last_mask(pipe)
+    assert mask.dtype == torch.bool and tuple(mask.shape) == (2, 4, 4)  # the 2 unconditional rows, 8x8 latents / 2
+    assert mask.any() and not mask.all()
+    enable_sag(pipe, 1.0, mask="global")
+    images(pipe, "a cat")
+    assert last_mask(pipe) is None
+    disable_sag(pipe)
+    assert last_mask(pipe) is None

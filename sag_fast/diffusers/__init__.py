@@ -3,7 +3,7 @@ drop-in `StableDiffusionSAGPipeline` / `StableDiffusionXLSAGPipeline`. Tiny rand
 and demos are in `sag_fast.diffusers.tiny`."""
 from __future__ import annotations
 
-from .hooks import disable_sag, enable_sag, sag_config
+from .hooks import disable_sag, enable_sag, last_mask, sag_config
 from .pipelines import StableDiffusionSAGPipeline, StableDiffusionXLSAGPipeline
 
-__all__ = ["enable_sag", "disable_sag", "sag_config", "StableDiffusionSAGPipeline", "StableDiffusionXLSAGPipeline"]
+__all__ = ["enable_sag", "disable_sag", "sag_config", "last_mask", "StableDiffusionSAGPipeline", "StableDiffusionXLSAGPipeline"]

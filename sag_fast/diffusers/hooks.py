@@ -45,3 +45,11 @@ def sag_config(pipe) -> SAGConfig | None:
     """The SAGConfig enabled on `pipe`, or None."""
     session = vars(pipe).get(STATE_ATTR)
     return None if session is None else session.config
+
+
+def last_mask(pipe):
+    """The attention mask SAG used at its last guided model call on `pipe`: a bool (B, h, w) tensor over the
+    layer's token grid (True: degraded), for the unconditional rows; None before any, or with mask="global"."""
+    session = vars(pipe).get(STATE_ATTR)
+    capture = None if session is None else session.capture
+    return None if capture is None else capture.mask
