@@ -8,9 +8,6 @@ reference sees the same inputs), fp64 1e-12 (the fp64 path of the C++ kernel).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,6 +23,7 @@ from sag_fast.ops import degrade as dg
 from sag_fast.ops.degrade import degrade, degrade_triton
 
 from conftest import HAS_CUDA, INTERPRETED
+from triton_aot import functionalised_targets
 
 pytestmark = pytest.mark.skipif(not dg.extension_available(), reason="sag_fast._C is not built")
 TRITON_RUNS = INTERPRETED or HAS_CUDA
@@ -401,10 +399,7 @@ def test_compile_sees_the_triton_kernel_on_cuda():
     """Functionalised (what torch.compile's AOT step does), a CUDA call is the Triton kernel itself, which
     Inductor compiles with the graph; a CPU call stays the op. Traced with fake CUDA tensors in a process
     without TRITON_INTERPRET (interpreted kernels cannot be traced)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _TRACE], capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    lines = functionalised_targets(_TRACE)
     assert "triton_kernel_wrapper_functional" in lines["cuda"] and "sag_fast.degrade" not in lines["cuda"]
     assert "sag_fast.degrade.default" in lines["cpu"] and "triton" not in lines["cpu"]
 

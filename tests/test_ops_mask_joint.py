@@ -7,9 +7,6 @@ relative to the mean image-key mass (docs/design.md, "The mask for joint attenti
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +20,7 @@ from sag_fast.ops.testing import triton_on_cpu
 from conftest import INTERPRETED
 from fake_cuda import fake_cuda
 from test_ops_mask import _aot_spec, impl, triton_path  # noqa: F401  (impl is a fixture)
+from triton_aot import functionalised_targets
 
 NEAR = 1e-4  # masses this close to the cut are left out of the comparison (fp32 summation order)
 
@@ -293,10 +291,7 @@ for device in ("cuda", "cpu"):
 
 def test_compile_sees_the_joint_triton_kernels_on_cuda():
     """Functionalised, a joint CUDA call is its two Triton launches; a CPU call stays the op."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _TRACE], capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    lines = functionalised_targets(_TRACE)
     assert lines["cuda"].startswith("2 ") and "sag_fast.mask" not in lines["cuda"]
     assert lines["cpu"].startswith("0 ") and "sag_fast.mask_from_qk.default" in lines["cpu"]
 

@@ -26,6 +26,15 @@ def ptxas_paths() -> list[str]:
     return paths
 
 
+def functionalised_targets(script: str) -> dict[str, str]:
+    """Runs a trace script (it prints "<device> <count> <targets>" per line) in a process without
+    TRITON_INTERPRET (interpreted kernels cannot be traced) and returns {device: the rest of its line}."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+
+
 def compile_report(kernel: str, signature: dict, constexprs: dict, arch: int, num_warps: int = 4) -> str:
     """Compiles `module:function` to PTX for sm_<arch> and returns `ptxas -v`'s resource report."""
     spec = json.dumps({"kernel": kernel, "signature": signature, "constexprs": constexprs,
