@@ -299,6 +299,7 @@ class AttentionCapture:
         self.mask: torch.Tensor | None = None
         self._armed = False
         self._done = False
+        self._probing = False  # the construction-time dummy forward: stop at the first attention seen
         self._rows: slice | None = None
         self._input_hw: tuple[int, int] | None = None
         self._layer_hw: tuple[int, int] | None = None
@@ -468,7 +469,7 @@ class AttentionCapture:
 
     def _from_sdpa(self, query, key, value=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, **_):
-        if getattr(self, "_probing", False):
+        if self._probing:
             raise _Seen
         if attn_mask is not None or is_causal:
             raise RuntimeError(f"layer {self.layer_name!r} attends with an attention mask (or causally): the SAG mass "
@@ -501,7 +502,7 @@ class AttentionCapture:
         self._done = True
 
     def _from_probs(self, probs: torch.Tensor):
-        if getattr(self, "_probing", False):
+        if self._probing:
             raise _Seen
         if probs.shape[-1] != probs.shape[-2]:
             raise ValueError(f"layer {self.layer_name!r} is not self-attention: {probs.shape[-2]} queries and "

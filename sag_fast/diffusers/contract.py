@@ -413,16 +413,20 @@ class BatchContract:
         self._paths = tuple((p, tuple(p.split("."))) for p in self.per_row)
         self._controlnet = _ControlNetReplay(pipe) if controlnet else None
 
+    def _with_defaults(self, call_args: dict):
+        """The call's arguments, with the pipeline __call__'s defaults under them."""
+        return ChainMap(call_args, self._defaults) if self._defaults else call_args
+
     def split_cfg(self, pipe, call_args: dict) -> bool:
         """Whether this call does CFG as two denoiser calls per step (cond first, then uncond)."""
         if self._split_cfg is None:
             return False
-        call = ChainMap(call_args, self._defaults) if self._defaults else call_args
+        call = self._with_defaults(call_args)
         return bool(self._split_cfg(pipe, call))
 
     def latent_hw(self, pipe, call_args: dict) -> tuple[int, int]:
         """(H, W) of the unpacked latent of a packed-latent call (pipeline_flux.py's _unpack_latents rule)."""
-        call = ChainMap(call_args, self._defaults) if self._defaults else call_args
+        call = self._with_defaults(call_args)
         factor = int(getattr(pipe, "vae_scale_factor", 8))
         size = int(getattr(pipe, "default_sample_size", 128)) * factor
         height, width = call.get("height") or size, call.get("width") or size
@@ -434,7 +438,7 @@ class BatchContract:
 
     # ------------------------------------------------------------------------------------ per call
     def layout(self, pipe, call_args: dict, x: torch.Tensor, model_kwargs: dict) -> CallLayout:
-        call = ChainMap(call_args, self._defaults) if self._defaults else call_args
+        call = self._with_defaults(call_args)
         try:
             cfg = bool(self._cfg(pipe, call))
         except Exception as e:  # a user cfg function that cannot read this call
@@ -606,8 +610,7 @@ def _refusal(pipe, model) -> str | None:
                 "(SAG degrades 4-D (batch, channels, height, width) inputs); use an image pipeline")
     if "PAGMixin" in mro_names:
         return _refuse_pag(name)
-    packed_row = TABLE.get(name) is not None and TABLE[name].packed or any(
-        c.__name__ in TABLE and TABLE[c.__name__].packed for c in type(pipe).__mro__)
+    packed_row = any(c.__name__ in TABLE and TABLE[c.__name__].packed for c in type(pipe).__mro__)
     if not packed_row and (hasattr(type(pipe), "_pack_latents") or model_name.startswith(("Flux", "Chroma", "QwenImage"))):
         return (f"{name} feeds {model_name} packed 3-D latents (batch, tokens, channels): packed-latent "
                 "transformers other than FluxPipeline / FluxImg2ImgPipeline are not supported yet; SAG needs to "

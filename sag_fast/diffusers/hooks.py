@@ -6,8 +6,6 @@ so SAG composes with them (CFG+SAG, or SAG alone).
 """
 from __future__ import annotations
 
-from diffusers import DiffusionPipeline
-
 from ..guidance import SAGConfig, make_config
 from .session import STATE_ATTR, SAGCopyMixin, install, uninstall
 
@@ -25,8 +23,6 @@ def enable_sag(pipe, scale: float | None = None, *, config: SAGConfig | None = N
     cause and the way out: no denoiser, an unsupported scheduler or pipeline, a layer that is not self-attention
     or whose attention SAG cannot read, video or packed latents, a denoiser shared with another SAG pipeline.
     """
-    if not isinstance(pipe, DiffusionPipeline):
-        raise TypeError(f"enable_sag: pipe must be a diffusers pipeline, got {type(pipe).__name__}")
     if isinstance(pipe, SAGCopyMixin) and not hasattr(type(pipe), "_sag_base_class"):
         raise TypeError(f"pipe is already a {type(pipe).__name__} (SAG on every call); set its sag_scale per call "
                         "instead of enable_sag, or use the base diffusers pipeline")

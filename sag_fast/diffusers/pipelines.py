@@ -26,7 +26,7 @@ def _with_session(init):
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        attach_session(self, SAGSession(self, SAGConfig(), where=type(self).__name__))
+        attach_session(self, SAGSession(self, SAGConfig()))
 
     return __init__
 
@@ -41,7 +41,7 @@ class _SAGPipelineMixin(SAGCopyMixin):
         session: SAGSession = vars(self)[STATE_ATTR]
         if (config.layer, config.mask) != (session.config.layer, session.config.mask):
             session.remove()  # another layer or mask mode: a new capture (checked here, before sampling)
-            session = SAGSession(self, config, where=type(self).__name__)
+            session = SAGSession(self, config)
             attach_session(self, session)
         with session.pipeline_call(base_call, self, args, kwargs, config=config):
             return base_call(self, *args, **kwargs)

@@ -144,9 +144,7 @@ class _GuidedForward:
 class SAGSession:
     """SAG installed on one pipeline: contract, capture, the guided step on the denoiser, per-call state."""
 
-    def __init__(self, pipe, config: SAGConfig, layout=None, where: str = "enable_sag"):
-        if not isinstance(pipe, DiffusionPipeline):
-            raise TypeError(f"{where}: pipe must be a diffusers pipeline, got {type(pipe).__name__}")
+    def __init__(self, pipe, config: SAGConfig, layout=None):
         model_attr = next((n for n in DENOISERS if isinstance(getattr(pipe, n, None), torch.nn.Module)), None)
         if model_attr is None:
             raise ValueError(f"pipe: {type(pipe).__name__} has no `unet` or `transformer` torch module to guide; "
@@ -156,8 +154,8 @@ class SAGSession:
             raise ValueError(f"pipe: {type(pipe).__name__} has no `scheduler`; SAG needs one to degrade the input")
         check_supported(scheduler)
         self.model_attr = model_attr
-        self.outer: torch.nn.Module = getattr(pipe, model_attr)   # what the pipeline calls
-        self.model: torch.nn.Module = unwrap_compiled(self.outer)  # the module itself
+        outer: torch.nn.Module = getattr(pipe, model_attr)       # what the pipeline calls
+        self.model: torch.nn.Module = unwrap_compiled(outer)  # the module itself
         self.config = config
         self.layout = layout
         self.contract = contract_for(pipe, self.model, layout)
@@ -169,7 +167,7 @@ class SAGSession:
             if config.mask == "attention":
                 joint = joint_layout(self.model) or getattr(layout, "joint", None)
                 self.capture = AttentionCapture(self.model, config.layer, config.threshold, joint=joint)
-            self._install_outer(self.outer)
+            self._install_outer(outer)
         except BaseException:
             self.remove()
             raise
@@ -231,7 +229,6 @@ class SAGSession:
             raise RuntimeError(f"pipe.{self.model_attr} was replaced by another model after enable_sag; call "
                                "sag_fast.enable_sag(pipe, ...) again to guide the new one")
         self._remove_outer()
-        self.outer = outer
         self._install_outer(outer)
 
     # ------------------------------------------------------------------------- pipeline calls
@@ -340,11 +337,10 @@ class SAGSession:
             pending, state.pending = state.pending, None
 
             def on_shift(delta):  # the conditional way, returned by the step's first call and held by the pipeline
-                shift = pack_latents(delta) if packed else delta
                 if packed:
-                    pending.add_(shift.to(pending.dtype))
+                    pending.add_(pack_latents(delta).to(pending.dtype))
                 else:
-                    pending[:, :shift.shape[1]].add_(shift.to(pending.dtype))
+                    pending[:, :delta.shape[1]].add_(delta.to(pending.dtype))
 
         if self.capture is not None:
             self.capture.threshold = config.threshold
@@ -358,11 +354,9 @@ class SAGSession:
 
 # ------------------------------------------------------------------------------ copies and pickles
 def _unpickle_sag_pipeline(payload: bytes, config: SAGConfig, layout, dropin: bool):
-    cls, state = pickle.loads(payload)
-    pipe = object.__new__(cls)
-    pipe.__dict__.update(state)
+    pipe = _unpickle_plain(payload)
     if dropin:
-        attach_session(pipe, SAGSession(pipe, config, layout, where=cls.__name__))
+        attach_session(pipe, SAGSession(pipe, config, layout))
     else:
         install(pipe, config, layout)
     return pipe
@@ -387,24 +381,22 @@ class SAGCopyMixin:
         try:
             yield session
         finally:
-            attach_session(self, SAGSession(self, config, layout, where=type(self).__name__))
-
-    def _sag_base_for_copy(self) -> type:
-        return getattr(type(self), "_sag_base_class", type(self))
+            attach_session(self, SAGSession(self, config, layout))
 
     def __deepcopy__(self, memo):
         with self._sag_detached() as session:
             rv = object.__reduce_ex__(self, 4)
             clone = copy._reconstruct(self, memo, *rv)  # the default deepcopy, same class
         if session is not None:
-            attach_session(clone, SAGSession(clone, session.config, session.layout, where=type(self).__name__))
+            attach_session(clone, SAGSession(clone, session.config, session.layout))
         return clone
 
     def __reduce_ex__(self, protocol):
-        dropin = not hasattr(type(self), "_sag_base_class")
+        base = getattr(type(self), "_sag_base_class", None)  # enable_sag's per-instance class pickles as its base
+        dropin = base is None
         with self._sag_detached() as session:
             state = {k: v for k, v in vars(self).items() if k != STATE_ATTR}
-            payload = pickle.dumps((type(self) if dropin else self._sag_base_for_copy(), state), protocol)
+            payload = pickle.dumps((type(self) if dropin else base, state), protocol)
         if session is None:
             return _unpickle_plain, (payload,)
         return _unpickle_sag_pipeline, (payload, session.config, session.layout, dropin)
@@ -436,6 +428,8 @@ def sag_class(cls: type) -> type:
 
 def install(pipe, config: SAGConfig, layout=None) -> SAGSession:
     """SAG on `pipe` until `uninstall`: a session, and the per-instance subclass that opens its calls."""
+    if not isinstance(pipe, DiffusionPipeline):
+        raise TypeError(f"enable_sag: pipe must be a diffusers pipeline, got {type(pipe).__name__}")
     if vars(pipe).get(STATE_ATTR) is not None:
         uninstall(pipe)
     session = SAGSession(pipe, config, layout)
