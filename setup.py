@@ -46,11 +46,12 @@ setup(
     version="0.1.0",
     description="Fast Self-Attention Guidance for diffusion models: fused Triton and CUDA kernels, diffusers integration",
     packages=find_packages(include=["sag_fast", "sag_fast.*"]),
+    # diffusers: the floor is the version the test suite runs (requirements.txt pins it; tests/test_packaging.py)
     # the built-in model (a diffusers folder) and the quality benchmark's feature network ship with the package
     package_data={"sag_fast.models": ["builtin/*.json", "builtin/*/*.json", "builtin/*/*.safetensors",
                                       "features/*.json", "features/*.safetensors"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "triton>=3.2; platform_system == 'Linux'", "diffusers>=0.33", "tqdm", "pillow"],
+    install_requires=["torch>=2.6", "triton>=3.2; platform_system == 'Linux'", "diffusers>=0.42.1", "tqdm", "pillow"],
     extras_require={"test": ["pytest", "pytest-benchmark", "transformers"],
                     "quality": ["torchmetrics", "matplotlib"]},  # `python -m sag_fast quality`
     ext_modules=[_extension()],

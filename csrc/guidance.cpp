@@ -5,16 +5,21 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
 namespace sag_fast {
 namespace {
+
+// dtypes spelled as Python spells them ("torch.float32"), so that these messages are the fakes' word for word
+std::string py_dtype(at::ScalarType dt) { return "torch." + std::string(c10::getDtypeNames(dt).first); }
 
 void check_pair(const char* op, const at::Tensor& pred, const at::Tensor& degraded, bool allow_fp64) {
   const auto dt = pred.scalar_type();
   const bool ok = dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || (allow_fp64 && dt == at::kDouble);
   TORCH_CHECK_VALUE(ok, op, ": pred must be float32, float16 or bfloat16", allow_fp64 ? " (or float64)" : "",
-                    " on ", pred.device().type(), ", got ", dt);
-  TORCH_CHECK_VALUE(degraded.scalar_type() == dt, op, ": degraded has dtype ", degraded.scalar_type(),
-                    " but pred has ", dt, "; they must have the same dtype");
+                    " on ", pred.device().type(), ", got ", py_dtype(dt));
+  TORCH_CHECK_VALUE(degraded.scalar_type() == dt, op, ": degraded has dtype ", py_dtype(degraded.scalar_type()),
+                    " but pred has ", py_dtype(dt), "; they must have the same dtype");
   TORCH_CHECK_VALUE(degraded.device() == pred.device(), op, ": degraded is on ", degraded.device(),
                     " but pred is on ", pred.device(), "; they must be on the same device");
   TORCH_CHECK_VALUE(pred.dim() >= 2, op, ": pred must have at least 2 dims (batch, channels, ...), got shape ",

@@ -21,6 +21,8 @@ _LAZY = {
     "SAGLayout": "sag_fast.diffusers.contract",
     "SelfAttentionGuidance": "sag_fast.diffusers.guider",
     "disable_sag": "sag_fast.diffusers",
+    "sag_config": "sag_fast.diffusers",
+    "last_mask": "sag_fast.diffusers",
     "StableDiffusionSAGPipeline": "sag_fast.diffusers",
     "StableDiffusionXLSAGPipeline": "sag_fast.diffusers",
 }

@@ -63,14 +63,16 @@ def _check_sample_args(a) -> None:
         raise SystemExit(f"--batch must be >= 1, got {a.batch}")
     if a.guidance_scale < 0:
         raise SystemExit("--guidance-scale must be >= 0")
-    if not math.isfinite(a.sag_scale):  # any finite SAG scale, as in the API (negative: away from the blur)
-        raise SystemExit(f"--sag-scale must be a finite number, got {a.sag_scale}")
-    if a.blur_sigma <= 0:
-        raise SystemExit(f"--blur-sigma must be > 0, got {a.blur_sigma}")
-    if a.kernel_size < 1 or a.kernel_size % 2 == 0:
-        raise SystemExit(f"--kernel-size must be a positive odd number, got {a.kernel_size}")
-    if a.threshold < 0:
-        raise SystemExit(f"--threshold must be >= 0, got {a.threshold}")
+    # the SAG settings are checked by SAGConfig, the one place their rules are written; its message names the flag
+    from sag_fast.guidance import SAGConfig
+    try:
+        SAGConfig(scale=a.sag_scale, blur_sigma=a.blur_sigma, kernel_size=a.kernel_size, threshold=a.threshold)
+    except ValueError as exc:
+        text = str(exc)
+        for field, flag in (("scale", "--sag-scale"), ("blur_sigma", "--blur-sigma"), ("kernel_size", "--kernel-size"),
+                            ("threshold", "--threshold")):
+            text = text.replace(f"SAGConfig.{field} ", f"{flag} ")
+        raise SystemExit(text) from None
     for name in ("height", "width"):
         v = getattr(a, name)
         if v is not None and (v < 8 or v % 8):

@@ -8,24 +8,41 @@ SDPA processors, its attention dispatch, `nn.MultiheadAttention`, custom modules
 (diffusers' eager `AttnProcessor`, `need_weights=True`), and reduces q/k (with `mask_from_qk`, no Nq x Nk
 buffer) or the probabilities (`mask_from_probs`) to the (rows, h, w) mask. The layer's output is its own.
 
-A diffusers attention layer keeps a processor wrapper (`_CaptureProcessor`) that passes straight through when
-unarmed; other modules get a forward pre-hook / hook pair. `AttentionCapture(...)` runs the layer once on a
-4-token dummy input to prove that the attention is visible (an xformers or custom CUDA processor is refused
-here, not mid-sampling).
+The layer gets one named diffusers hook (`sag_fast_capture`, through `HookRegistry`) whose forward runs the
+layer's own forward, under the probe when armed: whatever processor the layer has now (swapped, fused, LoRA'd
+since) is the one watched, and diffusers' filtering of `cross_attention_kwargs` by the processor's signature is
+untouched. `nn.MultiheadAttention` gets a pre-hook that projects q and k itself (its fused path shows no SDPA).
+`AttentionCapture(...)` runs the layer once on a 4-token dummy input to prove that the attention is visible (an
+xformers or custom CUDA processor is refused here, not mid-sampling), and refuses sliced attention.
+
+Armed for one caller only: `capturing()` records the arming thread, and a forward of the layer from any other
+thread (another pipeline sharing the denoiser) passes straight through. Inside a compiled region the thread is
+read off the torch-function mode stack instead (thread-local, and guarded by Dynamo): `capturing(compiled=True)`
+pushes a marker mode for the armed forward.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import math
 import re
+import threading
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .ops._dispatch import check_nonnegative
 from .ops.mask import mask_from_probs, mask_from_qk
+
+
+def drop_bound_forward(module: torch.nn.Module) -> None:
+    """remove_hook puts the class's forward back as an instance attribute bound to the module; drop exactly that,
+    so the module looks its forward up on its class again (a class-level patch, another library's, is seen)."""
+    forward = vars(module).get("forward")
+    if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+        del module.forward
 
 # default layers, first present wins: SD/SDXL UNet mid-block self-attention, UNet2DModel mid-block attention
 _DEFAULT_LAYERS = ("mid_block.attentions.0.transformer_blocks.0.attn1", "mid_block.attentions.0")
@@ -182,85 +199,40 @@ def _over_last_dim(args, kwargs) -> bool:
     return isinstance(t, torch.Tensor) and isinstance(dim, int) and dim in (-1, t.dim() - 1) and t.dim() >= 3
 
 
-class _CaptureProcessor:
-    """Wraps a diffusers attention layer's processor. Unarmed: a straight call. Armed: the same call under the
-    probe. Each inner processor class gets a subclass whose __call__ has exactly the inner signature (see
-    `_processor_class`), because diffusers' Attention.forward keeps only the cross_attention_kwargs that the
-    processor's signature names."""
+HOOK_NAME = "sag_fast_capture"
 
-    def __init__(self, inner, capture: "AttentionCapture"):
-        self.inner = inner
+
+class _Marker(TorchFunctionMode):
+    """Pushed on the arming thread's mode stack around a compiled armed forward: the capture is live in a compiled
+    region only where this marker is on the stack. Passes every call through."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _LayerHook(ModelHook):
+    """The capture's named hook on the attention layer: the layer's own forward, under the probe when armed."""
+
+    def __init__(self, capture: "AttentionCapture"):
+        super().__init__()
         self.capture = capture
 
-    def __call__(self, attn, hidden_states, *args, **kwargs):
-        return self._dispatch((attn, hidden_states, *args), kwargs)
-
-    def _dispatch(self, args: tuple, kwargs: dict):
+    def new_forward(self, module, *args, **kwargs):
         capture = self.capture
-        if capture._armed and not capture._done:
-            hidden_states = args[1] if len(args) > 1 else kwargs.get("hidden_states")
-            if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4:  # spatial attention: its grid
-                capture._layer_hw = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
-            elif isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3:  # its own (image) tokens
-                capture._layer_tokens = int(hidden_states.shape[1])
-            with _AttentionProbe(capture):
-                return self.inner(*args, **kwargs)
-        return self.inner(*args, **kwargs)
-
-    def __getattr__(self, name):  # processor attributes diffusers or the user read (e.g. a processor's scale)
-        if name in ("inner", "capture"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def __reduce__(self):
-        return _capture_processor, (self.inner, self.capture)
+        if not capture._live():
+            return self.fn_ref.original_forward(*args, **kwargs)
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4:  # spatial attention: its grid
+            capture._layer_hw = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
+        elif isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3:  # its own (image) tokens
+            capture._layer_tokens = int(hidden_states.shape[1])
+        with _AttentionProbe(capture):
+            return self.fn_ref.original_forward(*args, **kwargs)
 
 
-def _forwarding_call(signature: inspect.Signature):
-    """A real function with the parameters of `signature` (self first) that hands them, in order, to
-    self._dispatch(args, kwargs). Generated rather than given a `__signature__`: torch.compile graph-breaks on
-    a Signature object read through `__signature__`, not on a plain function's own parameters."""
-    params = list(signature.parameters.values())
-    if not params or any(p.kind is p.POSITIONAL_ONLY for p in params):
-        return None
-    defaults, head, pos, star, kwonly, starstar = {}, [], [], None, [], None
-    for p in params:
-        if p.kind is p.VAR_POSITIONAL:
-            star = p.name
-            head.append("*" + p.name)
-            continue
-        if p.kind is p.VAR_KEYWORD:
-            starstar = p.name
-            head.append("**" + p.name)
-            continue
-        if p.kind is p.KEYWORD_ONLY and star is None and not any(h.startswith("*") for h in head):
-            head.append("*")
-        text = p.name if p.default is p.empty else f"{p.name}=_defaults[{p.name!r}]"
-        if p.default is not p.empty:
-            defaults[p.name] = p.default
-        head.append(text)
-        (kwonly if p.kind is p.KEYWORD_ONLY else pos).append(p.name)
-    self_name = pos.pop(0)
-    args = "(" + "".join(f"{n}, " for n in pos) + (f"*{star}" if star else "") + ")"
-    kwargs = "{" + "".join(f"{n!r}: {n}, " for n in kwonly) + (f"**{starstar}" if starstar else "") + "}"
-    source = f"def __call__({', '.join(head)}):\n    return {self_name}._dispatch({args}, {kwargs})\n"
-    namespace = {"_defaults": defaults}
-    exec(compile(source, "<sag_fast capture processor>", "exec"), namespace)  # noqa: S102 - our own template
-    return namespace["__call__"]
-
-
-@functools.lru_cache(maxsize=None)
-def _processor_class(inner_cls: type) -> type:
-    try:
-        call = _forwarding_call(inspect.signature(inner_cls.__call__))
-    except (TypeError, ValueError, SyntaxError):
-        call = None
-    body = {"__call__": call} if call is not None else {}
-    return type(f"SAGCapture{inner_cls.__name__}", (_CaptureProcessor,), body)
-
-
-def _capture_processor(inner, capture):
-    return _processor_class(type(inner))(inner, capture)
+def _sliced(processor) -> bool:
+    """diffusers' attention slicing (SlicedAttnProcessor, SlicedAttnAddedKVProcessor): the softmax in pieces."""
+    return type(processor).__name__.startswith("Sliced") or getattr(processor, "slice_size", None) is not None
 
 
 class AttentionCapture:
@@ -275,8 +247,7 @@ class AttentionCapture:
                  grid_hw: tuple[int, int] | None = None, probe: bool = True, joint: str | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-            raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+        check_nonnegative(threshold, "threshold")
         if grid_hw is not None:
             if len(tuple(grid_hw)) != 2 or any(not isinstance(v, int) or v <= 0 for v in grid_hw):
                 raise ValueError(f"grid_hw must be None or two positive ints (h, w), got {grid_hw!r}")
@@ -284,6 +255,7 @@ class AttentionCapture:
         if joint not in (None, "image_first", "text_first"):
             raise ValueError(f"joint must be None, 'image_first' (SD3) or 'text_first' (Flux), got {joint!r}")
         self.model = unwrap_compiled(model)
+        self._through_compiled = self.model is not model  # built on a torch.compile wrapper: it is what runs
         self.threshold = float(threshold)
         self.grid_hw = grid_hw
         self.joint = joint            # where the image tokens sit in a joint attention's sequence
@@ -304,9 +276,11 @@ class AttentionCapture:
         self._input_hw: tuple[int, int] | None = None
         self._layer_hw: tuple[int, int] | None = None
         self._shapes: dict[int, tuple[int, int]] = {}
-        self._mode: _AttentionProbe | None = None
         self._handles: list = []
-        self._wrapper: _CaptureProcessor | None = None
+        self._hooked = False
+        self._owner: int | None = None      # the thread that armed the capture
+        self._marker: _Marker | None = None  # its mode-stack marker, for an armed forward in a compiled region
+        self.check_processor()
         self._install()
         if probe:
             try:
@@ -324,64 +298,44 @@ class AttentionCapture:
                           if ".".join(parts[:i]) in modules]
         for depth, module in enumerate(self._geometry):
             self._handles.append(module.register_forward_pre_hook(self._make_shape_hook(depth), with_kwargs=True))
-        if self.kind == "processor":
-            self._wrap_processor()
-        elif self.kind == "multihead":  # its fused native path shows torch no SDPA call: project q, k here
+        if self.kind == "multihead":  # its fused native path shows torch no SDPA call: project q, k here
             self._handles.append(self.layer.register_forward_pre_hook(self._on_multihead, with_kwargs=True))
         else:
-            self._handles.append(self.layer.register_forward_pre_hook(self._enter_layer, with_kwargs=True))
-            self._handles.append(self.layer.register_forward_hook(self._exit_layer, always_call=True))
+            registry = HookRegistry.check_if_exists_or_initialize(self.layer)
+            if registry.get_hook(HOOK_NAME) is not None:
+                raise RuntimeError(f"the model already has SAG enabled (a sag_fast capture on layer {self.layer_name!r}: "
+                                   "another pipeline sharing this model?); call disable_sag on that pipeline first")
+            registry.register_hook(_LayerHook(self), HOOK_NAME)
+            self._hooked = True
 
-    def _wrap_processor(self) -> None:
-        """Wraps the layer's current processor, unless this capture's wrapper is already in its chain (put back
-        by unfuse_qkv_projections, or by a pipeline restoring the processors it saved). Another capture's
-        wrapper is wrapped in turn: each passes through unless armed."""
-        current = self.layer.processor
-        while isinstance(current, _CaptureProcessor):
-            if current.capture is self:
-                self._wrapper = current
-                return
-            current = current.inner
-        self._wrapper = _capture_processor(self.layer.processor, self)
-        # plain assignment: Attention.set_processor would also log and move nn.Module processors around
-        self.layer.processor = self._wrapper
+    def _live(self) -> bool:
+        """Armed, not yet done, and this forward is the arming caller's (never another thread's)."""
+        if not self._armed or self._done:
+            return False
+        if torch.compiler.is_compiling():  # no thread id in a graph: the arming thread's mode stack tells
+            marker = self._marker
+            return marker is not None and any(m is marker for m in _get_current_function_mode_stack())
+        return self._owner == threading.get_ident()
 
-    def _unwrap_processor(self) -> None:
-        """Takes this capture's wrapper out of the layer's processor chain, wherever it is in it."""
-        wrapper, self._wrapper = self._wrapper, None
-        if self.layer.processor is wrapper:
-            self.layer.processor = wrapper.inner
-            return
-        link = self.layer.processor
-        while isinstance(link, _CaptureProcessor):
-            if link.inner is wrapper:
-                link.inner = wrapper.inner
-                return
-            link = link.inner
+    def check_processor(self) -> None:
+        """Refuses what the capture cannot read whole, at enable time and again before each pipeline call:
+        attention slicing computes the softmax one slice of heads at a time."""
+        if _sliced(getattr(self.layer, "processor", None)):
+            raise ValueError(f"layer {self.layer_name!r} uses attention slicing ({type(self.layer.processor).__name__}): "
+                             "its softmax runs one slice of heads at a time, so SAG cannot read the layer's whole "
+                             "attention map; call pipe.disable_attention_slicing() (torch's scaled_dot_product_"
+                             "attention, the default processor, already avoids the memory slicing saves)")
 
     def _make_shape_hook(self, depth: int):
         def hook(module, args, kwargs):
-            if self._armed and not self._done:
+            if self._live():
                 hw = _spatial_input(args, kwargs)
                 if hw is not None:
                     self._shapes[depth] = hw
         return hook
 
-    def _enter_layer(self, module, args, kwargs):
-        if self._armed and not self._done and self._mode is None:
-            self._mode = _AttentionProbe(self)
-            self._mode.__enter__()
-
-    def _exit_layer(self, module, args, output):
-        self._pop_mode()
-
-    def _pop_mode(self) -> None:
-        if self._mode is not None:
-            mode, self._mode = self._mode, None
-            mode.__exit__(None, None, None)
-
     def _on_multihead(self, module, args, kwargs):
-        if not self._armed or self._done:
+        if not self._live():
             return
         query = args[0] if len(args) > 0 else kwargs.get("query")
         key = args[1] if len(args) > 1 else kwargs.get("key")
@@ -409,12 +363,6 @@ class AttentionCapture:
         kh = F.linear(x, wk, bk).unflatten(-1, (heads, d)).transpose(1, 2)
         self._compute(qh, kh, None)
 
-    def _sync_processor(self) -> None:
-        """The user (fuse_qkv_projections, set_attn_processor, PAG, IP-adapter loading) may have replaced the
-        layer's processor since: wrap the new one, so the capture follows the attention that really runs."""
-        if self.kind == "processor" and self.layer.processor is not self._wrapper:
-            self._wrap_processor()  # finds its wrapper still in the chain, or wraps the new processor
-
     def _probe(self) -> None:
         """Runs the layer alone on a (1, 4, C) dummy input with the probe armed: the layer must show its attention
         to torch (SDPA or softmax); other processors are refused here. Skipped where no dummy input can be made."""
@@ -426,6 +374,7 @@ class AttentionCapture:
             return
         dummy = torch.zeros(1, 4, dim, device=params[0].device, dtype=params[0].dtype)
         self._armed, self._done, self._probing = True, False, True
+        self._owner = threading.get_ident()
         try:
             with torch.no_grad():
                 self.layer(dummy)
@@ -434,11 +383,10 @@ class AttentionCapture:
         except Exception:  # the layer needs inputs we cannot invent: the check happens at the first guided step
             return
         finally:
-            self._armed, self._probing = False, False
-            self._pop_mode()
+            self._armed, self._probing, self._owner = False, False, None
             self._shapes.clear()
             self._layer_hw = None
-        what = type(getattr(self._wrapper, "inner", None)).__name__ if self.kind == "processor" else type(self.layer).__name__
+        what = type(getattr(self.layer, "processor", self.layer)).__name__
         raise ValueError(f"layer {self.layer_name!r} ({what}) computes its attention without torch's "
                          "scaled_dot_product_attention or a softmax, so SAG cannot read it (xformers, a custom "
                          "kernel?); use a torch processor, e.g. "
@@ -529,19 +477,26 @@ class AttentionCapture:
 
     # ------------------------------------------------------------------------------------ public
     @contextlib.contextmanager
-    def capturing(self, rows: slice | None = None, input_hw: tuple[int, int] | None = None):
-        """The layer's next forward computes `self.mask` for batch rows `rows` (None = all). input_hw: the
-        model input's (H, W), for a caller that runs the model's forward without its pre-hooks."""
+    def capturing(self, rows: slice | None = None, input_hw: tuple[int, int] | None = None, compiled: bool = False):
+        """The layer's next forward in this thread computes `self.mask` for batch rows `rows` (None = all).
+        input_hw: the model input's (H, W), for a caller that runs the model's forward without its pre-hooks.
+        compiled: the forward runs (partly) under torch.compile: arm through the thread's mode stack too."""
         if rows is not None and not isinstance(rows, slice):
             raise TypeError(f"rows must be a slice or None, got {type(rows).__name__}")
-        if not self._handles and self._wrapper is None:
+        if not self._handles and not self._hooked:
             raise RuntimeError("this AttentionCapture was removed")
-        self._sync_processor()
+        if self._armed:
+            raise RuntimeError(f"layer {self.layer_name!r}: the SAG capture is already armed by another call (one SAG "
+                               "pipeline called from two threads at once?); use one pipeline per thread")
+        self.check_processor()
+        self._owner = threading.get_ident()
+        self._marker = _Marker() if compiled or self._through_compiled or self._in_compiled_region() else None
         self._armed, self._done, self._rows, self.mask = True, False, rows, None
         self._input_hw, self._layer_hw, self._layer_tokens = input_hw, None, None
         self._shapes.clear()
         try:
-            yield self
+            with self._marker if self._marker is not None else contextlib.nullcontext():
+                yield self
             if self.mask is None:
                 how = {"processor": "its attention processor was not called",
                        "multihead": "the MultiheadAttention did not run",
@@ -549,18 +504,24 @@ class AttentionCapture:
                 raise RuntimeError(f"layer {self.layer_name!r}: no attention was captured during the forward "
                                    f"({how[self.kind]}); is that layer run by this model?")
         finally:
-            self._armed = False
-            self._pop_mode()  # the layer raised before its forward hook ran
+            self._armed, self._owner, self._marker = False, None, None
             self._shapes.clear()
 
+    def _in_compiled_region(self) -> bool:
+        """The layer or an ancestor was compiled in place (`module.compile()`, diffusers' regional compilation)."""
+        return any(getattr(m, "_compiled_call_impl", None) is not None for m in (self.layer, *self._geometry))
+
     def remove(self) -> None:
-        """Removes every hook and puts the layer's processor back; the model is exactly as before."""
+        """Removes every hook (the registry's named hook included); the model computes exactly as before."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._wrapper is not None:
-            self._unwrap_processor()
-        self._pop_mode()
+        if self._hooked:
+            registry = getattr(self.layer, "_diffusers_hook", None)
+            if registry is not None:
+                registry.remove_hook(HOOK_NAME, recurse=False)
+                drop_bound_forward(self.layer)
+            self._hooked = False
         self._armed = False
 
     def __enter__(self):

@@ -17,9 +17,10 @@ import torch
 
 from . import reference
 from .capture import AttentionCapture, resolve_layer
-from .guidance import SAGConfig, sag_guided_forward
-from .ops._dispatch import check_blur
-from .schedule import check_supported, signal_coefficients_for
+from .engine import StepFacts, guided_forward
+from .guidance import SAGConfig
+from .ops._dispatch import check_blur, check_finite
+from .schedule import check_supported, step_coefficients
 from .schedule import prediction_type as scheduler_prediction_type
 
 
@@ -85,9 +86,7 @@ class SAGSampler:
         ptype = scheduler_prediction_type(scheduler) if prediction_type is None else prediction_type
         if ptype not in reference.PREDICTION_TYPES:
             raise ValueError(f"prediction_type={ptype!r} must be one of {reference.PREDICTION_TYPES}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        check_finite(guidance_scale, "guidance_scale")
         if guided_channels is not None and (isinstance(guided_channels, bool) or not isinstance(guided_channels, int)
                                             or guided_channels < 1):
             raise ValueError(f"guided_channels must be None or a positive int, got {guided_channels!r}")
@@ -200,22 +199,23 @@ class SAGSampler:
         x_in = self.scheduler.scale_model_input(x_in, t)
         t_in = t.expand(x_in.shape[0]) if isinstance(t, torch.Tensor) else \
             torch.full((x_in.shape[0],), t, device=x_in.device)
-        if guided:
-            c1, c2 = signal_coefficients_for(self.scheduler, t_in, self.prediction_type)
+        channels = latents.shape[1]
+        if guided:  # with CFG, the engine returns CFG+SAG combined in one fused pass (guidance_combine)
+            c1, c2 = step_coefficients(self.scheduler, t_in, self.prediction_type)
             out = self._guided(x_in, t_in, kwargs, c1, c2, ways)
         else:
             out = self._forward(x_in, t_in, **kwargs)
-        channels = latents.shape[1]
+            if ways == 2:
+                out = self._combine_cfg(out, self._guided_channels(out.shape[1], channels))
         g = self._guided_channels(out.shape[1], channels)
-        if ways == 2:
-            out = self._combine_cfg(out, g)
         learned = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
         return out if g == -1 or learned else out[:, :channels]
 
     def _guided(self, x_in, t_in, kwargs, c1, c2, ways):
-        run = lambda x, t, c1, c2: sag_guided_forward(  # noqa: E731
-            self._forward, x, t, kwargs, config=self.config, capture=self.capture, c1=c1, c2=c2, ways=ways,
-            uncond_index=0, guided_channels=self.guided_channels)
+        cfg = float(self.guidance_scale) if ways == 2 else None
+        run = lambda x, t, c1, c2: guided_forward(  # noqa: E731
+            self._forward, x, t, kwargs, config=self.config, capture=self.capture,
+            facts=StepFacts(c1=c1, c2=c2, ways=ways, guided_channels=self.guided_channels, cfg_scale=cfg))
         if not self.cuda_graph:
             return run(x_in, t_in, c1, c2)
         return self._graph_replay(run, x_in, t_in, c1, c2)

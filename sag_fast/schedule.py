@@ -159,3 +159,86 @@ def signal_coefficients_for(scheduler, timestep, prediction_type: str | None = N
 
 
 _scheduler_prediction_type = prediction_type
+
+
+# ------------------------------------------------------------------- per-step coefficients, computed once
+_STEP_TABLES: dict[tuple, tuple[object, tuple, tuple]] = {}
+
+
+def _step_lists(scheduler, kind: str, attr: str, ptype: str, device: torch.device):
+    """(c1, c2) for every entry of scheduler.<attr> as lists of 0-dim fp32 tensors on `device`: computed once
+    per table (set_timesteps replaces the table object, which rebuilds the lists)."""
+    src = getattr(scheduler, attr)
+    key = (id(scheduler), attr, ptype, str(device))
+    hit = _STEP_TABLES.get(key)
+    if hit is not None and hit[0] is src:
+        return hit[1], hit[2]
+    if len(_STEP_TABLES) >= _MAX_TABLES:
+        _STEP_TABLES.clear()
+    if kind == "vp":  # attr == "timesteps": alphas_cumprod at each timestep of the schedule
+        acp = _device_table(scheduler, "alphas_cumprod", device)
+        a = acp.index_select(0, torch.as_tensor(src).to(device).long().clamp(0, acp.shape[0] - 1))
+        alpha, sigma = a.sqrt(), (1 - a).sqrt()
+    else:
+        s = torch.as_tensor(src).to(device=device, dtype=_compute_dtype(device))
+        if kind == "flow" or (kind == "dpm" and getattr(scheduler.config, "use_flow_sigmas", False)):
+            alpha, sigma = 1 - s, s
+        else:
+            alpha = (s * s + 1).rsqrt()
+            sigma = s * alpha
+    c1, c2 = reference.signal_coefficients(alpha.to(torch.float32), sigma.to(torch.float32), ptype)
+    lists = (tuple(torch.as_tensor(c1).expand(alpha.shape).unbind(0)),
+             tuple(torch.as_tensor(c2).expand(alpha.shape).unbind(0)))
+    _STEP_TABLES[key] = (src, *lists)
+    return lists
+
+
+def _schedule_position(scheduler, t) -> int | None:
+    """Where t sits in scheduler.timesteps, read from tensor metadata alone (no device read): the loop's
+    timestep is a view of that tensor (`for t in timesteps`, expanded or not). None when t is not such a view."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if not isinstance(t, torch.Tensor) or not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
+        return None
+    if type(t).__name__ == "FakeTensor" or t.device != timesteps.device or t.dtype != timesteps.dtype:
+        return None
+    if t.dim() > 1 or (t.dim() == 1 and t.stride(0) != 0) or timesteps.stride(0) < 1:
+        return None  # per-row timesteps: not one position
+    if t.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr():
+        return None
+    offset = t.storage_offset() - timesteps.storage_offset()
+    if offset < 0 or offset % timesteps.stride(0):
+        return None
+    position = offset // timesteps.stride(0)
+    return position if position < timesteps.shape[0] else None
+
+
+def step_coefficients(scheduler, timestep, prediction_type: str | None = None, device=None):
+    """(c1, c2) of `signal_coefficients_for`, for one sampling step, without per-step arithmetic: 0-dim tensors
+    picked from lists computed once per schedule. The step is the scheduler's own step index (sigma-table and
+    flow schedulers) or the timestep's position in `scheduler.timesteps` (read from the view's offset, no device
+    read). Where neither is known (a first DPM-Solver step, per-row timesteps, a timestep that is not a view of
+    the schedule) it falls back to `signal_coefficients_for`."""
+    check_supported(scheduler)
+    kind = _kind(scheduler)
+    ptype = _scheduler_prediction_type(scheduler) if prediction_type is None else prediction_type
+    t = timestep
+    target = torch.device(device) if device is not None else (t.device if isinstance(t, torch.Tensor) else None)
+    if target is not None and isinstance(t, torch.Tensor) and t.dim() <= 1:
+        if kind == "vp":
+            position = _schedule_position(scheduler, t)
+            if position is not None:
+                c1s, c2s = _step_lists(scheduler, kind, "timesteps", ptype, target)
+                return c1s[position], c2s[position]
+        else:
+            table = "sigmas"
+            if kind == "sigma" and not getattr(scheduler, "state_in_first_order", True) \
+                    and hasattr(scheduler, "sigmas_interpol"):
+                table = "sigmas_interpol"
+            step = getattr(scheduler, "step_index", None)
+            if step is None:
+                step = getattr(scheduler, "begin_index", None)
+            if isinstance(step, int) and type(t).__name__ != "FakeTensor":
+                c1s, c2s = _step_lists(scheduler, kind, table, ptype, target)
+                if step < len(c1s):
+                    return c1s[step], c2s[step]
+    return signal_coefficients_for(scheduler, timestep, ptype, device=device)

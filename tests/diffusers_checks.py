@@ -21,15 +21,26 @@ def images(pipe, *args, seed: int = 0, **kwargs) -> np.ndarray:
     return np.asarray(pipe(*args, generator=gen(seed), **kwargs).images)
 
 
+def _own_forward(m: torch.nn.Module) -> bool:
+    """An instance-level forward other than the class's own bound to m (diffusers' HookRegistry.remove_hook puts
+    the class's forward back as an instance attribute: that computes exactly as before)."""
+    forward = vars(m).get("forward")
+    return forward is not None and not (getattr(forward, "__self__", None) is m
+                                        and getattr(forward, "__func__", None) is type(m).forward)
+
+
 def hook_state(model: torch.nn.Module) -> dict:
-    """Everything a hook could leave behind on a model: per module, its hook dicts and instance attributes."""
+    """Everything a hook could leave behind on a model: per module, its hook dicts, the names of the hooks in its
+    diffusers hook registry, its instance attributes, an instance-level forward, its processor."""
     state = {}
     for name, m in model.named_modules():
+        registry = vars(m).get("_diffusers_hook")
         state[name] = (
             tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._forward_hooks_with_kwargs),
             tuple(m._forward_pre_hooks_with_kwargs), tuple(m._backward_hooks),
-            tuple(sorted(k for k in vars(m) if not k.startswith("_") or k in ("_diffusers_hook",))),
-            "forward" in vars(m), type(m), vars(m).get("processor"),
+            tuple(sorted(k for k in vars(m) if not k.startswith("_") and k != "forward")),
+            tuple(registry.hooks) if registry is not None else (),
+            _own_forward(m), type(m), vars(m).get("processor"),
         )
     return state
 

@@ -292,13 +292,14 @@ def test_table_row_matches_the_pipelines_batch(name):
         assert x1.shape[0] == 1
 
 
-def test_every_table_row_is_checked_against_its_pipeline():
-    from sag_fast.diffusers.contract import TABLE, _table_class
+def test_every_registry_pipeline_is_checked_against_its_pipeline():
+    from sag_fast.diffusers import registry
 
-    covered = {_table_class(_pipe(name))[1] for name in CASES}
+    covered = {registry.pipeline_class(_pipe(name))[0].__name__ for name in CASES}
+    supported = {p for f in registry.FAMILIES if f.refusal is None for p in f.pipelines}
     # Flux's packed rows are checked through real calls in test_diffusers_transformers.py (its pipeline does not
     # repeat given prompt embeddings for num_images_per_prompt, which the probe here relies on)
-    assert covered == set(TABLE) - {"FluxPipeline", "FluxImg2ImgPipeline"}
+    assert covered == supported - {"FluxPipeline", "FluxImg2ImgPipeline"}
 
 
 def test_lcm_unet_has_no_cfg_way():
@@ -312,15 +313,16 @@ def test_lcm_unet_has_no_cfg_way():
     assert contract.layout(pipe, call_args(pipe, guidance_scale=7.5), x, kw) == CallLayout(1, 0, 4)
 
 
-def test_layout_uses_the_pipeline_defaults_and_cross_checks_the_cfg_property():
+def test_layout_uses_the_pipeline_defaults_and_reads_the_cfg_property_live():
     pipe = tiny_sd_pipeline()
     contract = contract_for(pipe, pipe.unet)
     x = torch.zeros(2, 4, 8, 8)
-    assert contract.layout(pipe, {}, x, _sd_kwargs(2)).ways == 2  # guidance_scale's default: 7.5
-    pipe._guidance_scale = 1.0  # the property the SD loop reads disagrees with the call's arguments: stop
-    with pytest.raises(RuntimeError, match="do_classifier_free_guidance is False"):
-        contract.layout(pipe, {"guidance_scale": 7.5}, x, _sd_kwargs(2))
-    assert contract.layout(pipe, {"guidance_scale": 1.0}, x, _sd_kwargs(2)).ways == 1
+    # outside a call the property has nothing to read: guidance_scale's default, 7.5
+    assert contract.layout(pipe, {}, x, _sd_kwargs(2)).ways == 2
+    pipe._guidance_scale = 1.0  # what the SD loop reads (a step-end callback may set it mid-run): one way
+    assert contract.layout(pipe, {"guidance_scale": 7.5}, x[:1], _sd_kwargs(1)).ways == 1
+    with pytest.raises(RuntimeError, match="the per-row model argument encoder_hidden_states"):
+        contract.layout(pipe, {"guidance_scale": 7.5}, x[:1], _sd_kwargs(2))  # a batch that does not fit
 
 
 def _sd_kwargs(total=4):

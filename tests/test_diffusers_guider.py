@@ -306,7 +306,7 @@ def test_refusals_happen_before_the_step_runs(modular):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(kernel_size=4), "kernel_size must be a positive odd int"),
-    (dict(blur_sigma=0.0), "blur_sigma must be > 0"),
+    (dict(blur_sigma=0.0), "blur_sigma must be a positive finite number"),
     (dict(mask="box"), "mask must be one of"),
     (dict(sag_start=0.6, sag_stop=0.5), "sag_start=0.6 must be <= sag_stop=0.5"),
     (dict(sag_scale=float("nan")), "scale must be a finite number"),

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from sag_fast import reference
 from sag_fast._profiling import count_dispatched_ops, host_syncs
 from sag_fast.capture import AttentionCapture
-from sag_fast.guidance import SAGConfig, sag_guided_forward, slice_batch
+from sag_fast.engine import sag_guided_forward, slice_batch
+from sag_fast.guidance import SAGConfig
 
 
 # ------------------------------------------------------------------------------------ toy model

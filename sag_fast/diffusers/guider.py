@@ -31,14 +31,14 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders import BaseGuidance
 from diffusers.guiders.guider_utils import GuiderOutput, rescale_noise_cfg
-from diffusers.hooks import HookRegistry, ModelHook
 
+from .. import engine
 from ..capture import AttentionCapture, unwrap_compiled
 from ..guidance import SAGConfig, make_config
-from ..ops.degrade import degrade
-from ..schedule import check_supported, signal_coefficients_for
-
-from .session import joint_layout  # where a joint-attention denoiser (SD3, Flux) puts its image tokens
+from ..ops._dispatch import check_finite
+from ..ops.guidance import guidance_combine
+from ..schedule import check_supported, step_coefficients
+from .registry import denoiser_family, joint_layout  # where a joint-attention denoiser (SD3, Flux) puts its image tokens
 
 _HOOK = "sag_fast_guider"
 _WHERE = "SelfAttentionGuidance"
@@ -51,32 +51,7 @@ _GUIDE, _DEGRADED = "guide", "degraded"
 
 
 def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{_WHERE}: {name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _forward_names(model: torch.nn.Module) -> tuple[inspect.Signature, str, str | None]:
-    """(signature of the denoiser class's forward without self, latent input name, timestep name)."""
-    signature = inspect.signature(type(model).forward)
-    params = list(signature.parameters.values())[1:]
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if not positional:
-        raise TypeError(f"{_WHERE}: the forward of {type(model).__name__} takes no positional latent input")
-    names = [p.name for p in params]
-    t_name = "timestep" if "timestep" in names else (positional[1].name if len(positional) > 1 else None)
-    return signature.replace(parameters=params), positional[0].name, t_name
-
-
-def _first_tensor(result) -> torch.Tensor:
-    if isinstance(result, torch.Tensor):
-        return result
-    if isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
-        return result[0]
-    keys = list(result.keys()) if hasattr(result, "keys") else []
-    if keys and isinstance(result[keys[0]], torch.Tensor):
-        return result[keys[0]]
-    raise TypeError(f"{_WHERE}: cannot read the denoiser output of type {type(result).__name__}")
+    return check_finite(value, f"{_WHERE}: {name}")
 
 
 def _same_tensor(a, b) -> bool:
@@ -94,27 +69,16 @@ class _Saved:
         self.x, self.t, self.out, self.mask = x, t, out, mask
 
 
-class _DenoiserHook(ModelHook):
-    """On the denoiser for one batch: `guide` runs it (capture armed) and keeps what the degrade needs;
-    `degraded` runs it on x~ instead of x."""
+class _Role:
+    """What the guider's hook does on the denoiser for one batch: `guide` runs it (capture armed) and keeps what
+    the degrade needs; `degraded` runs it on x~ instead of x."""
 
-    def __init__(self, guider: "SelfAttentionGuidance", role: str, model: torch.nn.Module):
-        super().__init__()
-        self.guider, self.role = guider, role
-        self.signature, self.x_name, self.t_name = _forward_names(model)
+    def __init__(self, guider: "SelfAttentionGuidance", role: str, model: torch.nn.Module, compiled: bool):
+        self.guider, self.role, self.compiled = guider, role, compiled
+        self.binding = engine.ForwardBinding(model)
 
-    def new_forward(self, module, *args, **kwargs):
-        return self.guider._run(self, self.fn_ref.original_forward, args, kwargs)
-
-
-class _CompiledForward:
-    """`forward` of a torch.compile'd denoiser for one batch: the hook's work stays outside the compiled graph."""
-
-    def __init__(self, hook: _DenoiserHook, original):
-        self.hook, self.original = hook, original
-
-    def __call__(self, *args, **kwargs):
-        return self.hook.guider._run(self.hook, self.original, args, kwargs)
+    def __call__(self, original, args, kwargs):
+        return self.guider._run(self, original, args, kwargs)
 
 
 class SelfAttentionGuidance(BaseGuidance):
@@ -350,75 +314,65 @@ class SelfAttentionGuidance(BaseGuidance):
         self._checked[model] = self.sag_config.layer
 
     def _new_capture(self, model: torch.nn.Module, probe: bool) -> AttentionCapture:
-        joint = joint_layout(model)
+        inner = unwrap_compiled(model)
+        joint = joint_layout(inner)
         extra = {"joint": joint} if joint is not None else {}
-        return AttentionCapture(model, self.sag_config.layer, self.sag_config.threshold, probe=probe, **extra)
+        family = denoiser_family(inner)
+        layer = self.sag_config.layer if self.sag_config.layer is not None or family is None \
+            else family.layer_for(inner)
+        return AttentionCapture(model, layer, self.sag_config.threshold, probe=probe, **extra)
 
     def _check_timestep(self, t) -> None:
-        """The step's timestep must come from this scheduler (else it is not the pipeline's, or stale). The
-        loop's timestep is a view of scheduler.timesteps (checked without a device read); anything else is
-        looked up by value (one host read)."""
+        """The scheduler must be the one this loop steps: a replaced pipeline scheduler leaves the guider with a stale
+        one whose timesteps may be equal but whose state (step index, sigmas) is another run's. The loop's timestep
+        is a view of the live scheduler's `timesteps` (checked without a device read); a sigma scheduler's step
+        index must be this step's. Anything else is refused, naming the fix."""
         timesteps = getattr(self.scheduler, "timesteps", None)
         name = type(self.scheduler).__name__
+        fix = "set guider.scheduler = pipe.scheduler (again after replacing pipe.scheduler)"
         if not isinstance(timesteps, torch.Tensor) or timesteps.numel() == 0 \
                 or getattr(self.scheduler, "num_inference_steps", None) is None:
             raise ValueError(f"{_WHERE}: the scheduler ({name}) has no timesteps (set_timesteps was never called on "
-                             "it): it is not the pipeline's; pass scheduler=pipe.scheduler, again after replacing "
-                             "pipe.scheduler")
+                             f"it): it is not the pipeline's; {fix}")
+        step_index = getattr(self.scheduler, "step_index", None)
+        begin = getattr(self.scheduler, "begin_index", None)
+        if isinstance(step_index, int) and step_index != (begin if isinstance(begin, int) else 0) + self._step:
+            raise ValueError(f"{_WHERE}: guider.scheduler ({name}) is at step index {step_index}, but the loop is at "
+                             f"step {self._step}: it is not the scheduler this loop steps (pipe.scheduler replaced?); "
+                             f"{fix}")
         if t is None:
             return
         if isinstance(t, torch.Tensor) and t.device == timesteps.device \
                 and t.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr():
             return
+        if isinstance(t, torch.Tensor) and t.device == timesteps.device:
+            raise ValueError(f"{_WHERE}: the step's timestep is not one of guider.scheduler's timesteps (another "
+                             f"scheduler's, or a copy): guider.scheduler is not the pipeline's scheduler; {fix}")
         value = torch.as_tensor(t).reshape(-1)[:1].to(timesteps.device, timesteps.dtype)
         if not bool((timesteps == value).any()):
             raise ValueError(f"{_WHERE}: the step's timestep {t!r} is not in the scheduler's timesteps: "
-                             "guider.scheduler is not the pipeline's scheduler (replaced since?); set "
-                             "guider.scheduler = pipe.scheduler")
+                             f"guider.scheduler is not the pipeline's scheduler (replaced since?); {fix}")
 
     def _install(self, denoiser: torch.nn.Module, role: str) -> None:
         self._teardown()
         model = unwrap_compiled(denoiser)
-        hook = _DenoiserHook(self, role, model)
+        hook = _Role(self, role, model, engine.is_compiled(denoiser))
         if role == _GUIDE and self.sag_config.mask == "attention":
             # probe=False: _check probed this model's layer already
-            self._capture = self._new_capture(model, probe=False)
+            self._capture = self._new_capture(denoiser, probe=False)
         try:
-            if isinstance(getattr(denoiser, "_orig_mod", None), torch.nn.Module):
-                previous = vars(denoiser).get("forward")
-                denoiser.forward = _CompiledForward(hook, previous if previous is not None else denoiser.forward)
-                self._hooks.append((denoiser, ("compiled", previous)))
-            else:
-                had_registry, had_forward = "_diffusers_hook" in vars(denoiser), "forward" in vars(denoiser)
-                registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-                if registry.get_hook(_HOOK) is not None:  # another guider's, left by a loop that raised mid-batch
-                    registry.remove_hook(_HOOK, recurse=False)
-                registry.register_hook(hook, _HOOK)
-                self._hooks.append((denoiser, ("registry", had_registry, had_forward)))
+            engine.detach(denoiser, _HOOK)  # another guider's, left by a loop that raised mid-batch
+            engine.attach(denoiser, hook, _HOOK)
+            self._hooks.append(denoiser)
         except BaseException:
             self.cleanup_models(denoiser)
             raise
 
     def _remove_hooks(self) -> None:
         while self._hooks:
-            denoiser, how = self._hooks.pop()
-            if how[0] == "compiled":
-                if how[1] is None:
-                    vars(denoiser).pop("forward", None)
-                else:
-                    denoiser.forward = how[1]
-                continue
-            registry = vars(denoiser).get("_diffusers_hook")
-            if registry is None or registry.get_hook(_HOOK) is None:
-                continue
-            registry.remove_hook(_HOOK, recurse=False)
-            if not registry.hooks:  # HookRegistry leaves a bound forward and an empty registry behind
-                if not how[2]:
-                    vars(denoiser).pop("forward", None)
-                if not how[1]:
-                    del denoiser._diffusers_hook
+            engine.detach(self._hooks.pop(), _HOOK)
 
-    def _run(self, hook: _DenoiserHook, original, args, kwargs):
+    def _run(self, hook: _Role, original, args, kwargs):
         """The denoiser call of the guide or the degraded batch; on an error the hooks come off first."""
         try:
             return self._guided_call(hook, original, args, kwargs)
@@ -426,31 +380,30 @@ class SelfAttentionGuidance(BaseGuidance):
             self._teardown()
             raise
 
-    def _guided_call(self, hook: _DenoiserHook, original, args, kwargs):
-        try:
-            bound = hook.signature.bind(*args, **kwargs)
-        except TypeError:
+    def _guided_call(self, hook: _Role, original, args, kwargs):
+        b = hook.binding
+        arguments = b.bind(args, kwargs)
+        if arguments is None:
             return original(*args, **kwargs)  # the model reports the bad call itself
-        x = bound.arguments.get(hook.x_name)
-        t = bound.arguments.get(hook.t_name) if hook.t_name is not None else None
+        x = arguments.get(b.x_name)
+        t = arguments.get(b.t_name) if b.t_name is not None else None
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{_WHERE}: the denoiser got a {tuple(getattr(x, 'shape', ()))} {hook.x_name}; SAG "
+            raise ValueError(f"{_WHERE}: the denoiser got a {tuple(getattr(x, 'shape', ()))} {b.x_name}; SAG "
                              "guides (B, C, H, W) latents (packed or video latents are not supported)")
-        extra = {k: v for k, v in bound.arguments.items() if v is not None and k in _EXTERNAL_FEATURES}
-        extra.update({k: v for k, v in (bound.arguments.get("kwargs") or {}).items()
-                      if v is not None and k in _EXTERNAL_FEATURES})
+        extra = {k: v for k, v in arguments.items() if v is not None and k in _EXTERNAL_FEATURES}
         if extra:
             raise ValueError(f"{_WHERE}: the denoiser gets {sorted(extra)} (ControlNet) computed from the "
                              "undegraded latents; SAG's degraded pass would reuse them. ControlNet modular "
                              "pipelines are not supported; use enable_sag on the classic ControlNet pipelines")
         if hook.role == _GUIDE:
             if self._capture is not None:
-                with self._capture.capturing(None, input_hw=(int(x.shape[-2]), int(x.shape[-1]))):
+                with self._capture.capturing(None, input_hw=(int(x.shape[-2]), int(x.shape[-1])),
+                                             compiled=hook.compiled):
                     result = original(*args, **kwargs)
                 mask = self._capture.mask
             else:
                 result, mask = original(*args, **kwargs), None
-            out = _first_tensor(result)
+            out = engine.split_output(result)[0]
             if out.dim() != 4 or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
                 raise ValueError(f"{_WHERE}: the denoiser output {tuple(out.shape)} does not match its input "
                                  f"{tuple(x.shape)} (expected (B, C', H, W))")
@@ -462,13 +415,10 @@ class SelfAttentionGuidance(BaseGuidance):
         if not (_same_tensor(x, saved.x) and _same_tensor(t, saved.t)):
             raise RuntimeError(f"{_WHERE}: the degraded batch got other latents than the batch that guides it; "
                                "the denoise loop must give every guider batch the same latents and timestep")
-        c = self._channels
-        c1, c2 = signal_coefficients_for(self.scheduler, t, device=x.device)
-        x_deg = degrade(x[:, :c], saved.out[:, :c], saved.mask, c1, c2, self.sag_config.kernel_size,
-                        self.sag_config.blur_sigma)
-        if c < x.shape[1]:  # conditioning channels ride along unchanged
-            x_deg = torch.cat([x_deg, x[:, c:]], dim=1)
-        bound.arguments[hook.x_name] = x_deg
+        c1, c2 = step_coefficients(self.scheduler, t, device=x.device)
+        x_deg = engine.degrade_input(x, saved.out, saved.mask, c1, c2, self._channels, self.sag_config)
+        bound = b.signature.bind(*args, **kwargs)
+        bound.arguments[b.x_name] = x_deg
         return original(*bound.args, **bound.kwargs)
 
     # ---------------------------------------------------------------------------------- combination
@@ -488,6 +438,11 @@ class SelfAttentionGuidance(BaseGuidance):
 
         guide = pred_uncond if cfg else pred_cond
         c = self._channels if self._channels is not None else pred_cond.shape[1]
+        if cfg and c == pred_cond.shape[1] and self.guidance_rescale == 0.0 and not self.use_original_formulation:
+            # u + w (c - u) + s (u - d) in one fused pass over the three predictions
+            pred = guidance_combine(torch.cat([pred_uncond, pred_cond]), pred_degraded, self.guidance_scale,
+                                    self.sag_config.scale)
+            return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
         # the shift on the latent channels only (a learned variance stays as predicted), on every way
         if c == pred_cond.shape[1]:
             sag = self.sag_config.scale * (guide - pred_degraded)

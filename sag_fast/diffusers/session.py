@@ -1,79 +1,39 @@
-"""A SAG session: everything Self-Attention Guidance installs on one diffusers pipeline, and its per-call state.
+"""A SAG session: the adapter between one diffusers pipeline and the engine (sag_fast.engine).
 
 `SAGSession(pipe, config, layout)` (built by `enable_sag` and by the drop-in pipelines' constructors) checks
-everything that can be checked before sampling, then installs:
+everything that can be checked before sampling, then installs the engine's named hook on the denoiser *as the
+pipeline calls it* (`pipe.unet` / `pipe.transformer`, plain or `torch.compile`d) and an `AttentionCapture` on the
+SAG layer (the family's default layer unless one is given). Its only job at each model call is to say what the
+engine cannot know: which rows are the unconditional way, the step's timestep and coefficients, the arguments of
+the extra forward (the batch contract, `contract.py`, from the family's record in `registry.py`), and what to do
+with the step's other predictions (split CFG's conditional call, SD3's skip-layer call).
 
-* the batch contract of the pipeline (`contract.py`): which rows are the unconditional way, how many ways,
-  which input channels are latents, which model arguments are per-row; unknown pipelines are refused here;
-* an `AttentionCapture` on the chosen self-attention layer of the denoiser (under any `torch.compile` wrapper);
-* the guided step around the denoiser *as the pipeline calls it* (`pipe.unet` / `pipe.transformer`): a diffusers
-  `ModelHook` on a plain module, a `forward` override on a `torch.compile`d module so that the guided step
-  (two compiled forwards, the degrade and the shift between them) stays outside the compiled graph.
-
-Per-call state lives in a context variable set for the duration of one SAG pipeline call (`pipeline_call`):
-the guided step runs only inside a call of the pipeline that enabled SAG, so another pipeline sharing the
-denoiser (`Pipeline(**pipe.components)`, `from_pipe`) gets the plain model. `enable_sag` gives the pipeline a
-per-instance subclass because `pipe(...)` looks `__call__` up on the type: it is the one place that sees every
-call. The same mixin makes copies and pickles carry SAG: `copy.deepcopy` and `pickle` copy the pipeline
-without SAG, then enable it again, with the same settings, on the copy.
+The per-call state is an `engine.ActiveCall` opened by the pipeline's `__call__` (`pipeline_call`), in a context
+variable: the guided step runs only inside a call of the pipeline that enabled SAG, in its own thread, so another
+pipeline sharing the denoiser (`Pipeline(**pipe.components)`, `from_pipe`, another thread) gets the plain model.
+`enable_sag` gives the pipeline a per-instance subclass because `pipe(...)` looks `__call__` up on the type: it is
+the one place that sees every call. The same mixin makes copies and pickles carry SAG: `copy.deepcopy` and
+`pickle` copy the pipeline without SAG, then enable it again, with the same settings, on the copy.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import functools
 import inspect
 import pickle
+
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.hooks import HookRegistry, ModelHook
 
+from .. import engine
 from ..capture import AttentionCapture, unwrap_compiled
-from ..guidance import SAGConfig, sag_guided_forward
-from ..schedule import check_supported, signal_coefficients_for
+from ..guidance import SAGConfig
+from ..schedule import check_supported, step_coefficients
 from .contract import contract_for
 
-HOOK_NAME = "sag_fast"
 STATE_ATTR = "_sag_fast_state"
 DENOISERS = ("unet", "transformer")
-
-# the SAG pipeline call in progress in this thread / task: (session, call state) or None
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("sag_fast_call", default=None)
-
-
-def _forward_layout(model: torch.nn.Module) -> tuple[inspect.Signature, str, str | None, bool]:
-    """(signature of the denoiser class's forward without self, input name, timestep name, takes return_dict)."""
-    signature = inspect.signature(type(model).forward)
-    params = list(signature.parameters.values())[1:]
-    signature = signature.replace(parameters=params)
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if not positional:
-        raise TypeError(f"the denoiser's forward {signature} takes no positional input")
-    names = [p.name for p in params]
-    t_name = "timestep" if "timestep" in names else (positional[1].name if len(positional) > 1 else None)
-    return signature, positional[0].name, t_name, "return_dict" in names
-
-
-def _split_output(result):
-    """(tensor, rebuild) where rebuild(tensor) gives back the denoiser's own output structure."""
-    if isinstance(result, torch.Tensor):
-        return result, lambda out: out
-    if isinstance(result, tuple):
-        return result[0], lambda out: (out, *result[1:])
-    keys = list(result.keys()) if hasattr(result, "keys") else []
-    if keys and isinstance(result[keys[0]], torch.Tensor):  # a diffusers BaseOutput (dataclass + dict)
-        def rebuild(out, key=keys[0]):
-            result[key] = out
-            return result
-        return result[keys[0]], rebuild
-    raise TypeError(f"cannot read the denoiser output of type {type(result).__name__}: expected a tensor, a tuple "
-                    "or a diffusers BaseOutput")
-
-
-# joint-attention denoisers: where their attention puts the image tokens (read from their processors:
-# JointAttnProcessor2_0 concatenates [image, text])
-_JOINT = {"SD3Transformer2DModel": "image_first", "FluxTransformer2DModel": "text_first"}
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -90,15 +50,6 @@ def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
-def joint_layout(model: torch.nn.Module) -> str | None:
-    """Where a known joint-attention denoiser puts the image tokens ('image_first', 'text_first'), else None."""
-    return next((_JOINT[c.__name__] for c in type(model).__mro__ if c.__name__ in _JOINT), None)
-
-
-def _is_compiled(module) -> bool:
-    return isinstance(getattr(module, "_orig_mod", None), torch.nn.Module)
-
-
 def _named_signature(cls: type, call) -> inspect.Signature:
     """The signature to read a call's arguments by name: `call`'s, or, when it only forwards (*args, **kwargs),
     as a user subclass's __call__ often does, the nearest base class __call__ that names its parameters."""
@@ -109,40 +60,8 @@ def _named_signature(cls: type, call) -> inspect.Signature:
     return inspect.signature(call)
 
 
-class _CallState:
-    """One SAG pipeline call: its arguments (bound, defaults filled in), config and model-call counter."""
-
-    def __init__(self, session: "SAGSession", pipe, call_args: dict, config: SAGConfig):
-        self.session, self.pipe, self.args, self.config = session, pipe, call_args, config
-        self.calls = 0           # model calls so far in this pipeline call (host counter)
-        self.offset: int | None = None
-        self.split = session.contract.split_cfg(pipe, call_args)  # CFG as two calls per step (Flux true CFG)
-        self.pending = None      # the conditional output of this step's first call, when split
-
-
-class _SAGModelHook(ModelHook):
-    """diffusers hook (plain denoiser): its forward is the session's guided step."""
-
-    def __init__(self, session: "SAGSession"):
-        super().__init__()
-        self.session = session
-
-    def new_forward(self, module, *args, **kwargs):
-        return self.session.forward(self.fn_ref.original_forward, *args, **kwargs)
-
-
-class _GuidedForward:
-    """`forward` of a torch.compile'd denoiser (OptimizedModule): the guided step around the compiled forward."""
-
-    def __init__(self, session: "SAGSession", original):
-        self.session, self.original = session, original
-
-    def __call__(self, *args, **kwargs):
-        return self.session.forward(self.original, *args, **kwargs)
-
-
 class SAGSession:
-    """SAG installed on one pipeline: contract, capture, the guided step on the denoiser, per-call state."""
+    """SAG installed on one pipeline: contract, capture, the engine's hook on the denoiser."""
 
     def __init__(self, pipe, config: SAGConfig, layout=None):
         model_attr = next((n for n in DENOISERS if isinstance(getattr(pipe, n, None), torch.nn.Module)), None)
@@ -160,60 +79,28 @@ class SAGSession:
         self.layout = layout
         self.contract = contract_for(pipe, self.model, layout)
         self.capture: AttentionCapture | None = None
-        self._signature = _forward_layout(self.model)
+        self.binding = engine.ForwardBinding(self.model)
         self._hooked: torch.nn.Module | None = None
-        self._had_registry = self._had_forward = False
         try:
             if config.mask == "attention":
-                joint = joint_layout(self.model) or getattr(layout, "joint", None)
-                self.capture = AttentionCapture(self.model, config.layer, config.threshold, joint=joint)
-            self._install_outer(outer)
+                family = self.contract.family
+                layer = config.layer if config.layer is not None or family is None else family.layer_for(self.model)
+                self.capture = AttentionCapture(outer, layer, config.threshold, joint=self.contract.joint)
+            engine.attach(outer, self.forward)
+            self._hooked = outer
         except BaseException:
             self.remove()
             raise
 
-    # ------------------------------------------------------------------------------ install
-    def _install_outer(self, outer: torch.nn.Module) -> None:
-        if _is_compiled(outer):
-            current = vars(outer).get("forward")
-            if isinstance(current, _GuidedForward):
-                raise RuntimeError(f"pipe.{self.model_attr} already has SAG enabled (another pipeline sharing this "
-                                   "model?); call disable_sag on that pipeline first")
-            # OptimizedModule keeps `forward` on the instance: wrap it there, outside the compiled graph
-            outer.forward = _GuidedForward(self, current if current is not None else outer.forward)
-        else:
-            self._had_registry = "_diffusers_hook" in vars(outer)
-            self._had_forward = "forward" in vars(outer)
-            registry = HookRegistry.check_if_exists_or_initialize(outer)
-            if registry.get_hook(HOOK_NAME) is not None:
-                raise RuntimeError(f"pipe.{self.model_attr} already has SAG enabled (another pipeline sharing this "
-                                   "model?); call disable_sag on that pipeline first")
-            registry.register_hook(_SAGModelHook(self), HOOK_NAME)
-        self._hooked = outer
-
-    def _remove_outer(self) -> None:
-        outer, self._hooked = self._hooked, None
-        if outer is None:
-            return
-        if _is_compiled(outer):
-            current = vars(outer).get("forward")
-            if isinstance(current, _GuidedForward) and current.session is self:
-                outer.forward = current.original
-            return
-        registry = vars(outer).get("_diffusers_hook")
-        if registry is None or registry.get_hook(HOOK_NAME) is None:
-            return
-        registry.remove_hook(HOOK_NAME, recurse=False)
-        # HookRegistry leaves a bound `forward` and an empty registry on the instance: drop what we created
-        if not registry.hooks:
-            if not self._had_forward and "forward" in vars(outer):
-                del outer.forward
-            if not self._had_registry:
-                del outer._diffusers_hook
+    @property
+    def joint_layout(self) -> str | None:
+        return self.contract.joint
 
     def remove(self) -> None:
-        """Removes everything SAG installed; the denoiser is exactly as before."""
-        self._remove_outer()
+        """Removes everything SAG installed; the denoiser computes exactly as before."""
+        if self._hooked is not None:
+            engine.detach(self._hooked)
+            self._hooked = None
         if self.capture is not None:
             self.capture.remove()
             self.capture = None
@@ -221,21 +108,25 @@ class SAGSession:
 
     def _sync(self, pipe) -> None:
         """The pipeline's denoiser may have been wrapped since enable_sag (`pipe.unet = torch.compile(pipe.unet)`):
-        move the guided step to the object the pipeline now calls. A different model is refused."""
+        move the hook to the object the pipeline now calls. A different model is refused."""
         outer = getattr(pipe, self.model_attr, None)
         if outer is self._hooked:
             return
         if not isinstance(outer, torch.nn.Module) or unwrap_compiled(outer) is not self.model:
             raise RuntimeError(f"pipe.{self.model_attr} was replaced by another model after enable_sag; call "
                                "sag_fast.enable_sag(pipe, ...) again to guide the new one")
-        self._remove_outer()
-        self._install_outer(outer)
+        engine.detach(self._hooked)
+        engine.attach(outer, self.forward)
+        self._hooked = outer
 
     # ------------------------------------------------------------------------- pipeline calls
     @contextlib.contextmanager
     def pipeline_call(self, call, pipe, args, kwargs, config: SAGConfig | None = None):
-        """One pipeline __call__: the guided step is live for this session's denoiser until it returns."""
+        """One pipeline __call__: the guided step is live for this session's denoiser, in this thread, until it
+        returns. Everything that can go wrong before sampling is checked here, before the pipeline runs."""
         self._sync(pipe)
+        if self.capture is not None:
+            self.capture.check_processor()  # attention slicing switched on since enable_sag
         try:
             bound = _named_signature(type(pipe), call).bind(pipe, *args, **kwargs)
             bound.apply_defaults()
@@ -243,113 +134,130 @@ class SAGSession:
             call_args.update(call_args.pop("kwargs", None) or {})
         except TypeError:
             call_args = dict(kwargs)  # let the pipeline itself report the bad call
-        token = _ACTIVE.set(_CallState(self, pipe, call_args, config or self.config))
+        active = engine.ActiveCall(owner=self, args=call_args, config=config or self.config)
+        active.extra["pipe"] = pipe
+        active.extra["split"] = self.contract.split_cfg(pipe, call_args)  # CFG as two calls per step
+        token = engine.open_call(active)
         self.contract.begin_call(pipe)
         try:
             yield self
         finally:
-            _ACTIVE.reset(token)
+            engine.close_call(token)
             self.contract.end_call()
 
-    def _progress(self, state: _CallState, scheduler, t) -> float:
-        """Fraction of the trajectory before this model call: (offset + calls so far) / len(timesteps)."""
+    def _progress(self, call: engine.ActiveCall, scheduler, t) -> float:
+        """Fraction of the trajectory before this model call: (offset + steps so far) / len(timesteps)."""
         timesteps = getattr(scheduler, "timesteps", None)
         n = len(timesteps) if timesteps is not None else 0
         if n == 0:
             return 0.0
-        if state.offset is None:
-            state.offset = self._start_index(state, scheduler, timesteps, t)
-        return (state.offset + (state.calls // 2 if state.split else state.calls)) / n
+        if call.offset is None:
+            call.offset = self._start_index(call, scheduler, timesteps, t)
+        return (call.offset + (call.calls // 2 if call.extra["split"] else call.calls)) / n
 
     @staticmethod
-    def _start_index(state: _CallState, scheduler, timesteps, t) -> int:
+    def _start_index(call: engine.ActiveCall, scheduler, timesteps, t) -> int:
         # img2img-like calls start part-way through the schedule: the scheduler knows where (begin_index),
         # else find the first timestep once per call (one host read per pipeline call, never per step)
         begin = getattr(scheduler, "begin_index", None)
         if isinstance(begin, int):
             return begin
-        if "strength" in state.args and isinstance(t, torch.Tensor) and t.numel() > 0:
+        if "strength" in call.args and isinstance(t, torch.Tensor) and t.numel() > 0:
             first = t.reshape(-1)[0].to(timesteps.device, timesteps.dtype)
             hits = (timesteps == first).nonzero()
             return int(hits[0, 0]) if len(hits) else 0
         return 0
 
     # ------------------------------------------------------------------------------- forward
-    def forward(self, original, *args, **kwargs):
-        """The denoiser's forward with SAG: a drop-in for `original(*args, **kwargs)`."""
-        state = _ACTIVE.get()
-        if state is None or state.session is not self:  # not inside this pipeline's SAG call: the plain model
+    def forward(self, original, args, kwargs):
+        """The engine hook's handler: the denoiser's forward with SAG, a drop-in for `original(*args, **kwargs)`."""
+        call = engine.active_call()
+        if call is None or call.owner is not self:  # not inside this pipeline's SAG call: the plain model
             return original(*args, **kwargs)
-        signature, x_name, t_name, has_return_dict = self._signature
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError:
+        b = self.binding
+        arguments = b.bind(args, kwargs)
+        if arguments is None:
             return original(*args, **kwargs)  # the model reports the bad call itself
-        arguments = dict(bound.arguments)
-        for p in signature.parameters.values():  # flatten **kwargs
-            if p.kind is p.VAR_KEYWORD and p.name in arguments:
-                arguments.update(arguments.pop(p.name))
-        x = arguments.pop(x_name)
-        t = arguments.pop(t_name, None) if t_name is not None else None
-        pipe, config = state.pipe, state.config
-        scheduler = pipe.scheduler
-        if arguments.get("skip_layers") is not None:  # SD3's skip-layer-guidance call: its own guidance term
-            return original(*args, **kwargs)
         contract = self.contract
+        if contract.shifted_calls is not None and contract.shifted_calls(arguments):
+            return self._shifted(call, original(*args, **kwargs))  # another prediction of this step
+        x = arguments.pop(b.x_name)
+        t = arguments.pop(b.t_name, None) if b.t_name is not None else None
+        pipe, config = call.extra["pipe"], call.config
+        scheduler = pipe.scheduler
         packed = contract.packed and isinstance(x, torch.Tensor) and x.dim() == 3
         if not isinstance(x, torch.Tensor) or (x.dim() != 4 and not packed):  # the contract refuses these early
             raise RuntimeError(f"SAG: pipe.{self.model_attr} was called with a {getattr(x, 'shape', type(x))} input; "
                                "SAG guides (B, C, H, W) latents (or the packed latents of a known pipeline) only")
-        active = config.active_at(self._progress(state, scheduler, t))
-        way = state.calls % 2 if state.split else None  # split CFG: 0 = the conditional call, 1 = the unconditional
-        state.calls += 1
+        split = call.extra["split"]
+        active = config.active_at(self._progress(call, scheduler, t))
+        way = call.calls % 2 if split else None  # split CFG: 0 = the conditional call, 1 = the unconditional
+        call.calls += 1
+        if way != 1:
+            call.step_shift = None  # a new step: its other predictions get this step's shift, or none
         if not active:
             return original(*args, **kwargs)
         if way == 0:  # keep the conditional prediction: the unconditional call adds SAG's shift to it too
             result = original(*args, **kwargs)
-            state.pending = _split_output(result)[0]
+            call.pending = engine.split_output(result)[0]
             return result
 
         if packed:
-            h, w = contract.latent_hw(pipe, state.args)
+            h, w = contract.latent_hw(pipe, call.args)
             x4 = unpack_latents(x, h, w)
         else:
             x4 = x
-        layout = contract.layout(pipe, state.args, x4, arguments)
+        layout = contract.layout(pipe, call.args, x4, arguments)
         t_sched = t * contract.t_scale if contract.t_scale != 1.0 and isinstance(t, torch.Tensor) else t
-        c1, c2 = signal_coefficients_for(scheduler, t_sched, device=x.device)
-        return_dict = arguments.pop("return_dict", True) if has_return_dict else None
+        c1, c2 = step_coefficients(scheduler, t_sched, device=x.device)
+        return_dict = arguments.pop("return_dict", True) if b.has_return_dict else None
         first: list = []
 
         def model(x_in, t_in, **kw):
-            call_kw = {x_name: pack_latents(x_in) if packed else x_in, **kw}
-            if t_name is not None:
-                call_kw[t_name] = t_in
-            if has_return_dict:
+            call_kw = {b.x_name: pack_latents(x_in) if packed else x_in, **kw}
+            if b.t_name is not None:
+                call_kw[b.t_name] = t_in
+            if b.has_return_dict:
                 call_kw["return_dict"] = return_dict
-            tensor, rebuild = _split_output(original(**call_kw))
+            tensor, rebuild = engine.split_output(original(**call_kw))
             if not first:
                 first.append(rebuild)
             return unpack_latents(tensor, h, w) if packed else tensor
 
-        on_shift = None
-        if way == 1 and state.pending is not None:
-            pending, state.pending = state.pending, None
+        pending, call.pending = call.pending, None
 
-            def on_shift(delta):  # the conditional way, returned by the step's first call and held by the pipeline
+        def on_shift(delta):
+            call.step_shift = pack_latents(delta) if packed else delta
+            if pending is not None:  # split CFG: the conditional way, returned by the step's first call
                 if packed:
-                    pending.add_(pack_latents(delta).to(pending.dtype))
+                    pending.add_(call.step_shift.to(pending.dtype))
                 else:
                     pending[:, :delta.shape[1]].add_(delta.to(pending.dtype))
 
         if self.capture is not None:
             self.capture.threshold = config.threshold
             self.capture.image_tokens = x.shape[1] if packed else None
-        out = sag_guided_forward(model, x4, t, arguments, config=config, capture=self.capture, c1=c1, c2=c2,
-                                 ways=layout.ways, uncond_index=layout.uncond_index,
-                                 guided_channels=layout.latent_channels, latent_channels=layout.latent_channels,
-                                 degraded_kwargs=contract.degraded_kwargs, on_shift=on_shift)
+        facts = engine.StepFacts(c1=c1, c2=c2, ways=layout.ways, uncond_index=layout.uncond_index,
+                                 latent_channels=layout.latent_channels, guided_channels=layout.latent_channels,
+                                 degraded_kwargs=contract.degraded_kwargs, compiled=engine.is_compiled(self._hooked))
+        wants_shift = pending is not None or contract.shifted_calls is not None  # else skip computing it
+        out = engine.guided_forward(model, x4, t, arguments, config=config, capture=self.capture, facts=facts,
+                                    on_shift=on_shift if wants_shift else None)
         return first[0](pack_latents(out) if packed else out)
+
+    @staticmethod
+    def _shifted(call: engine.ActiveCall, result):
+        """A prediction the pipeline combines with this step's guided ones (SD3's skip-layer call): add the step's
+        shift, so that SAG's term keeps its strength after the pipeline's combination."""
+        shift = call.step_shift
+        if shift is None:
+            return result
+        tensor = engine.split_output(result)[0]
+        if tensor.shape[0] != shift.shape[0]:
+            raise RuntimeError(f"SAG: the step's other prediction has {tensor.shape[0]} rows, its shift "
+                               f"{shift.shape[0]}; SAG stops rather than add the shift to the wrong rows")
+        tensor[:, :shift.shape[1]].add_(shift.to(tensor.dtype))
+        return result
 
 
 # ------------------------------------------------------------------------------ copies and pickles
@@ -385,8 +293,9 @@ class SAGCopyMixin:
 
     def __deepcopy__(self, memo):
         with self._sag_detached() as session:
-            rv = object.__reduce_ex__(self, 4)
-            clone = copy._reconstruct(self, memo, *rv)  # the default deepcopy, same class
+            clone = object.__new__(type(self))
+            memo[id(self)] = clone
+            clone.__dict__.update(copy.deepcopy({k: v for k, v in vars(self).items() if k != STATE_ATTR}, memo))
         if session is not None:
             attach_session(clone, SAGSession(clone, session.config, session.layout))
         return clone

@@ -42,13 +42,45 @@ def real_number(value, name: str, op: str) -> float:
     return float(value)
 
 
+# ------------------------------------------------------------ the setting checks, written once
+# `label` names the argument as its caller spells it ("SAGConfig.kernel_size", "degrade: kernel_size",
+# "SelfAttentionGuidance: guidance_scale"); the C++ ops raise the same text for direct calls
+# (tests/test_checks.py compares them).
+def check_finite(value, label: str) -> float:
+    """A finite Python number (bool excluded)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{label} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_kernel_size(value, label: str) -> int:
+    """The blur's kernel size: a positive odd int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{label} must be a positive odd int, got {value!r}")
+    return value
+
+
+def check_positive(value, label: str) -> float:
+    """A positive finite number (the blur's sigma)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        shown = f"{value:g}" if isinstance(value, numbers.Real) and not isinstance(value, bool) else repr(value)
+        raise ValueError(f"{label} must be a positive finite number, got {shown}")
+    return float(value)
+
+
+def check_nonnegative(value, label: str) -> float:
+    """The attention-mass threshold: a finite number >= 0 (1.0 is the mean mass)."""
+    check_finite(value, label)
+    if value < 0:
+        raise ValueError(f"{label} must be >= 0 (1.0 is the mean attention mass), got {value!r}")
+    return float(value)
+
+
 def check_blur(kernel_size, sigma, height: int | None = None, width: int | None = None, op: str = "degrade") -> None:
     """The Gaussian blur's settings: an odd kernel size >= 1, a positive finite sigma, and (given the image
     size) a kernel whose half-width is smaller than the image, as reflect padding needs."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"{op}: kernel_size must be a positive odd int, got {kernel_size!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"{op}: sigma must be a positive finite number, got {sigma!r}")
+    check_kernel_size(kernel_size, f"{op}: kernel_size")
+    check_positive(sigma, f"{op}: sigma")
     pad = kernel_size // 2
     if height is not None and width is not None and (pad >= height or pad >= width):
         raise ValueError(f"{op}: kernel_size={kernel_size} needs height and width > {pad} for reflect padding, "
@@ -56,11 +88,9 @@ def check_blur(kernel_size, sigma, height: int | None = None, width: int | None 
 
 
 def check_threshold(threshold, op: str) -> float:
-    """The attention-mass threshold: a finite number >= 0 (1.0 is the mean mass)."""
-    value = real_number(threshold, "threshold", op)
-    if value < 0:
-        raise ValueError(f"{op}: threshold must be >= 0 (1.0 is the mean attention mass), got {threshold!r}")
-    return value
+    """The attention-mass threshold of a mask op (a Python number: reading a tensor would be a host sync)."""
+    real_number(threshold, "threshold", op)
+    return check_nonnegative(threshold, f"{op}: threshold")
 
 
 def check_grid(h, w, nk, op: str) -> None:

@@ -1,0 +1,311 @@
+"""The registry of model families: everything sag_fast knows about a diffusers pipeline family, one record each.
+
+A `Family` record says, for its pipeline classes: the denoiser classes, how CFG is laid out (ways batched in one
+call, or separate calls, or none; which way is unconditional; when CFG is on, re-read at every model call), the
+latent channels and packing, the joint-attention token layout, the timestep scale, the per-row model arguments,
+the default SAG layer, the other predictions of a step that the pipeline combines with the guided ones, and where
+in diffusers' source all that was read. A record with `refusal=` is a family SAG cannot guide correctly: it is
+refused at enable_sag with that reason.
+
+Adding a family is one record here plus its tests; nothing else in the integration names a family. The README's
+tables are generated from this module (`markdown_tables`) and a test checks that they match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["Family", "FAMILIES", "family_of", "rule_refusal", "markdown_tables"]
+
+
+# ------------------------------------------------------------------------------ CFG conditions (per call)
+def scale_above_one(pipe, call) -> bool:
+    """A local `do_classifier_free_guidance = guidance_scale > 1` in the pipeline's __call__."""
+    return call.get("guidance_scale", 1.0) > 1
+
+
+def cfg_property(pipe, call) -> bool:
+    """The pipeline's `do_classifier_free_guidance` property, read live at each model call: a step-end callback
+    may switch CFG off mid-run (`pipe._guidance_scale = 0`, diffusers' dynamic-CFG recipe)."""
+    try:
+        value = pipe.do_classifier_free_guidance
+    except Exception:  # noqa: BLE001 - read outside a call: fall back to the call's scale
+        value = None
+    return bool(value) if isinstance(value, bool) else scale_above_one(pipe, call)
+
+
+def pix2pix_cfg(pipe, call) -> bool:
+    return call.get("guidance_scale", 1.0) > 1.0 and call.get("image_guidance_scale", 1.0) >= 1.0
+
+
+def never(pipe, call) -> bool:
+    return False
+
+
+def flux_true_cfg(pipe, call) -> bool:
+    """pipeline_flux.py: do_true_cfg = true_cfg_scale > 1 and a negative prompt is given."""
+    has_neg = call.get("negative_prompt") is not None or (
+        call.get("negative_prompt_embeds") is not None and call.get("negative_pooled_prompt_embeds") is not None)
+    return call.get("true_cfg_scale", 1.0) > 1 and has_neg
+
+
+# ---------------------------------------------------------------------------- latent channels (per model)
+def out_channels(model) -> int:     # epsilon/v predictors of the latent: output channels = latent channels
+    return int(model.config.out_channels)
+
+
+def in_channels(model) -> int:      # input = latent only (a learned variance may double the output)
+    return int(model.config.in_channels)
+
+
+def half_in_channels(model) -> int:  # IF super-resolution: [x_t (3), upscaled image (3)]
+    return int(model.config.in_channels) // 2
+
+
+def half_out_channels(model) -> int:  # learned variance: [eps (C), variance (C)] out; the input may carry more
+    return int(model.config.out_channels) // 2
+
+
+def packed_channels(model) -> int:   # Flux: 2x2 patches packed on channels
+    return int(model.config.in_channels) // 4
+
+
+def skip_layer_call(model_kwargs: dict) -> bool:
+    """SD3's skip-layer-guidance call: pred += slg * (c' - skip), so skip gets the step's shift too."""
+    return model_kwargs.get("skip_layers") is not None
+
+
+_UNET_PER_ROW = (
+    "encoder_hidden_states", "class_labels", "timestep_cond", "attention_mask", "encoder_attention_mask",
+    "added_cond_kwargs",                      # text_embeds, time_ids, IP-adapter image_embeds (a list), hint, ...
+    "down_block_additional_residuals", "mid_block_additional_residual",      # ControlNet
+    "down_intrablock_additional_residuals",                                  # T2I-Adapter
+    "cross_attention_kwargs.gligen",          # GLIGEN boxes / phrase embeddings / masks
+)
+_UNET = ("UNet2DConditionModel",)
+_UNET_MID = "mid_block.attentions.0.transformer_blocks.0.attn1"
+_MIDDLE_ATTN1 = "transformer_blocks.{middle}.attn1"
+_MIDDLE_ATTN = "transformer_blocks.{middle}.attn"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """One model family (see the module docstring). `cfg`: "batched" (the ways stacked in one call), "split" (one
+    call per way, conditional first, as Flux's true CFG) or "none". `cfg_on(pipe, call)`: whether CFG is on at
+    this model call (call: the pipeline __call__'s arguments by name, defaults filled in). `shifted_calls(kwargs)`:
+    a model call that is another prediction of the same step, combined by the pipeline with the guided ones: its
+    output gets the step's shift too. `default_layer`: a module path, `{middle}` standing for the middle index of
+    `transformer_blocks`."""
+
+    name: str
+    pipelines: tuple[str, ...]
+    denoisers: tuple[str, ...] = ()
+    cfg: str = "batched"
+    cfg_on: Callable[[Any, dict], bool] = scale_above_one
+    ways: int = 2
+    uncond_index: int = 0
+    latent: Callable[[torch.nn.Module], int] = out_channels
+    packed: bool = False
+    joint: str | None = None
+    t_scale: float = 1.0
+    per_row: tuple[str, ...] = ("encoder_hidden_states",)
+    default_layer: str = _UNET_MID
+    controlnet: bool = False
+    shifted_calls: Callable[[dict], bool] | None = None
+    layout_note: str = ""
+    source: str = ""
+    refusal: str | None = None
+
+    def __post_init__(self):
+        if self.cfg not in ("batched", "split", "none"):
+            raise ValueError(f"Family {self.name}: cfg must be 'batched', 'split' or 'none', got {self.cfg!r}")
+        if self.joint not in (None, "image_first", "text_first"):
+            raise ValueError(f"Family {self.name}: joint must be None, 'image_first' or 'text_first'")
+        if self.refusal is None and not self.denoisers:
+            raise ValueError(f"Family {self.name}: a supported family names its denoiser classes")
+
+    def layer_for(self, model: torch.nn.Module) -> str:
+        blocks = getattr(model, "transformer_blocks", None)
+        middle = len(blocks) // 2 if isinstance(blocks, torch.nn.ModuleList) else 0
+        return self.default_layer.format(middle=middle)
+
+
+_SD = "pipeline_stable_diffusion.py: torch.cat([negative_prompt_embeds, prompt_embeds]), [latents] * 2"
+
+FAMILIES: tuple[Family, ...] = (
+    Family(name="SD 1.x/2.x", pipelines=(
+        "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+        "StableDiffusionDepth2ImgPipeline"), denoisers=_UNET, cfg_on=cfg_property, per_row=_UNET_PER_ROW,
+        layout_note="[uncond, cond]; inpaint (4/9 ch) and depth (5 ch) channels pass through", source=_SD),
+    Family(name="SD x4 upscaler", pipelines=("StableDiffusionUpscalePipeline",), denoisers=_UNET,
+           per_row=_UNET_PER_ROW, layout_note="[uncond, cond]; [x_t, image] (7 ch), noise level in class_labels",
+           source="pipeline_stable_diffusion_upscale.py: local do_classifier_free_guidance"),
+    Family(name="InstructPix2Pix", pipelines=(
+        "StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline"), denoisers=_UNET,
+        cfg_on=pix2pix_cfg, ways=3, uncond_index=2, per_row=_UNET_PER_ROW,
+        layout_note="3 ways [text+image, image, none], `none` degraded; 8 ch",
+        source="pipeline_stable_diffusion_instruct_pix2pix.py: chunk(3) -> text, image, uncond"),
+    Family(name="SDXL", pipelines=(
+        "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
+        denoisers=_UNET, cfg_on=cfg_property, per_row=_UNET_PER_ROW, layout_note="[uncond, cond]",
+        source="pipeline_stable_diffusion_xl.py"),
+    Family(name="ControlNet (SD, SDXL)", pipelines=(
+        "StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+        "StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetPipeline",
+        "StableDiffusionXLControlNetImg2ImgPipeline", "StableDiffusionXLControlNetInpaintPipeline"),
+        denoisers=_UNET, cfg_on=cfg_property, per_row=_UNET_PER_ROW, controlnet=True,
+        layout_note="[uncond, cond]; residuals recomputed for the degraded rows (guess mode, multi)",
+        source="controlnet/pipeline_controlnet*.py"),
+    Family(name="GLIGEN (text boxes)", pipelines=("StableDiffusionGLIGENPipeline",), denoisers=_UNET,
+           per_row=_UNET_PER_ROW, layout_note="[uncond, cond]; per-row boxes in cross_attention_kwargs cut",
+           source="deprecated/stable_diffusion_gligen/pipeline_stable_diffusion_gligen.py"),
+    Family(name="DiT", pipelines=("DiTPipeline",), denoisers=("DiTTransformer2DModel", "Transformer2DModel"),
+           uncond_index=1, latent=in_channels, per_row=("class_labels",), default_layer=_MIDDLE_ATTN1,
+           layout_note="[cond, null class]; learned variance kept",
+           source="dit/pipeline_dit.py: torch.cat([class_labels, class_null])"),
+    Family(name="PixArt-α/Σ", pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
+           denoisers=("PixArtTransformer2DModel", "Transformer2DModel"), latent=in_channels,
+           per_row=("encoder_hidden_states", "encoder_attention_mask", "attention_mask", "added_cond_kwargs"),
+           default_layer=_MIDDLE_ATTN1, layout_note="[uncond, cond] (local CFG); learned variance kept",
+           source="pixart_alpha/pipeline_pixart_alpha.py"),
+    Family(name="DDPM/DDIM (unconditional)", pipelines=("DDPMPipeline", "DDIMPipeline"), denoisers=("UNet2DModel",),
+           cfg="none", cfg_on=never, ways=1, latent=in_channels, per_row=("class_labels",),
+           default_layer="mid_block.attentions.0", layout_note="one way (the paper's setting)",
+           source="ddpm/pipeline_ddpm.py"),
+    Family(name="SD3 / SD3.5", pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+           denoisers=("SD3Transformer2DModel",), cfg_on=cfg_property, joint="image_first",
+           per_row=("encoder_hidden_states", "pooled_projections"), default_layer=_MIDDLE_ATTN,
+           shifted_calls=skip_layer_call,
+           layout_note="[uncond, cond]; joint attention, image tokens first; the skip-layer call gets the shift",
+           source="stable_diffusion_3/pipeline_stable_diffusion_3.py"),
+    Family(name="Flux.1", pipelines=("FluxPipeline", "FluxImg2ImgPipeline"), denoisers=("FluxTransformer2DModel",),
+           cfg="split", cfg_on=flux_true_cfg, ways=1, latent=packed_channels, packed=True, joint="text_first",
+           t_scale=1000.0, per_row=("encoder_hidden_states", "pooled_projections", "guidance"),
+           default_layer=_MIDDLE_ATTN,
+           layout_note="packed latents; distilled (one way) or true CFG (cond call, then uncond call)",
+           source="flux/pipeline_flux.py: noise_pred, then neg_noise_pred; timestep / 1000"),
+    Family(name="DeepFloyd IF", pipelines=(
+        "IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"), denoisers=_UNET, latent=in_channels,
+        per_row=_UNET_PER_ROW, layout_note="[uncond, cond]; pixel space, learned variance; the real UNets' attention is added-KV joint "
+        "attention, refused at the layer for now",
+        source="deepfloyd_if/pipeline_if.py"),
+    Family(name="DeepFloyd IF stage II", pipelines=(
+        "IFSuperResolutionPipeline", "IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline"),
+        denoisers=_UNET, latent=half_in_channels, per_row=_UNET_PER_ROW,
+        layout_note="[uncond, cond]; [x_t, upscaled image] (6 ch), noise level in class_labels",
+        source="deepfloyd_if/pipeline_if_superresolution.py"),
+    Family(name="Kandinsky 2.2", pipelines=(
+        "KandinskyV22Pipeline", "KandinskyV22Img2ImgPipeline", "KandinskyV22InpaintPipeline"), denoisers=_UNET,
+        cfg_on=cfg_property, latent=half_out_channels, per_row=_UNET_PER_ROW,
+        layout_note="[negative, positive] image embeds in added_cond_kwargs; learned variance; the real UNet's "
+        "attention is added-KV joint attention, refused at the layer for now",
+        source="kandinsky2_2/pipeline_kandinsky2_2.py"),
+    Family(name="Kandinsky 2.2 ControlNet", pipelines=(
+        "KandinskyV22ControlnetPipeline", "KandinskyV22ControlnetImg2ImgPipeline"), denoisers=_UNET,
+        latent=half_out_channels, per_row=_UNET_PER_ROW,
+        layout_note="[negative, positive] image embeds and [hint, hint]; local CFG; learned variance",
+        source="kandinsky2_2/pipeline_kandinsky2_2_controlnet.py"),
+    # --------------------------------------------------------------------------------------- refused
+    Family(name="latent upscaler", pipelines=("StableDiffusionLatentUpscalePipeline",), refusal=(
+        "its UNet output is Karras-preconditioned (the pipeline turns it into a noise prediction after the call, and "
+        "drops a variance channel), not the scheduler's parameterisation, so SAG's estimate of x0 from the raw "
+        "output would be wrong")),
+    Family(name="GLIGEN text-image", pipelines=("StableDiffusionGLIGENTextImagePipeline",), refusal=(
+        "it calls the UNet twice per step (with and without grounding) and takes the conditional way from the first "
+        "call and the unconditional way from the second, so a SAG shift added inside each call would not cancel in "
+        "its CFG (StableDiffusionGLIGENPipeline is supported)")),
+)
+
+# the refusals by rule (checked before the records): what a whole class of models cannot do
+_VIDEO_MARKERS = ("3D", "Motion", "SpatioTemporal", "Video", "I2VGenXL", "Temporal")
+RULES = (
+    ("AnimateDiff and other 5-D video denoisers", "video SAG is not supported yet (SAG degrades 4-D (batch, "
+     "channels, height, width) inputs); use an image pipeline"),
+    ("PAG pipelines", "PAG's attention processors split every batch into [uncond, cond, perturbed] ways inside "
+     "the model, which SAG's extra forward on the unconditional rows cannot go through; PAG and SAG together are "
+     "not supported: use the pipeline without PAG for SAG (e.g. StableDiffusionPipeline.from_pipe(pipe)), or PAG "
+     "without SAG"),
+    ("other packed-latent pipelines (Flux Fill/Control/Kontext, Chroma, QwenImage)", "packed-latent transformers "
+     "other than FluxPipeline / FluxImg2ImgPipeline are not supported yet; SAG needs to know how to unpack the "
+     "latent to blur it"),
+    ("Sana and other linear-attention models", "linear attention has no softmax attention map to build SAG's "
+     "mask from"),
+)
+
+
+def rule_refusal(pipe, model) -> str | None:
+    """Why no record or layout can make SAG correct on this pipeline/denoiser (None: no rule against it)."""
+    name, model_name = type(pipe).__name__, type(model).__name__
+    mro = {c.__name__ for c in type(pipe).__mro__}
+    if any(m in model_name for m in _VIDEO_MARKERS) or "AnimateDiff" in name or "Video" in name:
+        return f"{name} denoises 5-D video latents with {model_name}: {RULES[0][1]}"
+    if "PAGMixin" in mro:
+        return f"{name} is a PAG (perturbed-attention guidance) pipeline: {RULES[1][1]}"
+    record = family_of(pipe)
+    if not (record is not None and record.packed) and (
+            hasattr(type(pipe), "_pack_latents") or model_name.startswith(("Flux", "Chroma", "QwenImage"))):
+        return f"{name} feeds {model_name} packed 3-D latents (batch, tokens, channels): {RULES[2][1]}"
+    for module in model.modules():
+        proc = getattr(module, "processor", None)
+        if "LinearAttention" in type(module).__name__ or (proc is not None and "LinearAttn" in type(proc).__name__):
+            return f"{model_name} uses linear attention ({type(proc or module).__name__}): {RULES[3][1]}"
+    return None
+
+
+_BY_PIPELINE = {p: f for f in FAMILIES for p in f.pipelines}
+
+
+def family_by_name(pipeline_class_name: str) -> Family | None:
+    return _BY_PIPELINE.get(pipeline_class_name)
+
+
+def pipeline_class(pipe) -> tuple[type, Family | None]:
+    """(the diffusers pipeline class the batch layout comes from, its record or None). sag_fast's own classes
+    and user subclasses that keep the pipeline's __call__ are looked through; one that overrides __call__ is not
+    (its batch layout may differ)."""
+    for cls in type(pipe).__mro__:
+        module = cls.__module__ or ""
+        if module.startswith("sag_fast.") or "_sag_base_class" in vars(cls):
+            continue
+        if module.startswith("diffusers."):
+            return cls, _BY_PIPELINE.get(cls.__name__)
+        if "__call__" in vars(cls):
+            return cls, None
+    return type(pipe), None
+
+
+def family_of(pipe) -> Family | None:
+    return pipeline_class(pipe)[1]
+
+
+def markdown_tables() -> str:
+    """The README's supported / refused tables, from the records and the rules."""
+    lines = ["| family (`enable_sag`) | pipelines | CFG layout | default layer |", "|---|---|---|---|"]
+    for f in FAMILIES:
+        if f.refusal is None:
+            cfg = {"batched": f"{f.ways} ways in one call" if f.ways > 1 else "one way", "split": "separate calls",
+                   "none": "none"}[f.cfg]
+            lines.append(f"| {f.name} | {', '.join(f'`{p}`' for p in f.pipelines)} | {cfg}: {f.layout_note} | "
+                         f"`{f.default_layer.replace('{middle}', 'n//2')}` |")
+    lines += ["", "| refused at `enable_sag` | why |", "|---|---|"]
+    for f in FAMILIES:
+        if f.refusal is not None:
+            lines.append(f"| {f.name} ({', '.join(f'`{p}`' for p in f.pipelines)}) | {f.refusal} |")
+    for what, why in RULES:
+        lines.append(f"| {what} | {why} |")
+    return "\n".join(lines)
+
+
+def denoiser_family(model: torch.nn.Module) -> Family | None:
+    """The first supported record whose denoisers include model's class (for callers that see only the model:
+    the modular guider)."""
+    names = {c.__name__ for c in type(model).__mro__}
+    return next((f for f in FAMILIES if f.refusal is None and names & set(f.denoisers)), None)
+
+
+def joint_layout(model: torch.nn.Module) -> str | None:
+    """Where a known joint-attention denoiser puts the image tokens ('image_first', 'text_first'), else None."""
+    names = {c.__name__ for c in type(model).__mro__}
+    return next((f.joint for f in FAMILIES if f.joint is not None and names & set(f.denoisers)), None)
