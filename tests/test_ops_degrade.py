@@ -708,3 +708,16 @@ def test_image_x_refuses_a_video_mask():
     args = _args(dict(mask=torch.ones(1, 2, 3, 3, dtype=torch.bool)))
     with pytest.raises(ValueError, match=r"mask must be \(B=1, h, w\)"):
         degrade(**args)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_video_cpp_row_chunks_and_threads(threads):
+    """B*C*F = 3 frame planes over 2 or 4 threads: planes cut into row chunks (halo rows recomputed)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        x, o, mask = _video(1, 1, 3, 70, 21, torch.float32, "cpu", (2, 5, 4))
+        y = _cpp(x, o, mask, torch.tensor([0.8]), torch.tensor([-0.6]), 9, 1.5)
+        _close(y, _expect(x, o, mask, 0.8, -0.6, 9, 1.5), torch.float32)
+    finally:
+        torch.set_num_threads(before)

@@ -72,7 +72,7 @@ def check_grid(h, w, nk, op: str, frames=0, what: str = "the number of keys Nk={
     """The key grid (h, w), or (frames, h, w) where frames >= 1: positive, product == Nk (keys frame-major).
     what: the count the grid must match, formatted with nk."""
     grid = grid_shape(h, w, frames)
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 0:
+    if isinstance(frames, bool) or not isinstance(frames, (int, torch.SymInt)) or frames < 0:  # SymInt: traced
         raise ValueError(f"{op}: frames must be an int >= 0 (0: an (h, w) grid), got {frames!r}")
     if min(grid) <= 0 or math.prod(grid) != nk:
         need = "h*w" if frames == 0 else "f*h*w"
