@@ -134,11 +134,10 @@ std::vector<float> mask_values(const at::Tensor& m) {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < f; ++t)
         for (int64_t i = 0; i < h; ++i)
-          for (int64_t j = 0; j < w; ++j)
-            *out++ = static_cast<float>(p[b * m.stride(0) + t * m.stride(1) + i * m.stride(2) + j * m.stride(3)]) !=
-                             0.0f
-                         ? 1.0f
-                         : 0.0f;
+          for (int64_t j = 0; j < w; ++j) {
+            const int64_t at = b * m.stride(0) + t * m.stride(1) + i * m.stride(2) + j * m.stride(3);
+            *out++ = static_cast<float>(p[at]) != 0.0f ? 1.0f : 0.0f;
+          }
   });
   return v;
 }
@@ -196,8 +195,8 @@ at::Tensor degrade_cpu(const at::Tensor& x, const at::Tensor& model_output, cons
   TORCH_CHECK_VALUE(x.device().is_cpu(), "degrade: x must be a CPU tensor for the CPU kernel, got ", x.device());
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
                     "degrade: x must be float32, float16, bfloat16 or float64, got ", dt);
-  TORCH_CHECK_VALUE(x.dim() == 4 || x.dim() == 5, "degrade: x must be (B, C, H, W) or a video (B, C, F, H, W), got shape ",
-                    x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4 || x.dim() == 5,
+                    "degrade: x must be (B, C, H, W) or a video (B, C, F, H, W), got shape ", x.sizes());
   const bool video = x.dim() == 5;
   check_same_device(model_output, x, "model_output");
   TORCH_CHECK_VALUE(model_output.scalar_type() == dt, "degrade: model_output must have x's dtype ", dt,
@@ -213,8 +212,9 @@ at::Tensor degrade_cpu(const at::Tensor& x, const at::Tensor& model_output, cons
     check_same_device(m, x, "mask");
     bool ok = m.dim() == x.dim() - 1 && m.size(0) == B;
     for (int64_t d = 1; ok && d < m.dim(); ++d) ok = m.size(d) >= 1;
-    TORCH_CHECK_VALUE(ok, "degrade: mask must be (B=", B, video ? ", f, h, w) with f, h, w >= 1" : ", h, w) with h, w >= 1",
-                      " for x of shape ", x.sizes(), ", got ", m.sizes());
+    TORCH_CHECK_VALUE(ok, "degrade: mask must be (B=", B,
+                      video ? ", f, h, w) with f, h, w >= 1" : ", h, w) with h, w >= 1", " for x of shape ", x.sizes(),
+                      ", got ", m.sizes());
     TORCH_CHECK_VALUE(!at::isComplexType(m.scalar_type()), "degrade: mask must be bool, integer or floating point, got ",
                       m.scalar_type());
   }

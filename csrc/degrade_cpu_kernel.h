@@ -3,8 +3,8 @@
 // a different SAG_DEGRADE_ISA namespace, and picks one at run time. The includer provides the headers
 // (ATen/Parallel.h, c10 Half/BFloat16) and DegradeArgs before including it.
 //
-// Per task (one (b, c) plane, (b, c, frame) for video, or a chunk of its rows): s = c1*x + c2*o for the rows the chunk needs
-// (reflect-padded by P columns) into buffer `s`, the horizontal taps row by row into buffer `h`, then
+// Per task (one (b, c) plane, (b, c, frame) for video, or a chunk of its rows): s = c1*x + c2*o for the rows
+// the chunk needs (reflect-padded by P columns) into buffer `s`, the horizontal taps row by row into buffer `h`, then
 // per output row the vertical taps into `acc` and the blend y = x + m*(acc - s) straight into y.
 // Taps run on blocks of 32 columns held in four 8-float GCC vectors (registers), so each tap is one
 // load, one multiply and one add per vector; no FMA, so both ISAs give the same bits.

@@ -687,7 +687,8 @@ _BAD_VIDEO = [
     (dict(mask=torch.ones(2, 2, 3, 3, dtype=torch.bool)), r"mask must be \(B=1, f, h, w\)"),
     (dict(mask=torch.ones(1, 0, 3, 3, dtype=torch.bool)), r"mask must be \(B=1, f, h, w\) with f, h, w >= 1"),
     (dict(model_output=torch.randn(1, 3, 5, 12, 12)), "model_output must have x's shape"),
-    (dict(x=torch.randn(1, 3, 4, 12, 12, 1), model_output=torch.randn(1, 3, 4, 12, 12, 1)), r"x must be .*\(B, C, F, H, W\)"),
+    (dict(x=torch.randn(1, 3, 4, 12, 12, 1), model_output=torch.randn(1, 3, 4, 12, 12, 1)),
+     r"x must be .*\(B, C, F, H, W\)"),
     (dict(c1=torch.ones(4)), "c1"),
     (dict(kernel_size=25), "kernel_size=25.*height=12"),
 ]

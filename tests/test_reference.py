@@ -268,9 +268,11 @@ def test_video_degrade_is_diffusers_blur_per_frame():
     c1, c2 = torch.tensor([0.9, 0.6], dtype=F64), torch.tensor([-0.3, -0.7], dtype=F64)
     got = ref.degrade(x, o, mask, c1, c2, 5, 1.3)
 
-    frames, rows, cols = (torch.clamp((torch.arange(n_out, dtype=torch.float32)
-                                       * (torch.tensor(n_in, dtype=torch.float32) / n_out)).floor().long(), max=n_in - 1)
-                          for n_in, n_out in ((3, f), (4, h), (3, w)))
+    def src(n_in, n_out):  # the fp32 index rule, written out
+        scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+        return torch.clamp((torch.arange(n_out, dtype=torch.float32) * scale).floor().long(), max=n_in - 1)
+
+    frames, rows, cols = src(3, f), src(4, h), src(3, w)
     assert frames.tolist() == [0, 0, 1, 1, 2]
     for t in range(f):
         s = c1.view(-1, 1, 1, 1) * x[:, :, t] + c2.view(-1, 1, 1, 1) * o[:, :, t]
