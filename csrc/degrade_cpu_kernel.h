@@ -3,8 +3,8 @@
 // a different SAG_DEGRADE_ISA namespace, and picks one at run time. The includer provides the headers
 // (ATen/Parallel.h, c10 Half/BFloat16) and DegradeArgs before including it.
 //
-// Per task (one (b, c) plane, or a chunk of its rows): s = c1*x + c2*o for the rows the chunk needs
-// (reflect-padded by P columns) into buffer `s`, the horizontal taps row by row into buffer `h`, then
+// Per task (one (b, c) plane, (b, c, frame) for video, or a chunk of its rows): s = c1*x + c2*o for the rows
+// the chunk needs (reflect-padded by P columns) into buffer `s`, the horizontal taps row by row into buffer `h`, then
 // per output row the vertical taps into `acc` and the blend y = x + m*(acc - s) straight into y.
 // Taps run on blocks of 32 columns held in four 8-float GCC vectors (registers), so each tap is one
 // load, one multiply and one add per vector; no FMA, so both ISAs give the same bits.
@@ -86,7 +86,7 @@ template <typename T>
 void run(const DegradeArgs& a) {
   const int64_t H = a.H, W = a.W, K = a.K, P = K / 2, WP = W + 2 * P;
   const int64_t rows = (H + a.chunks - 1) / a.chunks;  // output rows per task
-  const int64_t tasks = a.B * a.C * a.chunks;
+  const int64_t tasks = a.B * a.C * a.F * a.chunks;
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / (rows * W));
   const T* xb = static_cast<const T*>(a.x);
   const T* ob = static_cast<const T*>(a.o);
@@ -97,13 +97,14 @@ void run(const DegradeArgs& a) {
     std::vector<const float*> src(K);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / a.chunks, chunk = task - plane * a.chunks;
-      const int64_t b = plane / a.C, ch = plane - b * a.C;
+      const int64_t bc = plane / a.F, fr = plane - bc * a.F;  // a plane is (b, c, frame)
+      const int64_t b = bc / a.C, ch = bc - b * a.C;
       const int64_t r0 = chunk * rows, r1 = std::min(H, r0 + rows);
       if (r0 >= r1) continue;
       const int64_t lo = std::max<int64_t>(0, r0 - P), hi = std::min(H, r1 + P);  // input rows needed
-      const T* xp = xb + b * a.sx[0] + ch * a.sx[1];
-      const T* op = ob + b * a.so[0] + ch * a.so[1];
-      T* yp = yb + b * a.sy[0] + ch * a.sy[1];
+      const T* xp = xb + b * a.sx[0] + ch * a.sx[1] + fr * a.sxf;
+      const T* op = ob + b * a.so[0] + ch * a.so[1] + fr * a.sof;
+      T* yp = yb + b * a.sy[0] + ch * a.sy[1] + fr * a.syf;
       const float c1 = a.c1[b], c2 = a.c2[b];
       for (int64_t r = lo; r < hi; ++r) {
         float* s = sbuf.data() + (r - lo) * WP;
@@ -127,7 +128,7 @@ void run(const DegradeArgs& a) {
         if (a.mask) {
           if (a.mrow[r] != m_src) {  // rebuild the upsampled mask row only when its source row changes
             m_src = a.mrow[r];
-            const float* mm = a.mask + (b * a.mh + m_src) * a.mw;
+            const float* mm = a.mask + ((b * a.mf + a.mframe[fr]) * a.mh + m_src) * a.mw;
             for (int64_t j = 0; j < W; ++j) mline[j] = mm[a.mcol[j]];
           }
           m = mline.data();

@@ -17,7 +17,8 @@ TORCH_LIBRARY(sag_fast, m) {
         "int uncond_index=0) -> ()",
         {at::Tag::pt2_compliant_tag});
   // x~ = x + M*(G_sigma*s - s), s = c1*x + c2*model_output (csrc/degrade_cpu.cpp for CPU, the Triton kernel of
-  // sag_fast/ops/degrade.py for CUDA). c1, c2: 0-dim or (B,); mask: (B, h, w), nonzero = blur, or None.
+  // sag_fast/ops/degrade.py for CUDA). x: (B, C, H, W), or video (B, C, F, H, W) blurred per frame; c1, c2: 0-dim
+  // or (B,); mask: (B, h, w) (video: (B, f, h, w)), nonzero = blur, or None.
   m.def("degrade(Tensor x, Tensor model_output, Tensor? mask, Tensor c1, Tensor c2, int kernel_size, "
         "float sigma) -> Tensor",
         {at::Tag::pt2_compliant_tag});

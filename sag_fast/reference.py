@@ -44,17 +44,20 @@ def attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None
     return attention_mass(probs)
 
 
-def check_grid(grid_hw, nk: int, name: str = "grid_hw") -> tuple[int, int]:
-    h, w = (int(v) for v in grid_hw)
-    if h <= 0 or w <= 0 or h * w != nk:
-        raise ValueError(f"{name}={tuple(grid_hw)} does not match the number of keys Nk={nk} (need h*w == Nk)")
-    return h, w
+def check_grid(grid_hw, nk: int, name: str = "grid_hw") -> tuple[int, ...]:
+    """The key grid, (h, w) for an image or (f, h, w) for a video (frames, rows, columns), with product Nk."""
+    dims = tuple(int(v) for v in grid_hw)
+    if len(dims) not in (2, 3) or min(dims) <= 0 or math.prod(dims) != nk:
+        raise ValueError(f"{name}={tuple(grid_hw)} does not match the number of keys Nk={nk} "
+                         "(need h*w == Nk, or f*h*w == Nk for a video grid)")
+    return dims
 
 
 def mass_to_mask(mass: torch.Tensor, grid_hw, threshold: float = 1.0) -> torch.Tensor:
-    """(B, Nk) mass -> (B, h, w) bool mask of the keys attended more than `threshold` (1.0 = the mean)."""
-    h, w = check_grid(grid_hw, mass.shape[-1])
-    return (mass > threshold).reshape(mass.shape[0], h, w)
+    """(B, Nk) mass -> (B, h, w) bool mask of the keys attended more than `threshold` (1.0 = the mean);
+    (B, f, h, w) for a video grid (f, h, w), keys in frame-major order (frame, row, column)."""
+    grid = check_grid(grid_hw, mass.shape[-1])
+    return (mass > threshold).reshape(mass.shape[0], *grid)
 
 
 # ----------------------------------------------------------------------------- joint attention
@@ -102,19 +105,24 @@ def joint_mass_to_mask(mass: torch.Tensor, grid_hw, threshold: float = 1.0) -> t
     row the text keys take (docs/design.md, "The mask for joint attention"). Without text keys the mean is
     1 (in exact arithmetic: every row sums to 1), and this is mass_to_mask's rule.
     """
-    h, w = check_grid(grid_hw, mass.shape[-1])
-    return (mass > threshold * mass.mean(-1, keepdim=True)).reshape(mass.shape[0], h, w)
+    grid = check_grid(grid_hw, mass.shape[-1])
+    return (mass > threshold * mass.mean(-1, keepdim=True)).reshape(mass.shape[0], *grid)
 
 
 def upsample_mask(mask: torch.Tensor, out_hw) -> torch.Tensor:
-    """Nearest upsampling of a (B, h, w) mask to (B, H, W) with F.interpolate's index rule
-    (src = min(floor(dst * fp32(in/out)), in-1), in fp32 arithmetic; not the exact integer quotient)."""
-    out = F.interpolate(mask[:, None].to(torch.float32), size=tuple(int(v) for v in out_hw), mode="nearest")
+    """Nearest upsampling of a (B, h, w) mask to (B, H, W), or of a video's (B, f, h, w) to (B, F, H, W), with
+    F.interpolate's index rule on each axis (src = min(floor(dst * fp32(in/out)), in-1), in fp32 arithmetic;
+    not the exact integer quotient)."""
+    size = tuple(int(v) for v in out_hw)
+    if mask.dim() != len(size) + 1 or len(size) not in (2, 3):
+        raise ValueError(f"upsample_mask: mask {tuple(mask.shape)} must be (B, h, w) for out (H, W) or "
+                         f"(B, f, h, w) for out (F, H, W), got out {size}")
+    out = F.interpolate(mask[:, None].to(torch.float32), size=size, mode="nearest")
     return out[:, 0] != 0  # nonzero = blur, as the fused kernel reads it
 
 
 def attention_mask(probs: torch.Tensor, grid_hw, out_hw, threshold: float = 1.0, heads: int | None = None) -> torch.Tensor:
-    """The SAG mask at the latent resolution: (B, H, W) bool."""
+    """The SAG mask at the latent resolution: (B, H, W) bool; (B, F, H, W) for a grid (f, h, w), out (F, H, W)."""
     return upsample_mask(mass_to_mask(attention_mass(probs, heads), grid_hw, threshold), out_hw)
 
 
@@ -157,9 +165,13 @@ def gaussian_kernel1d(kernel_size: int, sigma: float, dtype=torch.float64, devic
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, H, W) with reflect padding, per channel."""
+    """Separable Gaussian blur of (B, C, H, W) with reflect padding, per channel; a video (B, C, F, H, W)
+    is blurred per frame (spatially; frames do not mix)."""
+    if x.dim() == 5:
+        b, c, f, h, w = x.shape
+        return gaussian_blur(x.reshape(b, c * f, h, w), kernel_size, sigma).reshape(b, c, f, h, w)
     if x.dim() != 4:
-        raise ValueError(f"gaussian_blur: x must be (B, C, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"gaussian_blur: x must be (B, C, H, W) or (B, C, F, H, W), got {tuple(x.shape)}")
     check_blur(kernel_size, sigma, x.shape[-2], x.shape[-1])
     pad = kernel_size // 2
     k = gaussian_kernel1d(kernel_size, sigma, dtype=x.dtype, device=x.device)
@@ -176,26 +188,29 @@ def _per_sample(c, batch: int, name: str, like: torch.Tensor) -> torch.Tensor:
         c = c.expand(batch)
     if c.dim() != 1 or c.shape[0] != batch:
         raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(c.shape)}")
-    return c.view(batch, 1, 1, 1)
+    return c.view(batch, *([1] * (like.dim() - 1)))
 
 
 def degrade(x, model_output, mask, c1, c2, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
     """x~ = x + M * (G*s - s), s = c1*x + c2*model_output.
 
-    x, model_output: (B, C, H, W). mask: (B, h, w) at any resolution (nearest-upsampled to H, W),
-    or None for blur guidance (M = 1). c1, c2: scalars or (B,). Computed in fp32 (fp64 for fp64 x).
+    x, model_output: (B, C, H, W), or a video (B, C, F, H, W), blurred per frame. mask: (B, h, w) at any
+    resolution (nearest-upsampled to H, W), for a video (B, f, h, w) (nearest-upsampled to F, H, W on each
+    axis), or None for blur guidance (M = 1). c1, c2: scalars or (B,). Computed in fp32 (fp64 for fp64 x).
     """
-    if x.dim() != 4 or model_output.shape != x.shape:
-        raise ValueError(f"degrade: x {tuple(x.shape)} and model_output {tuple(model_output.shape)} must be the same (B, C, H, W)")
-    b, _, h, w = x.shape
+    if x.dim() not in (4, 5) or model_output.shape != x.shape:
+        raise ValueError(f"degrade: x {tuple(x.shape)} and model_output {tuple(model_output.shape)} must be the same "
+                         "(B, C, H, W) or (B, C, F, H, W)")
+    b = x.shape[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf, of = x.to(acc), model_output.to(acc)
     s = _per_sample(c1, b, "c1", xf) * xf + _per_sample(c2, b, "c2", xf) * of
     delta = gaussian_blur(s, kernel_size, sigma) - s
     if mask is not None:
-        if mask.dim() != 3 or mask.shape[0] != b:
-            raise ValueError(f"degrade: mask must be (B={b}, h, w), got {tuple(mask.shape)}")
-        delta = delta * upsample_mask(mask, (h, w))[:, None].to(acc)
+        if mask.dim() != x.dim() - 1 or mask.shape[0] != b:
+            want = "(B, h, w)" if x.dim() == 4 else "(B, f, h, w)"
+            raise ValueError(f"degrade: mask must be {want} with B={b} for x {tuple(x.shape)}, got {tuple(mask.shape)}")
+        delta = delta * upsample_mask(mask, x.shape[2:])[:, None].to(acc)
     return (xf + delta).to(x.dtype)
 
 

@@ -385,13 +385,13 @@ from sag_fast.ops.degrade import degrade
 def f(x, o, m, c1, c2):
     return degrade(x, o, m, c1, c2, 5, 1.0)
 
-for device in ("cuda", "cpu"):
+for name, device, frames in (("cuda", "cuda", ()), ("cpu", "cpu", ()), ("cuda-video", "cuda", (5,))):
     with FakeTensorMode():
-        x = torch.empty(2, 3, 16, 24, device=device)
-        args = (x, torch.empty_like(x), torch.empty(2, 4, 6, dtype=torch.bool, device=device),
+        x = torch.empty(2, 3, *frames, 16, 24, device=device)
+        args = (x, torch.empty_like(x), torch.empty(2, *(f - 2 for f in frames), 4, 6, dtype=torch.bool, device=device),
                 torch.empty(2, device=device), torch.empty(2, device=device))
     gm = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*args)
-    print(device, sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"}))
+    print(name, sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"}))
 """
 
 
@@ -402,6 +402,7 @@ def test_compile_sees_the_triton_kernel_on_cuda():
     lines = functionalised_targets(_TRACE)
     assert "triton_kernel_wrapper_functional" in lines["cuda"] and "sag_fast.degrade" not in lines["cuda"]
     assert "sag_fast.degrade.default" in lines["cpu"] and "triton" not in lines["cpu"]
+    assert "triton_kernel_wrapper_functional" in lines["cuda-video"] and "sag_fast.degrade" not in lines["cuda-video"]
 
 
 # ------------------------------------------------------------------------------ ahead of time
@@ -415,24 +416,27 @@ def _signature(dtype: str) -> dict:
     sig.update({n: "i32" for n in ("C", "H", "W", "mh", "mw")})
     sig.update({n: "fp32" for n in ("scale_h", "scale_w", "neg_half_inv_var")})
     sig.update({n: "i32" for n in ("rows_per_prog n_strips n_chunks sxb sxc sxh sxw sob soc soh sow "
-                                   "syb syc syh syw smb smh smw sc1 sc2").split()})
-    sig.update({n: "constexpr" for n in ("K", "T", "V", "LOG2V", "PP", "LOG2PP", "HAS_MASK", "EVEN_W", "ROW64")
-                + _UNIT})
+                                   "syb syc syh syw smb smh smw sc1 sc2 NF mf").split()})
+    sig.update({"scale_f": "fp32", **{n: "i32" for n in ("sxf", "sof", "syf", "smf")}})
+    sig.update({n: "constexpr" for n in ("K", "T", "V", "LOG2V", "PP", "LOG2PP", "HAS_MASK", "EVEN_W", "ROW64",
+                                         "VIDEO") + _UNIT})
     return sig
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_aot_compiles_without_spills(arch, dtype):
-    """The blocks the launcher uses for (8, 16, 256, 256): 32 threads x 8 columns, kernel 9, with a mask.
+def test_aot_compiles_without_spills(arch, dtype, video):
+    """The blocks the launcher uses for (8, 16, 256, 256): 32 threads x 8 columns, kernel 9, with a mask; video:
+    the same planes as (1, 16, 8, 256, 256) frames (frame strides and the mask's frame index).
 
     (Without the runtime's divisibility hints the loads compile as scalars: a conservative spill check.)"""
     from triton_aot import compile_report, spilled_bytes
 
     T, V, pp, num_warps, *_ = dg._plan(8 * 16, 256, 256, 9, 132, None, None)
     consts = {"K": 9, "T": T, "V": V, "LOG2V": V.bit_length() - 1, "PP": pp, "LOG2PP": pp.bit_length() - 1,
-              "HAS_MASK": True, "EVEN_W": True, "ROW64": False, **{n: 1 for n in _UNIT}}
+              "HAS_MASK": True, "EVEN_W": True, "ROW64": False, "VIDEO": video, **{n: 1 for n in _UNIT}}
     report = compile_report("sag_fast.ops.degrade:_degrade_kernel", _signature(dtype), consts, arch, num_warps)
     assert spilled_bytes(report) == 0, report
 
@@ -561,3 +565,160 @@ def test_cpp_strided_inputs_and_coefficients():
     ol = torch.randn(2, 3, 11, 16)
     y = _cpp(xl, ol, None, torch.rand(2), -torch.rand(2).half(), 9, 1.0)
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------- video (B, C, F, H, W)
+# Each (b, c, frame) is a plane of the 2-D blur (frames do not mix); the (B, f, h, w) mask is nearest-upsampled
+# to (F, H, W) with PyTorch's fp32 rule on each axis.
+
+
+def _video(B, C, F, H, W, dtype, device, mask_fhw=(3, 3, 5)):
+    x = torch.randn(B, C, F, H, W, device=device).to(dtype)
+    o = torch.randn(B, C, F, H, W, device=device).to(dtype)
+    mask = None if mask_fhw is None else torch.rand(B, *mask_fhw, device=device) > 0.5
+    return x, o, mask
+
+
+@pytest.mark.parametrize("B,C,F,H,W,mask_fhw,k,sigma", [
+    (2, 3, 1, 11, 13, (1, 3, 4), 5, 1.2),    # one frame
+    (1, 2, 5, 9, 14, (3, 3, 7), 9, 1.0),     # odd frame count, non-square, grid divides nothing
+    (1, 2, 3, 12, 8, (5, 6, 4), 3, 0.8),     # more mask frames than latent frames; W % 8 == 0 (mirroring)
+    (1, 2, 7, 10, 16, None, 7, 1.5),         # blur guidance
+])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_video_matches_reference_fp32(device, impl, B, C, F, H, W, mask_fhw, k, sigma):
+    x, o, mask = _video(B, C, F, H, W, torch.float32, device, mask_fhw)
+    c1, c2 = torch.rand(B, device=device) + 0.5, -torch.rand(B, device=device)
+    _close(run(impl, x, o, mask, c1, c2, k, sigma), _expect(x, o, mask, c1, c2, k, sigma), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_video_cpp_other_dtypes(dtype):
+    """The C++ kernel's fp64 path (ATen ops, per frame) within 1e-12, and its fp32-math path on fp16."""
+    x, o, mask = _video(2, 3, 5, 10, 11, dtype, "cpu", (2, 4, 3))
+    c1, c2 = torch.tensor([0.8, 1.1], dtype=torch.float64), torch.tensor(-0.45)
+    _close(_cpp(x, o, mask, c1, c2, 5, 1.3), _expect(x, o, mask, c1, c2, 5, 1.3), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_video_non_contiguous_inputs(device, impl):
+    """Frames through strides, no copy: x frame-major (B, F, C, H, W) permuted, o every other frame of a longer
+    clip, a transposed mask; the result keeps x's (dense) layout."""
+    B, C, F, H, W = 2, 2, 3, 9, 12
+    x = torch.randn(B, F, C, H, W, device=device).transpose(1, 2)
+    o = torch.randn(B, C, 2 * F, H, W + 3, device=device)[:, :, ::2, :, 1:W + 1]
+    mask = (torch.rand(B, 2, 5, 3, device=device) > 0.5).transpose(2, 3)  # (B, 2, 3, 5)
+    c1, c2 = torch.rand(B, device=device) + 0.5, -torch.rand(B, device=device)
+    y = run(impl, x, o, mask, c1, c2, 7, 1.1)
+    assert y.stride() == x.stride()
+    _close(y, _expect(x, o, mask, c1, c2, 7, 1.1), torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_video_frames_do_not_mix(device, impl):
+    """Changing one frame of x and model_output changes that frame of the result only (no temporal blur)."""
+    x, o, _ = _video(1, 2, 4, 9, 10, torch.float32, device, None)
+    y = run(impl, x, o, None, 1.0, -0.5, 5, 1.0)
+    x2, o2 = x.clone(), o.clone()
+    x2[:, :, 2] += 1.0
+    o2[:, :, 2] -= 0.5
+    changed = (run(impl, x2, o2, None, 1.0, -0.5, 5, 1.0) != y).flatten(3).any(-1)[0].cpu()  # (C, F)
+    assert changed[:, 2].all() and not changed[:, [0, 1, 3]].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_video_mask_frames_follow_the_nearest_rule(device, impl):
+    """3 mask frames over 7 latent frames: frame d reads mask frame floor(d * 3/7) = 0 0 0 1 1 2 2 (worked out
+    by hand). Only mask frame 1 set: latent frames 3 and 4 are blurred, every other frame is exactly x."""
+    x, o, _ = _video(1, 2, 7, 8, 9, torch.float32, device, None)
+    mask = torch.zeros(1, 3, 2, 2, dtype=torch.bool, device=device)
+    mask[:, 1] = True
+    changed = (run(impl, x, o, mask, 1.0, -0.5, 3, 1.0) != x).flatten(3).any(-1).any(1)[0].cpu()
+    assert changed.tolist() == [False, False, False, True, True, False, False]
+
+
+def test_video_eager_call_dispatches_exactly_one_op():
+    x, o, mask = _video(2, 3, 3, 9, 10, torch.float32, "cpu", (2, 3, 2))
+    c1, c2 = torch.rand(2), torch.tensor(-0.5)
+    y, counts = _profiling.count_dispatched_ops(lambda: degrade(x, o, mask, c1, c2, 3, 1.0))
+    assert counts == {"sag_fast.degrade": 1}
+    _close(y, _expect(x, o, mask, c1, c2, 3, 1.0), torch.float32)
+
+
+def test_video_opcheck_cpu_kernel():
+    x, o, mask = _video(2, 2, 3, 9, 10, torch.float32, "cpu", (2, 3, 2))
+    torch.library.opcheck(torch.ops.sag_fast.degrade.default, (x, o, mask, torch.rand(2), torch.tensor(-0.5), 3, 1.0))
+    xd, od, _ = _video(1, 2, 2, 8, 9, torch.float64, "cpu", None)
+    torch.library.opcheck(torch.ops.sag_fast.degrade.default, (xd, od, None, torch.rand(1), torch.rand(1), 5, 1.5))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs the Triton kernel on CPU tensors: TRITON_INTERPRET=1")
+def test_video_opcheck_triton_kernel_interpreted():
+    x, o, mask = _video(2, 1, 3, 9, 10, torch.float32, "cpu", (2, 3, 2))
+    c1, c2 = torch.rand(2), torch.tensor(-0.5)
+    with triton_on_cpu():
+        y, counts = _profiling.count_dispatched_ops(lambda: degrade(x, o, mask, c1, c2, 3, 1.0))
+        torch.library.opcheck(torch.ops.sag_fast.degrade.default, (x, o, mask, c1, c2, 3, 1.0))
+    assert counts == {"sag_fast.degrade": 1}
+    _close(y, _expect(x, o, mask, c1, c2, 3, 1.0), torch.float32)
+
+
+def test_video_fake_cuda_keeps_x_layout():
+    with FakeTensorMode():
+        x = torch.empty(2, 5, 3, 16, 24, device="cuda").transpose(1, 2)  # (B, C, F, H, W), frame-major
+        y = torch.ops.sag_fast.degrade(x, torch.empty_like(x), torch.empty(2, 2, 4, 6, dtype=torch.bool, device="cuda"),
+                                       torch.empty(2, device="cuda"), torch.empty(2, device="cuda"), 5, 1.0)
+    assert y.shape == x.shape and y.stride() == x.stride() and y.device.type == "cuda"
+
+
+def _video_args(bad, device="cpu"):
+    args = dict(x=torch.randn(1, 3, 4, 12, 12), model_output=torch.randn(1, 3, 4, 12, 12),
+                mask=torch.ones(1, 2, 3, 3, dtype=torch.bool), c1=torch.tensor(1.0), c2=torch.tensor(-0.5),
+                kernel_size=9, sigma=1.0)
+    args.update(bad)
+    if device == "cpu":
+        return args
+    return {k: torch.empty(v.shape, dtype=v.dtype, device=device) if isinstance(v, torch.Tensor) else v
+            for k, v in args.items()}
+
+
+_BAD_VIDEO = [
+    (dict(mask=torch.ones(1, 3, 3, dtype=torch.bool)), r"mask must be \(B=1, f, h, w\).*got \[?\(?1, 3, 3"),
+    (dict(mask=torch.ones(2, 2, 3, 3, dtype=torch.bool)), r"mask must be \(B=1, f, h, w\)"),
+    (dict(mask=torch.ones(1, 0, 3, 3, dtype=torch.bool)), r"mask must be \(B=1, f, h, w\) with f, h, w >= 1"),
+    (dict(model_output=torch.randn(1, 3, 5, 12, 12)), "model_output must have x's shape"),
+    (dict(x=torch.randn(1, 3, 4, 12, 12, 1), model_output=torch.randn(1, 3, 4, 12, 12, 1)),
+     r"x must be .*\(B, C, F, H, W\)"),
+    (dict(c1=torch.ones(4)), "c1"),
+    (dict(kernel_size=25), "kernel_size=25.*height=12"),
+]
+
+
+@pytest.mark.parametrize("bad,match", _BAD_VIDEO)
+def test_video_bad_inputs_name_the_argument(bad, match):
+    """5-D x: the C++ kernel's checks (CPU) and the fake's (those of the Triton kernel, on fake CUDA tensors)."""
+    with pytest.raises(ValueError, match=match):
+        degrade(**_video_args(bad))
+    with FakeTensorMode():
+        args = _video_args(bad, "cuda")
+        with pytest.raises(ValueError, match=match):
+            torch.ops.sag_fast.degrade(*args.values())
+
+
+def test_image_x_refuses_a_video_mask():
+    args = _args(dict(mask=torch.ones(1, 2, 3, 3, dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"mask must be \(B=1, h, w\)"):
+        degrade(**args)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_video_cpp_row_chunks_and_threads(threads):
+    """B*C*F = 3 frame planes over 2 or 4 threads: planes cut into row chunks (halo rows recomputed)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        x, o, mask = _video(1, 1, 3, 70, 21, torch.float32, "cpu", (2, 5, 4))
+        y = _cpp(x, o, mask, torch.tensor([0.8]), torch.tensor([-0.6]), 9, 1.5)
+        _close(y, _expect(x, o, mask, 0.8, -0.6, 9, 1.5), torch.float32)
+    finally:
+        torch.set_num_threads(before)

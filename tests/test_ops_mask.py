@@ -411,13 +411,16 @@ from sag_fast.ops.mask import mask_from_probs, mask_from_qk
 def f(p, q, k):
     return mask_from_probs(p, (3, 4)) | mask_from_qk(q, k, (3, 4))
 
-for device in ("cuda", "cpu"):
+def video(p, q, k):  # (f, h, w) grids: the frames keyword reaches the Triton path
+    return mask_from_probs(p, (2, 2, 3)) | mask_from_qk(q, k, (2, 2, 3))
+
+for name, device, fn in (("cuda", "cuda", f), ("cpu", "cpu", f), ("cuda-video", "cuda", video)):
     with FakeTensorMode():
         args = (torch.empty(2, 3, 20, 12, device=device), torch.empty(2, 3, 20, 16, device=device),
                 torch.empty(2, 3, 12, 16, device=device))
-    gm = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*args)
+    gm = make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*args)
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    print(device, targets.count("triton_kernel_wrapper_functional"), sorted(set(targets)))
+    print(name, targets.count("triton_kernel_wrapper_functional"), sorted(set(targets)))
 """
 
 
@@ -426,6 +429,7 @@ def test_compile_sees_the_triton_kernels_on_cuda():
     lines = functionalised_targets(_TRACE)
     assert lines["cuda"].startswith("3 ") and "sag_fast.mask" not in lines["cuda"]
     assert lines["cpu"].startswith("0 ") and "sag_fast.mask_from_probs.default" in lines["cpu"]
+    assert lines["cuda-video"].startswith("3 ") and "sag_fast.mask" not in lines["cuda-video"]
 
 
 def test_torch_compile_fullgraph():
@@ -562,3 +566,169 @@ def test_gpu_fp32_qk_is_not_tf32():
     ref = ref_mass_qk(q, k)
     mask, mass = launch_mask_from_qk(q, k, 1.0, 0.125, return_mass=True)
     torch.testing.assert_close(mass.double().cpu(), ref, rtol=2e-5, atol=2e-5)  # tf32 would miss by ~1e-3
+
+
+# ------------------------------------------------------------------------- video: (f, h, w) key grids
+# The keys are frame-major (frame, row, column); the kernels reduce over keys as for images and the grid only
+# shapes the (B, f, h, w) output, so these tests cover the argument handling and the shapes on both paths.
+VIDEO_GRIDS = [(1, 5, 7), (3, 4, 5), (5, 3, 2)]  # one frame; odd frame counts, non-square
+
+
+@pytest.mark.parametrize("grid", VIDEO_GRIDS, ids=lambda g: "x".join(map(str, g)))
+def test_video_qk_matches_reference(grid, device, impl):
+    n = math.prod(grid)
+    q, k = qk_views(2, 3, n, n, 16, torch.float32, device)  # transposed views of (B, N, heads*d)
+    ref = ref_mass_qk(q, k)
+    mask = mask_from_qk(q, k, grid)
+    assert mask.shape == (2, *grid)
+    assert_mask(mask, ref, grid, 1.0)
+
+
+@pytest.mark.parametrize("grid", VIDEO_GRIDS, ids=lambda g: "x".join(map(str, g)))
+def test_video_probs_matches_reference(grid, device, impl):
+    n = math.prod(grid)
+    probs = random_probs((2 * 3, n, n), torch.float32, device)  # (B*heads, N, N), as diffusers stores it
+    mask = mask_from_probs(probs, grid, heads=3)
+    assert mask.shape == (2, *grid)
+    assert_mask(mask, ref_mass_probs(probs.view(2, 3, n, n)), grid, 1.0)
+
+
+def test_video_float64_cpu_path():
+    q, k = qk_views(2, 2, 45, 45, 12, torch.float64, "cpu")
+    assert_mask(mask_from_qk(q, k, (3, 5, 3)), ref_mass_qk(q, k), (3, 5, 3), 1.0)
+    probs = random_probs((2, 2, 45, 45), torch.float64, "cpu")
+    assert_mask(mask_from_probs(probs, (5, 3, 3)), ref_mass_probs(probs), (5, 3, 3), 1.0)
+
+
+def test_video_bnhd_layout(device, impl):
+    """q, k in diffusers' (B, N, heads, d) with a video grid: read as the transposed view."""
+    q, k = qk_views(2, 2, 24, 24, 16, torch.float32, device)
+    mask = mask_from_qk(q.transpose(1, 2), k.transpose(1, 2), (2, 3, 4), layout="BNHD")
+    assert_mask(mask, ref_mass_qk(q, k), (2, 3, 4), 1.0)
+
+
+def test_video_joint_attention(device, impl):
+    """Joint attention over video tokens (CogVideoX, HunyuanVideo): image_span is the video, the grid (f, h, w)."""
+    text, f, h, w = 5, 3, 2, 4
+    n = text + f * h * w
+    q, k = qk_views(2, 2, n, n, 16, torch.float32, device)
+    span = (text, f * h * w)
+    ref = reference.joint_attention_mass_from_qk(q.cpu().double(), k.cpu().double(), span)
+    mask = mask_from_qk(q, k, (f, h, w), image_span=span)
+    expected = reference.joint_mass_to_mask(ref, (f, h, w))
+    assert mask.shape == (2, f, h, w) and torch.equal(mask.cpu(), expected)
+    assert expected.any() and not expected.all()
+
+
+def test_video_batch_zero(device, impl):
+    assert mask_from_probs(torch.zeros((0, 2, 6, 6), device=device), (2, 1, 3)).shape == (0, 2, 1, 3)
+    assert mask_from_qk(torch.zeros((0, 2, 6, 4), device=device), torch.zeros((0, 2, 6, 4), device=device),
+                        (3, 2, 1)).shape == (0, 3, 2, 1)
+
+
+def test_video_grid_errors():
+    p = random_probs((2, 3, 8, 24), torch.float32, "cpu")
+    q, k = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 24, 8)
+    with pytest.raises(ValueError, match=r"grid_hw=\(2, 3, 5\) does not match the number of keys Nk=24 "
+                                         r"\(need f\*h\*w == 24\)"):
+        mask_from_qk(q, k, (2, 3, 5))
+    with pytest.raises(ValueError, match=r"grid_hw=\(3, 3, 3\) does not match.*Nk=24"):
+        mask_from_probs(p, (3, 3, 3))
+    with pytest.raises(ValueError, match="grid_hw must be positive"):  # f = 0 is not "no frame axis"
+        mask_from_qk(q, k, (0, 4, 6))
+    with pytest.raises(TypeError, match=r"grid_hw must be \(h, w\) or \(f, h, w\)"):
+        mask_from_probs(p, (1, 2, 3, 4))
+    with pytest.raises(ValueError, match="frames must be an int >= 0"):  # the op itself
+        torch.ops.sag_fast.mask_from_qk(q, k, 4, 6, 1.0, 0.3, frames=-1)
+    qj = torch.randn(2, 3, 30, 8)
+    with pytest.raises(ValueError, match=r"grid_hw=\(2, 2, 5\) does not match image_span's length 24"):
+        mask_from_qk(qj, qj, (2, 2, 5), image_span=(6, 24))
+
+
+def test_video_fake_cuda_shapes_and_errors():
+    with FakeTensorMode():
+        probs = torch.empty(6, 20, 24, dtype=torch.float16, device="cuda")
+        out = mask_from_probs(probs, (2, 3, 4), heads=3)
+        assert out.shape == (2, 2, 3, 4) and out.dtype == torch.bool and out.device.type == "cuda"
+        q, k = torch.empty(2, 3, 20, 16, device="cuda"), torch.empty(2, 3, 24, 16, device="cuda")
+        out = mask_from_qk(q, k, (4, 3, 2))
+        assert out.shape == (2, 4, 3, 2) and out.dtype == torch.bool and out.device.type == "cuda"
+        with pytest.raises(ValueError, match=r"grid_hw=\(4, 3, 3\)"):
+            mask_from_qk(q, k, (4, 3, 3))
+
+
+def test_video_opcheck():
+    probs = random_probs((2, 3, 20, 12), torch.float32, "cpu")
+    q, k = qk_views(2, 3, 20, 12, 16, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.sag_fast.mask_from_probs.default, (probs, 2, 3, 1.0, 3), {"frames": 2})
+    torch.library.opcheck(torch.ops.sag_fast.mask_from_qk.default, (q, k, 3, 2, 1.0, 0.25), {"frames": 2})
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs the Triton kernels on CPU tensors: TRITON_INTERPRET=1")
+def test_video_opcheck_triton_kernels_interpreted():
+    probs = random_probs((2, 3, 20, 12), torch.float32, "cpu")
+    q, k = qk_views(2, 3, 20, 12, 16, torch.float32, "cpu")
+    with triton_on_cpu():
+        torch.library.opcheck(torch.ops.sag_fast.mask_from_probs.default, (probs, 2, 3, 1.0, 3), {"frames": 2})
+        torch.library.opcheck(torch.ops.sag_fast.mask_from_qk.default, (q, k, 3, 2, 1.0, 0.25), {"frames": 2})
+
+
+def test_video_eager_call_dispatches_exactly_one_op():
+    probs = random_probs((2, 3, 20, 12), torch.float32, "cpu")
+    q, k = qk_views(2, 3, 20, 12, 16, torch.float32, "cpu")
+    _, counts = _profiling.count_dispatched_ops(lambda: mask_from_probs(probs, (2, 2, 3)))
+    assert counts == {"sag_fast.mask_from_probs": 1}
+    _, counts = _profiling.count_dispatched_ops(lambda: mask_from_qk(q, k, (2, 3, 2)))
+    assert counts == {"sag_fast.mask_from_qk": 1}
+
+
+def test_video_torch_compile_fullgraph():
+    probs = random_probs((2, 3, 20, 12), torch.float32, "cpu")
+    q, k = qk_views(2, 3, 20, 12, 16, torch.float32, "cpu")
+
+    def both(p, q, k):
+        return mask_from_probs(p, (2, 2, 3)) | mask_from_qk(q, k, (2, 3, 2)).view(2, 2, 2, 3)
+
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    out = compiled(probs, q, k)
+    assert out.shape == (2, 2, 2, 3) and torch.equal(out, both(probs, q, k))
+
+
+_MEMORY = """
+import resource, sys, torch
+import sag_fast
+from sag_fast.ops.mask import mask_from_qk
+
+torch.manual_seed(0)
+torch.set_num_threads(1)
+f, h, w, d = 16, 32, 32, 16
+n = f * h * w
+q, k = torch.randn(1, 1, n, d), torch.randn(1, 1, n, d)
+mask_from_qk(q[:, :, :64], k[:, :, :64], (1, 8, 8))  # one-time allocations (thread pools, dispatch) first
+
+
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+before = rss()
+mask = mask_from_qk(q, k, (f, h, w))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+assert mask.shape == (1, f, h, w) and mask.any() and not mask.all()
+print(peak - before)
+"""
+
+
+def test_video_mask_from_qk_memory_stays_far_below_n_squared():
+    """16 x 32 x 32 = 16,384 tokens on CPU: the N x N probabilities would be 1 GiB of fp32. The process's peak
+    RSS (in a fresh subprocess; tracemalloc does not see torch's allocations) may grow by a quarter of that at
+    most; streaming over query chunks keeps it near one 64 MiB chunk."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEMORY], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    grown = int(out.stdout.strip().splitlines()[-1])
+    n = 16 * 32 * 32
+    assert grown < n * n * 4 // 4, f"peak RSS grew by {grown / 2**20:.0f} MiB"

@@ -256,3 +256,70 @@ def test_bad_inputs_raise_naming_the_argument():
         ref.guidance_combine(torch.randn(2, 4, 3, 3), torch.randn(1, 4, 3, 3), 1.0, 1.0, guided_channels=5)
     with pytest.raises(ValueError, match="pred"):
         ref.guidance_combine(torch.randn(3, 4, 3, 3), torch.randn(2, 4, 3, 3), 1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------- video
+def test_video_degrade_is_diffusers_blur_per_frame():
+    """Video latents (B, C, F, H, W): each frame blurred alone with diffusers' gaussian_blur_2d, the (B, f, h, w)
+    mask upsampled with the fp32 index rule written out per axis, frames 0 1 1 2 2 of 3 mask frames over 5."""
+    b, c, f, h, w = 2, 3, 5, 13, 10
+    x, o = torch.randn(b, c, f, h, w, dtype=F64), torch.randn(b, c, f, h, w, dtype=F64)
+    mask = torch.rand(b, 3, 4, 3) > 0.5
+    c1, c2 = torch.tensor([0.9, 0.6], dtype=F64), torch.tensor([-0.3, -0.7], dtype=F64)
+    got = ref.degrade(x, o, mask, c1, c2, 5, 1.3)
+
+    def src(n_in, n_out):  # the fp32 index rule, written out
+        scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+        return torch.clamp((torch.arange(n_out, dtype=torch.float32) * scale).floor().long(), max=n_in - 1)
+
+    frames, rows, cols = src(3, f), src(4, h), src(3, w)
+    assert frames.tolist() == [0, 0, 1, 1, 2]
+    for t in range(f):
+        s = c1.view(-1, 1, 1, 1) * x[:, :, t] + c2.view(-1, 1, 1, 1) * o[:, :, t]
+        m = mask[:, frames[t]][:, rows][:, :, cols][:, None]
+        want = x[:, :, t] + m * (gaussian_blur_2d(s, 5, 1.3) - s)
+        assert rel_err(got[:, :, t], want) < RTOL, t
+
+
+def test_video_gaussian_blur_does_not_mix_frames():
+    x = torch.randn(1, 2, 4, 9, 8, dtype=F64)
+    y = ref.gaussian_blur(x, 5, 1.0)
+    x2 = x.clone()
+    x2[:, :, 1] += 1.0
+    changed = (ref.gaussian_blur(x2, 5, 1.0) != y).flatten(3).any(-1)[0]  # (C, F)
+    assert changed[:, 1].all() and not changed[:, [0, 2, 3]].any()
+
+
+@pytest.mark.parametrize("grid,out", [((3, 9, 6), (7, 65, 47)), ((1, 2, 7), (5, 82, 13)), ((5, 4, 3), (3, 8, 6)),
+                                      ((2, 3, 5), (2, 3, 5))])
+def test_upsample_mask_video_follows_the_fp32_index_rule_per_axis(grid, out):
+    mask = torch.rand(2, *grid) > 0.5
+    got = ref.upsample_mask(mask, out)
+    fr, rows, cols = (torch.clamp((torch.arange(o, dtype=torch.float32) * (torch.tensor(i, dtype=torch.float32) / o))
+                                  .floor().long(), max=i - 1) for i, o in zip(grid, out))
+    assert torch.equal(got, mask[:, fr][:, :, rows][:, :, :, cols])
+
+
+def test_video_mask_keys_are_frame_major():
+    """mass_to_mask on an (f, h, w) grid: key j = (t*h + i)*w + col lands at [t, i, col]."""
+    f, h, w = 3, 2, 5
+    mass = torch.rand(2, f * h * w, dtype=F64) * 2
+    got = ref.mass_to_mask(mass, (f, h, w))
+    assert got.shape == (2, f, h, w)
+    for t, i, col in ((0, 0, 0), (1, 1, 3), (2, 0, 4), (2, 1, 2)):
+        assert bool(got[1, t, i, col]) == bool(mass[1, (t * h + i) * w + col] > 1.0)
+    assert torch.equal(ref.joint_mass_to_mask(mass, (f, h, w)).flatten(1), mass > mass.mean(-1, keepdim=True))
+
+
+def test_video_bad_inputs_raise_naming_the_argument():
+    x = torch.randn(1, 2, 3, 8, 8, dtype=F64)
+    with pytest.raises(ValueError, match="mask"):
+        ref.degrade(x, x, torch.ones(1, 4, 4, dtype=torch.bool), 1.0, 0.5)  # image mask for a video
+    with pytest.raises(ValueError, match="mask"):
+        ref.degrade(x[:, :, 0], x[:, :, 0], torch.ones(1, 2, 4, 4, dtype=torch.bool), 1.0, 0.5)
+    with pytest.raises(ValueError, match="grid_hw"):
+        ref.mass_to_mask(torch.rand(1, 24), (2, 3, 5))
+    with pytest.raises(ValueError, match="grid_hw"):
+        ref.mass_to_mask(torch.rand(1, 24), (1, 2, 3, 4))
+    with pytest.raises(ValueError, match="c1"):
+        ref.degrade(x, x, None, torch.ones(3), 0.5)

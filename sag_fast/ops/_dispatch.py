@@ -93,10 +93,20 @@ def check_threshold(threshold, op: str) -> float:
     return check_nonnegative(threshold, f"{op}: threshold")
 
 
-def check_grid(h, w, nk, op: str) -> None:
-    """(h, w) is the key grid: positive and h*w == Nk."""
-    if h <= 0 or w <= 0 or h * w != nk:
-        raise ValueError(f"{op}: grid_hw=({h}, {w}) does not match the number of keys Nk={nk} (need h*w == Nk)")
+def grid_shape(h, w, frames) -> tuple:
+    """The mask's shape after B: (h, w), or (frames, h, w) for a video grid (frames >= 1; 0 = an image grid)."""
+    return (h, w) if frames == 0 else (frames, h, w)
+
+
+def check_grid(h, w, nk, op: str, frames=0, what: str = "the number of keys Nk={}") -> None:
+    """The key grid (h, w), or (frames, h, w) where frames >= 1: positive, product == Nk (keys frame-major).
+    what: the count the grid must match, formatted with nk."""
+    grid = grid_shape(h, w, frames)
+    if isinstance(frames, bool) or not isinstance(frames, (int, torch.SymInt)) or frames < 0:  # SymInt: traced
+        raise ValueError(f"{op}: frames must be an int >= 0 (0: an (h, w) grid), got {frames!r}")
+    if min(grid) <= 0 or math.prod(grid) != nk:
+        need = "h*w" if frames == 0 else "f*h*w"
+        raise ValueError(f"{op}: grid_hw={grid} does not match {what.format(nk)} (need {need} == {nk})")
 
 
 # ------------------------------------------------------------------------------------------ launches

@@ -1,7 +1,9 @@
 """The SAG degrade pass in one launch: x~ = x + M * (G_sigma * s - s), s = c1*x + c2*model_output.
 
 G_sigma is the separable Gaussian (reflect padding), M the (B, h, w) mask nearest-upsampled to (H, W)
-inside the kernel with PyTorch's index rule. See docs/design.md and sag_fast/reference.py `degrade`.
+inside the kernel with PyTorch's index rule. Video latents (B, C, F, H, W) are blurred per frame: each
+(b, c, frame) is a plane read through x's strides (no copy), and the (B, f, h, w) mask is upsampled to
+(F, H, W) with the same rule per axis. See docs/design.md and sag_fast/reference.py `degrade`.
 
 One custom op, `sag_fast::degrade` (schema in csrc/module.cpp), a kernel per device:
   CPU    the fused C++ kernel (csrc/degrade_cpu.cpp): fp32/fp16/bf16 in one pass per plane, fp64 in fp64
@@ -96,8 +98,10 @@ def _degrade_kernel(
     x_ptr, o_ptr, y_ptr, m_ptr, c1_ptr, c2_ptr,
     C, H, W, mh, mw, scale_h, scale_w, neg_half_inv_var, rows_per_prog, n_strips, n_chunks,
     sxb, sxc, sxh, sxw, sob, soc, soh, sow, syb, syc, syh, syw, smb, smh, smw, sc1, sc2,
+    NF, mf, scale_f, sxf, sof, syf, smf,
     K: tl.constexpr, T: tl.constexpr, V: tl.constexpr, LOG2V: tl.constexpr, PP: tl.constexpr,
     LOG2PP: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_W: tl.constexpr, ROW64: tl.constexpr,
+    VIDEO: tl.constexpr,
 ):
     P: tl.constexpr = K // 2
     pid = tl.program_id(0)
@@ -105,6 +109,10 @@ def _degrade_kernel(
     rest = pid // n_chunks
     strip = rest % n_strips
     plane = rest // n_strips
+    if VIDEO:
+        # a plane is (b, c, frame): frames are batch rows of the 2-D blur, addressed through their stride
+        fr = plane % NF
+        plane = plane // NF
     b = plane // C
     ch = plane - b * C
 
@@ -142,7 +150,15 @@ def _degrade_kernel(
     # loop-invariant column pointers (int32 offsets); the row loop adds one scalar offset per tensor
     x_plane = x_ptr + b.to(tl.int64) * sxb + ch.to(tl.int64) * sxc
     o_plane = o_ptr + b.to(tl.int64) * sob + ch.to(tl.int64) * soc
-    y_ptrs = y_ptr + b.to(tl.int64) * syb + ch.to(tl.int64) * syc + cc * syw
+    y_plane = y_ptr + b.to(tl.int64) * syb + ch.to(tl.int64) * syc
+    m_plane = m_ptr + b.to(tl.int64) * smb
+    if VIDEO:
+        x_plane += fr.to(tl.int64) * sxf
+        o_plane += fr.to(tl.int64) * sof
+        y_plane += fr.to(tl.int64) * syf
+        if HAS_MASK:  # the mask frame by PyTorch's nearest rule, as for rows and columns
+            m_plane += tl.minimum((fr.to(tl.float32) * scale_f).to(tl.int32), mf - 1).to(tl.int64) * smf
+    y_ptrs = y_plane + cc * syw
     xl_ptrs = x_plane + gl * sxw
     xc_ptrs = x_plane + gc * sxw
     xr_ptrs = x_plane + gr * sxw
@@ -155,7 +171,7 @@ def _degrade_kernel(
     c2n = c2 * (inv_norm * inv_norm)
     if HAS_MASK:
         # PyTorch nearest: src = min(floor(dst * scale), in - 1), scale = fp32(in) / fp32(out); dst >= 0
-        m_ptrs = m_ptr + b.to(tl.int64) * smb \
+        m_ptrs = m_plane \
             + tl.minimum((tl.minimum(cc, W - 1).to(tl.float32) * scale_w).to(tl.int32), mw - 1) * smw
         m_last = -1  # mask row held in m_on (1.0 / 0.0); reloaded only when the nearest source row changes
         m_on = tl.zeros([T, V], dtype=tl.float32)
@@ -280,31 +296,44 @@ def _plan(planes: int, H: int, W: int, K: int, n_sm: int, block_w: int | None, r
 
 def _row64(*tensors) -> bool:
     """Whether a row offset (row * stride_h) inside one plane can pass int32."""
-    return any(t.shape[2] * abs(t.stride(2)) >= 2**31 for t in tensors)
+    return any(t.shape[-2] * abs(t.stride(-2)) >= 2**31 for t in tensors)
+
+
+def _strides(t) -> tuple[tuple, int]:
+    """((b, c, h, w) strides, frame stride) of a 4-D (frame stride 0) or 5-D tensor."""
+    st = t.stride()
+    return (st[0], st[1], st[-2], st[-1]), (st[2] if t.dim() == 5 else 0)
 
 
 def _launch(x, model_output, mask, c1, c2, kernel_size, sigma, block_w=None, rows=None, traced=False):
     """Allocates the output and launches the kernel (on the current device: callers hold `device_guard`).
     traced: the call is being functionalised (torch.compile), so the launch is recorded with wrap_triton."""
-    B, C, H, W = (int(v) for v in x.shape)  # traced: the launch plan specialises on the sizes
+    # traced: the launch plan specialises on the sizes; a 4-D x is one frame (VIDEO=False: no frame arithmetic)
+    video = x.dim() == 5
+    B, C, H, W = (int(v) for v in (x.shape[0], x.shape[1], x.shape[-2], x.shape[-1]))
+    NF = int(x.shape[2]) if video else 1
     y = torch.empty_like(x)
     if y.numel() == 0:
         return y
-    T, V, pp, num_warps, n_strips, rows_pp, n_chunks, even_w = _plan(B * C, H, W, kernel_size, sm_count(x),
+    T, V, pp, num_warps, n_strips, rows_pp, n_chunks, even_w = _plan(B * C * NF, H, W, kernel_size, sm_count(x),
                                                                       block_w, rows)
     if mask is None:
-        m, mh, mw, ms = x, 1, 1, (0, 0, 0)  # never read (HAS_MASK=False)
+        m, mf, mh, mw, ms, smf = x, 1, 1, 1, (0, 0, 0), 0  # never read (HAS_MASK=False)
     else:
-        m, mh, mw, ms = mask, int(mask.shape[1]), int(mask.shape[2]), mask.stride()
+        m, mf, mh, mw = mask, int(mask.shape[1]) if video else 1, int(mask.shape[-2]), int(mask.shape[-1])
+        st = mask.stride()
+        ms, smf = (st[0], st[-2], st[-1]), (st[1] if video else 0)
+    (sx, sxf), (so, sof), (sy, syf) = _strides(x), _strides(model_output), _strides(y)
     kernel = wrap_triton(_degrade_kernel) if traced else _degrade_kernel
-    kernel[(B * C * n_strips * n_chunks,)](
+    kernel[(B * C * NF * n_strips * n_chunks,)](
         x, model_output, y, m, c1, c2,
         C, H, W, mh, mw, _nearest_scale(mh, H), _nearest_scale(mw, W), -0.5 / (sigma * sigma),
         rows_pp, n_strips, n_chunks,
-        *x.stride(), *model_output.stride(), *y.stride(), *ms,
+        *sx, *so, *sy, *ms,
         c1.stride(0) if c1.dim() else 0, c2.stride(0) if c2.dim() else 0,
+        NF, mf, _nearest_scale(mf, NF), sxf, sof, syf, smf,
         K=kernel_size, T=T, V=V, LOG2V=V.bit_length() - 1, PP=pp, LOG2PP=pp.bit_length() - 1,
-        HAS_MASK=mask is not None, EVEN_W=even_w, ROW64=_row64(x, model_output, y),
+        HAS_MASK=mask is not None, EVEN_W=even_w, ROW64=_row64(x, model_output, y), VIDEO=video,
         num_warps=num_warps,
     )
     return y
@@ -316,15 +345,15 @@ def check_degrade(x, model_output, mask, c1, c2, kernel_size, sigma) -> None:
     checks its own). float64 is accepted on CPU tensors only (the C++ kernel has an fp64 path)."""
     op = "degrade"
     check_float(x, "x", op, allow_fp64=x.device.type == "cpu")
-    if x.dim() != 4:
-        raise ValueError(f"degrade: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.dim() not in (4, 5):
+        raise ValueError(f"degrade: x must be (B, C, H, W) or a video (B, C, F, H, W), got shape {tuple(x.shape)}")
     check_float(model_output, "model_output", op)
     check_same_device(op, "x", x, "model_output", model_output)
     if model_output.shape != x.shape:
         raise ValueError(f"degrade: model_output must have x's shape {tuple(x.shape)}, got {tuple(model_output.shape)}")
     if model_output.dtype != x.dtype:
         raise ValueError(f"degrade: model_output must have x's dtype {x.dtype}, got {model_output.dtype}")
-    B, _, H, W = x.shape
+    B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
     for name, c in (("c1", c1), ("c2", c2)):
         if not isinstance(c, torch.Tensor):
             raise TypeError(f"degrade: {name} must be a tensor or a float, got {type(c).__name__}")
@@ -337,8 +366,9 @@ def check_degrade(x, model_output, mask, c1, c2, kernel_size, sigma) -> None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"degrade: mask must be a tensor or None, got {type(mask).__name__}")
         check_same_device(op, "x", x, "mask", mask)
-        if mask.dim() != 3 or mask.shape[0] != B or mask.shape[1] < 1 or mask.shape[2] < 1:
-            raise ValueError(f"degrade: mask must be (B={B}, h, w) with h, w >= 1, got {tuple(mask.shape)}")
+        if mask.dim() != x.dim() - 1 or mask.shape[0] != B or min(mask.shape[1:]) < 1:
+            want = f"(B={B}, h, w) with h, w >= 1" if x.dim() == 4 else f"(B={B}, f, h, w) with f, h, w >= 1"
+            raise ValueError(f"degrade: mask must be {want} for x of shape {tuple(x.shape)}, got {tuple(mask.shape)}")
         if mask.dtype not in _MASK_DTYPES:
             raise ValueError(f"degrade: mask must be bool, integer or floating point, got {mask.dtype}")
     check_blur(kernel_size, sigma, H, W)
@@ -381,9 +411,10 @@ def _as_coefficient(c, like: torch.Tensor):
 def degrade(x, model_output, mask, c1, c2, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
     """x~ = x + M * (G_sigma * s - s) with s = c1*x + c2*model_output: one call of sag_fast::degrade.
 
-    x, model_output: (B, C, H, W), same shape/dtype/device, any strides; the result has x's memory format.
-    mask: (B, h, w) bool/integer/float at any resolution (nonzero = blur), nearest-upsampled to (H, W);
-        None = blur everywhere (blur guidance).
+    x, model_output: (B, C, H, W), or video latents (B, C, F, H, W) blurred per frame; same shape/dtype/device,
+        any strides (never copied); the result has x's memory format.
+    mask: (B, h, w) bool/integer/float at any resolution (nonzero = blur), nearest-upsampled to (H, W); for
+        video (B, f, h, w), nearest-upsampled to (F, H, W) per axis; None = blur everywhere (blur guidance).
     c1, c2: (B,) or 0-dim float tensors on x's device (read in the kernel, no host sync), or floats.
     fp32/fp16/bf16 compute in fp32; fp64 (CPU only) in fp64.
     """

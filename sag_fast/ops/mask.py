@@ -4,7 +4,9 @@
 
 `mask_from_probs` reads the softmax probabilities A once. `mask_from_qk` never materialises A: a first
 kernel computes each query row's log-sum-exp (flash-style, streaming over keys), a second recomputes
-the scores per key block and adds exp(s - lse). Both return a (B, h, w) **torch.bool** mask.
+the scores per key block and adds exp(s - lse). Both return a (B, h, w) **torch.bool** mask, or
+(B, f, h, w) for a video's (f, h, w) key grid (keys frame-major): the kernels reduce over keys either way,
+the grid only shapes the output (the ops' keyword `frames`, 0 for an image grid).
 
 Work split (both mass kernels): program (key block, query split, batch) loops over every head and its
 own range of query rows, keeps a (rows x keys) fp32 accumulator, and stores its column sums as a
@@ -38,7 +40,7 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import wrap_triton
 
 from ._dispatch import (check_float, check_grid, check_same_device, check_threshold, cuda_decomposition, device_guard,
-                        real_number, sm_count)
+                        grid_shape, real_number, sm_count)
 
 LOG2E = 1.0 / math.log(2.0)  # scores are kept in base 2 (exp2/log2 are the native instructions)
 MAX_HEAD_DIM = 256
@@ -354,15 +356,20 @@ def launch_mask_from_qk(q: torch.Tensor, k: torch.Tensor, threshold: float, scal
 
 
 # ------------------------------------------------------------------------------------------ checks
-def _grid(grid_hw) -> tuple[int, int]:
+def _grid(grid_hw, op: str) -> tuple[int, int, int]:
+    """(h, w, frames) of an (h, w) grid (frames = 0) or a video's (f, h, w) grid (frames = f >= 1)."""
     try:
-        h, w = grid_hw
-        return int(h), int(w)
+        dims = tuple(int(v) for v in grid_hw)
     except (TypeError, ValueError):
-        raise TypeError(f"grid_hw must be a pair of ints (h, w), got {grid_hw!r}") from None
+        dims = ()
+    if len(dims) not in (2, 3):
+        raise TypeError(f"{op}: grid_hw must be (h, w) or (f, h, w) ints, got {grid_hw!r}")
+    if min(dims) < 1:  # frames = 0 would otherwise read as "no frame axis"
+        raise ValueError(f"{op}: grid_hw must be positive, got {tuple(grid_hw)!r}")
+    return (dims[0], dims[1], 0) if len(dims) == 2 else (dims[1], dims[2], dims[0])
 
 
-def check_probs(probs, h: int, w: int, threshold: float, heads) -> int:
+def check_probs(probs, h: int, w: int, threshold: float, heads, frames: int = 0) -> int:
     """The argument checks of sag_fast::mask_from_probs (its fake and both kernels); returns heads."""
     op = "mask_from_probs"
     check_float(probs, "probs", op, allow_fp64=probs.device.type == "cpu" if isinstance(probs, torch.Tensor) else True)
@@ -382,7 +389,7 @@ def check_probs(probs, h: int, w: int, threshold: float, heads) -> int:
         raise ValueError(f"{op}: heads={heads} does not divide probs.shape[0]={probs.shape[0]} (B*heads)")
     if probs.shape[-2] < 1:
         raise ValueError(f"{op}: probs must have at least one query (Nq >= 1), got shape {tuple(probs.shape)}")
-    check_grid(h, w, probs.shape[-1], op)
+    check_grid(h, w, probs.shape[-1], op, frames)
     check_threshold(threshold, op)
     return heads
 
@@ -411,7 +418,7 @@ def image_span_pair(image_span, op: str = "mask_from_qk") -> tuple[int, int] | N
 
 
 def check_qk(q, k, h: int, w: int, threshold: float, scale: float, triton: bool, layout: str = "BHND",
-             image_span=None) -> tuple[int, int] | None:
+             image_span=None, frames: int = 0) -> tuple[int, int] | None:
     """The argument checks of sag_fast::mask_from_qk (its fake and both kernels); triton: the Triton kernel
     will run it (head dims up to MAX_HEAD_DIM). Returns image_span as (start, length), or None."""
     op = "mask_from_qk"
@@ -436,7 +443,7 @@ def check_qk(q, k, h: int, w: int, threshold: float, scale: float, triton: bool,
     if triton and qh.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"{op}: q has head dim d={qh.shape[3]}, more than the {MAX_HEAD_DIM} the kernels support")
     if span is None:
-        check_grid(h, w, kh.shape[2], op)
+        check_grid(h, w, kh.shape[2], op, frames)
     else:
         n = kh.shape[2]
         if qh.shape[2] != n:
@@ -446,9 +453,7 @@ def check_qk(q, k, h: int, w: int, threshold: float, scale: float, triton: bool,
         if length < 1 or start < 0 or start + length > n:
             raise ValueError(f"{op}: image_span=({start}, {length}) is out of range for N={n} tokens "
                              "(need start >= 0, length >= 1, start + length <= N)")
-        if h <= 0 or w <= 0 or h * w != length:
-            raise ValueError(f"{op}: grid_hw=({h}, {w}) does not match image_span's length {length} "
-                             "(need h*w == length)")
+        check_grid(h, w, length, op, frames, what="image_span's length {}")
     check_threshold(threshold, op)
     real_number(scale, "scale", op)
     return span
@@ -467,7 +472,10 @@ def _mass_probs_torch(p4: torch.Tensor) -> torch.Tensor:
 def _mass_qk_torch(q: torch.Tensor, k: torch.Tensor, scale: float, image_span=None) -> torch.Tensor:
     """(B, Nk) mass of softmax(q k^T * scale), a chunk of query rows at a time (never all Nq x Nk).
     image_span=(start, length): the rows of the span's queries, softmax over all keys, summed over the
-    span's keys -> (B, length)."""
+    span's keys -> (B, length).
+
+    One (chunk x Nk) buffer per chunk: the scores are exponentiated in place, and the column sums of the
+    normalised rows are one matmul with the rows' 1/sum (softmax would allocate a second buffer)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     start, length = (0, k.shape[2]) if image_span is None else image_span
     q = q.narrow(2, start, length) if image_span is not None else q
@@ -475,11 +483,14 @@ def _mass_qk_torch(q: torch.Tensor, k: torch.Tensor, scale: float, image_span=No
     nk = k.shape[2]
     kt = k.to(acc).transpose(-1, -2)
     rows = max(1, _QUERY_CHUNK_ELEMENTS // max(1, bsz * heads * nk))
-    mass = torch.zeros(bsz, heads, length, dtype=acc, device=q.device)
+    mass = torch.zeros(bsz, heads, 1, length, dtype=acc, device=q.device)
     for i in range(0, nq, rows):
-        scores = torch.matmul(q[:, :, i:i + rows].to(acc), kt).mul_(scale)
-        mass += torch.softmax(scores, dim=-1).narrow(-1, start, length).sum(dim=2)
-    return mass.mean(dim=1)
+        e = torch.matmul(q[:, :, i:i + rows].to(acc), kt).mul_(scale)
+        e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
+        inv = e.sum(dim=-1, keepdim=True).reciprocal_()  # (B, heads, chunk, 1)
+        mass += torch.matmul(inv.transpose(-1, -2), e.narrow(-1, start, length))
+        del e  # before the next chunk's matmul allocates its buffer: one chunk alive at a time
+    return mass.squeeze(2).mean(dim=1)
 
 
 def _threshold_mass(mass: torch.Tensor, threshold: float, relative: bool) -> torch.Tensor:
@@ -487,66 +498,71 @@ def _threshold_mass(mass: torch.Tensor, threshold: float, relative: bool) -> tor
     return mass > (threshold * mass.mean(dim=-1, keepdim=True) if relative else threshold)
 
 
-def _mask_from_probs_torch(probs, h, w, threshold, heads):
-    heads = check_probs(probs, h, w, threshold, heads)
+def _mask_from_probs_torch(probs, h, w, threshold, heads, *, frames=0):
+    heads = check_probs(probs, h, w, threshold, heads, frames)
     p4 = probs.unflatten(0, (probs.shape[0] // heads, heads)) if probs.dim() == 3 else probs  # a view
-    return (_mass_probs_torch(p4) > threshold).view(p4.shape[0], h, w)
+    return (_mass_probs_torch(p4) > threshold).view(p4.shape[0], *grid_shape(h, w, frames))
 
 
-def _mask_from_qk_torch(q, k, h, w, threshold, scale, *, layout="BHND", image_span=None):
-    span = check_qk(q, k, h, w, threshold, scale, triton=False, layout=layout, image_span=image_span)
+def _mask_from_qk_torch(q, k, h, w, threshold, scale, *, layout="BHND", image_span=None, frames=0):
+    span = check_qk(q, k, h, w, threshold, scale, triton=False, layout=layout, image_span=image_span, frames=frames)
     mass = _mass_qk_torch(heads_first(q, layout), heads_first(k, layout), scale, span)
-    return _threshold_mass(mass, threshold, span is not None).view(q.shape[0], h, w)
+    return _threshold_mass(mass, threshold, span is not None).view(q.shape[0], *grid_shape(h, w, frames))
 
 
 # ------------------------------------------------------------------------ the Triton (CUDA) kernels
-def _probs_triton(probs, h, w, threshold, heads, traced):
-    heads = check_probs(probs, h, w, threshold, heads)
+def _probs_triton(probs, h, w, threshold, heads, traced, frames=0):
+    heads = check_probs(probs, h, w, threshold, heads, frames)
     p4 = probs.unflatten(0, (probs.shape[0] // heads, heads)) if probs.dim() == 3 else probs  # a view
+    grid = grid_shape(h, w, frames)
     if p4.shape[0] == 0:
-        return torch.empty((0, h, w), dtype=torch.bool, device=probs.device)
+        return torch.empty((0, *grid), dtype=torch.bool, device=probs.device)
     mask, _ = launch_mask_from_probs(p4, threshold, traced=traced)
-    return mask.view(-1, h, w)
+    return mask.view(-1, *grid)
 
 
-def _qk_triton(q, k, h, w, threshold, scale, traced, layout="BHND", image_span=None):
-    span = check_qk(q, k, h, w, threshold, scale, triton=True, layout=layout, image_span=image_span)
+def _qk_triton(q, k, h, w, threshold, scale, traced, layout="BHND", image_span=None, frames=0):
+    span = check_qk(q, k, h, w, threshold, scale, triton=True, layout=layout, image_span=image_span, frames=frames)
+    grid = grid_shape(h, w, frames)
     if q.shape[0] == 0:
-        return torch.empty((0, h, w), dtype=torch.bool, device=q.device)
+        return torch.empty((0, *grid), dtype=torch.bool, device=q.device)
     mask, _ = launch_mask_from_qk(heads_first(q, layout), heads_first(k, layout), threshold, scale,
                                   image_span=span, traced=traced)
-    return mask.view(-1, h, w)
+    return mask.view(-1, *grid)
 
 
-def mask_from_probs_triton(probs, h: int, w: int, threshold: float, heads: int) -> torch.Tensor:
+def mask_from_probs_triton(probs, h: int, w: int, threshold: float, heads: int, *, frames: int = 0) -> torch.Tensor:
     """The CUDA kernel of sag_fast::mask_from_probs (on CPU tensors under TRITON_INTERPRET=1)."""
-    return _probs_triton(probs, h, w, threshold, heads, traced=False)
+    return _probs_triton(probs, h, w, threshold, heads, traced=False, frames=frames)
 
 
 def mask_from_qk_triton(q, k, h: int, w: int, threshold: float, scale: float, *, layout: str = "BHND",
-                        image_span=None) -> torch.Tensor:
+                        image_span=None, frames: int = 0) -> torch.Tensor:
     """The CUDA kernel of sag_fast::mask_from_qk (on CPU tensors under TRITON_INTERPRET=1)."""
-    return _qk_triton(q, k, h, w, threshold, scale, traced=False, layout=layout, image_span=image_span)
+    return _qk_triton(q, k, h, w, threshold, scale, traced=False, layout=layout, image_span=image_span,
+                      frames=frames)
 
 
 # ------------------------------------------------------------------------------------------- ops
-def _probs_fake(probs, h, w, threshold, heads):
-    heads = check_probs(probs, h, w, threshold, heads)
+def _probs_fake(probs, h, w, threshold, heads, *, frames=0):
+    heads = check_probs(probs, h, w, threshold, heads, frames)
     bsz = probs.shape[0] if probs.dim() == 4 else probs.shape[0] // heads
-    return probs.new_empty((bsz, h, w), dtype=torch.bool)
+    return probs.new_empty((bsz, *grid_shape(h, w, frames)), dtype=torch.bool)
 
 
-def _qk_fake(q, k, h, w, threshold, scale, *, layout="BHND", image_span=None):
-    check_qk(q, k, h, w, threshold, scale, triton=q.device.type == "cuda", layout=layout, image_span=image_span)
-    return q.new_empty((q.shape[0], h, w), dtype=torch.bool)
+def _qk_fake(q, k, h, w, threshold, scale, *, layout="BHND", image_span=None, frames=0):
+    check_qk(q, k, h, w, threshold, scale, triton=q.device.type == "cuda", layout=layout, image_span=image_span,
+             frames=frames)
+    return q.new_empty((q.shape[0], *grid_shape(h, w, frames)), dtype=torch.bool)
 
 
 _LIB = torch.library.Library("sag_fast", "FRAGMENT")  # noqa: TOR901
 _PROBS_ARGS = ("probs", "h", "w", "threshold", "heads")
 _QK_ARGS = ("q", "k", "h", "w", "threshold", "scale")
-_LIB.define("mask_from_probs(Tensor probs, int h, int w, float threshold, int heads) -> Tensor")
+# frames: 0 for an (h, w) key grid, mask (B, h, w); f >= 1 for a video's (f, h, w) grid, mask (B, f, h, w)
+_LIB.define("mask_from_probs(Tensor probs, int h, int w, float threshold, int heads, *, int frames=0) -> Tensor")
 _LIB.define("mask_from_qk(Tensor q, Tensor k, int h, int w, float threshold, float scale, *, "
-            "str layout=\"BHND\", int[]? image_span=None) -> Tensor")
+            "str layout=\"BHND\", int[]? image_span=None, int frames=0) -> Tensor")
 # every device but CUDA: the torch kernels (CompositeExplicitAutograd is the default for backends without their own)
 _LIB.impl("mask_from_probs", _mask_from_probs_torch, "CompositeExplicitAutograd")
 _LIB.impl("mask_from_qk", _mask_from_qk_torch, "CompositeExplicitAutograd")
@@ -555,7 +571,7 @@ _LIB.impl("mask_from_qk", mask_from_qk_triton, "CUDA")
 torch.library.register_fake("sag_fast::mask_from_probs", _probs_fake, lib=_LIB)
 torch.library.register_fake("sag_fast::mask_from_qk", _qk_fake, lib=_LIB)
 torch.library.register_torch_dispatch("sag_fast::mask_from_probs", FunctionalTensorMode, cuda_decomposition(
-    _PROBS_ARGS, lambda *args: _probs_triton(*args, traced=True)), lib=_LIB)
+    _PROBS_ARGS, lambda *args, **kwargs: _probs_triton(*args, traced=True, **kwargs)), lib=_LIB)
 torch.library.register_torch_dispatch("sag_fast::mask_from_qk", FunctionalTensorMode, cuda_decomposition(
     _QK_ARGS, lambda *args, **kwargs: _qk_triton(*args, traced=True, **kwargs)), lib=_LIB)
 
@@ -565,17 +581,20 @@ def mask_from_probs(probs: torch.Tensor, grid_hw, threshold: float = 1.0, heads:
     """SAG mask from softmax probabilities: (B, h, w) torch.bool, True where mass > threshold.
 
     probs: (B, heads, Nq, Nk), or (B*heads, Nq, Nk) as diffusers stores it (then `heads` is required);
-    fp32/fp16/bf16 (fp64 on CPU), any strides (never copied). grid_hw: (h, w) with h*w == Nk.
+    fp32/fp16/bf16 (fp64 on CPU), any strides (never copied). grid_hw: (h, w) with h*w == Nk, or a video's
+    (f, h, w) with f*h*w == Nk (keys frame-major) -> mask (B, f, h, w).
     mass = mean over heads of the sum over queries, accumulated in fp32; threshold 1.0 is the mean.
     One call of sag_fast::mask_from_probs.
     """
-    h, w = _grid(grid_hw)
+    h, w, frames = _grid(grid_hw, "mask_from_probs")
     threshold = check_threshold(threshold, "mask_from_probs")  # a Python number: the schema would take a tensor
     if isinstance(probs, torch.Tensor) and probs.dim() == 4 and heads is None:
         heads = probs.shape[1]
     if heads is None:
-        check_probs(probs, h, w, threshold, heads)  # raises the message that names heads (or probs)
-    return torch.ops.sag_fast.mask_from_probs(probs, h, w, threshold, heads)
+        check_probs(probs, h, w, threshold, heads, frames)  # raises the message that names heads (or probs)
+    if frames == 0:  # today's call, exactly
+        return torch.ops.sag_fast.mask_from_probs(probs, h, w, threshold, heads)
+    return torch.ops.sag_fast.mask_from_probs(probs, h, w, threshold, heads, frames=frames)
 
 
 def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw, threshold: float = 1.0,
@@ -592,8 +611,10 @@ def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw, threshold: float = 1
     start .. start+length-1 (text before or after them), the softmax runs over all N keys, the mass is
     summed over the image queries for the image keys, and mask = mass > threshold * mean image-key mass
     (so 1.0 is "above the average image token"); grid_hw is the image grid, h*w == length.
+    Video: grid_hw = (f, h, w) with f*h*w == Nk (or == length), keys frame-major -> mask (B, f, h, w); the
+    CPU kernel streams over query chunks as for images (no Nq x Nk buffer).
     """
-    h, w = _grid(grid_hw)
+    h, w, frames = _grid(grid_hw, "mask_from_qk")
     threshold = check_threshold(threshold, "mask_from_qk")
     span = image_span_pair(image_span)
     if scale is None:
@@ -601,7 +622,8 @@ def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw, threshold: float = 1
             check_float(q, "q", "mask_from_qk")
         scale = 1.0 / math.sqrt(q.shape[-1])  # d is the last dim in both layouts
     scale = real_number(scale, "scale", "mask_from_qk")
-    if layout == "BHND" and span is None:  # today's call, exactly
+    if layout == "BHND" and span is None and frames == 0:  # today's call, exactly
         return torch.ops.sag_fast.mask_from_qk(q, k, h, w, threshold, scale)
+    extra = {"frames": frames} if frames else {}
     return torch.ops.sag_fast.mask_from_qk(q, k, h, w, threshold, scale, layout=layout,
-                                           image_span=None if span is None else list(span))
+                                           image_span=None if span is None else list(span), **extra)
