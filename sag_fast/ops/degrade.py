@@ -361,7 +361,7 @@ def check_degrade(x, model_output, mask, c1, c2, kernel_size, sigma) -> None:
         if not c.is_floating_point():
             raise ValueError(f"degrade: {name} must be a floating point tensor, got {c.dtype}")
         if c.dim() > 1 or (c.dim() == 1 and c.shape[0] != B):
-            raise ValueError(f"degrade: {name} must be 0-dim or have shape ({B},), got {tuple(c.shape)}")
+            raise ValueError(f"degrade: {name} must be 0-dim or have shape ({B},), got {list(c.shape)}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"degrade: mask must be a tensor or None, got {type(mask).__name__}")
