@@ -44,7 +44,8 @@ def drop_bound_forward(module: torch.nn.Module) -> None:
     if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
         del module.forward
 
-# default layers, first present wins: SD/SDXL UNet mid-block self-attention, UNet2DModel mid-block attention
+# generic default layers for a model no registry record names, first present wins: a UNet's mid-block
+# self-attention (a transformer block's attn1, or the block's own attention)
 _DEFAULT_LAYERS = ("mid_block.attentions.0.transformer_blocks.0.attn1", "mid_block.attentions.0")
 _SOFTMAX = (torch.softmax, F.softmax, torch.Tensor.softmax)
 
@@ -152,7 +153,7 @@ def _grid_candidates(hw, patch):
 
 
 def _patch_size(module) -> int | None:
-    """A patchifying model's patch size (DiT, Transformer2DModel), read without diffusers' deprecated attribute path."""
+    """A patchifying model's patch size (a DiT-style transformer), read without diffusers' deprecated attribute path."""
     patch = vars(module).get("patch_size")
     config = getattr(module, "config", None)
     if patch is None and isinstance(config, dict):

@@ -3,11 +3,7 @@ keyword settings. The guided step itself is sag_fast.engine."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any, Callable
-
-import torch
 
 from .ops._dispatch import check_finite, check_kernel_size, check_nonnegative, check_positive
 from .ops.degrade import degrade  # noqa: F401  (sag_fast.guidance.degrade: the fused op, as before)

@@ -10,7 +10,6 @@ UNet2DConditionModel (encoder_hidden_states), DiT (class_labels) or a plain nn.M
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 import torch

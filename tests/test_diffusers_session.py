@@ -157,6 +157,8 @@ def test_torch_compile_no_graph_break_no_recompile(order, fullgraph):
     breaks1, graphs1 = _dynamo_counts()
     second = images(pipe, "a cat")
     breaks2, graphs2 = _dynamo_counts()
+    print(f"\n{order}, fullgraph={fullgraph}: graph breaks {breaks2 - breaks0}, graphs after the first call "
+          f"{graphs1}, new graphs in the second call {graphs2 - graphs1}")
     np.testing.assert_allclose(first, want, rtol=0, atol=1e-5)
     assert np.array_equal(second, first)
     assert breaks1 == breaks0 and breaks2 == breaks1, "SAG added a graph break"

@@ -16,3 +16,17 @@ def test_diffusers_floor_is_the_tested_version():
     floor = re.search(r'"diffusers>=([\w.]+)"', (ROOT / "setup.py").read_text())
     assert pinned and floor, "requirements.txt must pin diffusers==X and setup.py require diffusers>=X"
     assert floor.group(1) == pinned.group(1) == diffusers.__version__
+
+
+def test_a_deprecation_triggered_by_sag_fast_fails():
+    """pytest.ini turns a FutureWarning / DeprecationWarning attributed to a sag_fast module into an error (a
+    deprecated diffusers or torch API in our code fails the suite); elsewhere it stays a warning."""
+    import warnings
+
+    import pytest
+
+    for category in (FutureWarning, DeprecationWarning):
+        with pytest.raises(category):
+            warnings.warn_explicit("x is deprecated", category, "engine.py", 1, module="sag_fast.engine")
+        with pytest.warns(category):
+            warnings.warn_explicit("x is deprecated", category, "other.py", 1, module="somelib.other")

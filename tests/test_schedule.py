@@ -232,3 +232,35 @@ def test_unsupported_raise_naming_the_scheduler():
         schedule.signal_coefficients_for(DDIMScheduler(), 10, prediction_type="noise")
     with pytest.raises(ValueError, match="timestep"):
         schedule.model_input_alpha_sigma(DDIMScheduler(), torch.zeros(2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cls,config", list(_cases()))
+def test_step_coefficients_equal_the_per_step_computation(cls, config):
+    """schedule.step_coefficients (tables built once per schedule, picked by step index or by the timestep's
+    position in the schedule) gives signal_coefficients_for's values exactly, in a real loop; after the first
+    steps it dispatches no op at all, and it never reads a device value."""
+    sched = _make(cls, config)
+    sched.set_timesteps(8 if cls is not LCMScheduler else 4)
+    x = torch.randn(2, 3, 5, 7) * getattr(sched, "init_noise_sigma", 1.0)
+    quiet = 0
+    for i, t in enumerate(sched.timesteps):
+        _scale_model_input(sched, x, t)
+        for timestep in (t, t.expand(2)):  # the loop's 0-dim timestep, and expanded per row as SD3/Flux pass it
+            (c1, c2), counts = count_dispatched_ops(lambda: schedule.step_coefficients(sched, timestep))
+            w1, w2 = schedule.signal_coefficients_for(sched, timestep)
+            assert torch.equal(c1.expand(w1.shape), w1) and torch.equal(c2.expand(w2.shape), w2), (i, float(t))
+            assert host_syncs(counts) == {}
+            quiet += i > 1 and not counts
+        o = torch.randn_like(x)
+        x = (sched.step(o, t, x) if isinstance(sched, PNDMScheduler) else sched.step(o, t, x, **_step_kwargs(sched))
+             ).prev_sample
+    assert quiet >= 2 * (len(sched.timesteps) - 2) - 2, "the per-step tables were not used"
+
+
+def test_step_coefficients_fall_back_for_a_timestep_off_the_schedule():
+    sched = DDIMScheduler(**SD)
+    sched.set_timesteps(5)
+    t = sched.timesteps[2].clone()  # a copy, not a view of the schedule: computed from its value
+    (c1, c2), counts = count_dispatched_ops(lambda: schedule.step_coefficients(sched, t))
+    w1, w2 = schedule.signal_coefficients_for(sched, t)
+    assert counts and torch.equal(c1, w1) and torch.equal(c2, w2)

@@ -22,7 +22,6 @@ shifted conditional prediction: pred = u' + w*(c' - u'), c' = c + s*(u - d), u' 
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import weakref
