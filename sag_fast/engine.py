@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -162,18 +162,20 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("sag_fast_active_call",
 @dataclass
 class ActiveCall:
     """The state of one guided pipeline call, in one place (see the module docstring). owner: the adapter whose
-    call this is (only its hook acts on it). calls: model calls so far. pending: the conditional output of a
-    split-CFG step's first call. step_shift: s*(u - d) of the current step, for the pipeline's other
-    predictions of that step (SD3's skip-layer call)."""
+    call this is (only its hook acts on it). pipe, args: the pipeline and its call's arguments by name. split:
+    CFG runs as two model calls per step. calls: model calls so far; offset: the schedule index of the first.
+    pending: the conditional output of a split-CFG step's first call. step_shift: s*(u - d) of the current step,
+    for the pipeline's other predictions of that step (SD3's skip-layer call)."""
 
     owner: Any
     args: dict
     config: SAGConfig
+    pipe: Any = None
+    split: bool = False
     calls: int = 0
     offset: int | None = None
     pending: torch.Tensor | None = None
     step_shift: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def active_call() -> ActiveCall | None:

@@ -134,9 +134,8 @@ class SAGSession:
             call_args.update(call_args.pop("kwargs", None) or {})
         except TypeError:
             call_args = dict(kwargs)  # let the pipeline itself report the bad call
-        active = engine.ActiveCall(owner=self, args=call_args, config=config or self.config)
-        active.extra["pipe"] = pipe
-        active.extra["split"] = self.contract.split_cfg(pipe, call_args)  # CFG as two calls per step
+        active = engine.ActiveCall(owner=self, args=call_args, config=config or self.config, pipe=pipe,
+                                   split=self.contract.split_cfg(pipe, call_args))
         token = engine.open_call(active)
         self.contract.begin_call(pipe)
         try:
@@ -153,7 +152,7 @@ class SAGSession:
             return 0.0
         if call.offset is None:
             call.offset = self._start_index(call, scheduler, timesteps, t)
-        return (call.offset + (call.calls // 2 if call.extra["split"] else call.calls)) / n
+        return (call.offset + (call.calls // 2 if call.split else call.calls)) / n
 
     @staticmethod
     def _start_index(call: engine.ActiveCall, scheduler, timesteps, t) -> int:
@@ -183,13 +182,13 @@ class SAGSession:
             return self._shifted(call, original(*args, **kwargs))  # another prediction of this step
         x = arguments.pop(b.x_name)
         t = arguments.pop(b.t_name, None) if b.t_name is not None else None
-        pipe, config = call.extra["pipe"], call.config
+        pipe, config = call.pipe, call.config
         scheduler = pipe.scheduler
         packed = contract.packed and isinstance(x, torch.Tensor) and x.dim() == 3
         if not isinstance(x, torch.Tensor) or (x.dim() != 4 and not packed):  # the contract refuses these early
             raise RuntimeError(f"SAG: pipe.{self.model_attr} was called with a {getattr(x, 'shape', type(x))} input; "
                                "SAG guides (B, C, H, W) latents (or the packed latents of a known pipeline) only")
-        split = call.extra["split"]
+        split = call.split
         active = config.active_at(self._progress(call, scheduler, t))
         way = call.calls % 2 if split else None  # split CFG: 0 = the conditional call, 1 = the unconditional
         call.calls += 1
