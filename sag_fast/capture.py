@@ -38,10 +38,11 @@ from .ops.mask import mask_from_probs, mask_from_qk
 
 
 def drop_bound_forward(module: torch.nn.Module) -> None:
-    """remove_hook puts the class's forward back as an instance attribute bound to the module; drop exactly that,
-    so the module looks its forward up on its class again (a class-level patch, another library's, is seen)."""
+    """HookRegistry.remove_hook leaves the forward it wrapped as an instance attribute (a bound method); for a
+    module that had none before its hook, drop it, so the module looks its forward up on its class again (a
+    class-level patch, another library's, is then seen)."""
     forward = vars(module).get("forward")
-    if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+    if getattr(forward, "__self__", None) is module and callable(getattr(forward, "__func__", None)):
         del module.forward
 
 # generic default layers for a model no registry record names, first present wins: a UNet's mid-block
@@ -214,9 +215,10 @@ class _Marker(TorchFunctionMode):
 class _LayerHook(ModelHook):
     """The capture's named hook on the attention layer: the layer's own forward, under the probe when armed."""
 
-    def __init__(self, capture: "AttentionCapture"):
+    def __init__(self, capture: "AttentionCapture", had_forward: bool):
         super().__init__()
         self.capture = capture
+        self.had_forward = had_forward  # the layer had an instance-level forward before the hook
 
     def new_forward(self, module, *args, **kwargs):
         capture = self.capture
@@ -277,6 +279,7 @@ class AttentionCapture:
         self._input_hw: tuple[int, int] | None = None
         self._layer_hw: tuple[int, int] | None = None
         self._shapes: dict[int, tuple[int, int]] = {}
+        self._call_grid: tuple[int, ...] | None = None
         self._handles: list = []
         self._hooked = False
         self._owner: int | None = None      # the thread that armed the capture
@@ -306,7 +309,7 @@ class AttentionCapture:
             if registry.get_hook(HOOK_NAME) is not None:
                 raise RuntimeError(f"the model already has SAG enabled (a sag_fast capture on layer {self.layer_name!r}: "
                                    "another pipeline sharing this model?); call disable_sag on that pipeline first")
-            registry.register_hook(_LayerHook(self), HOOK_NAME)
+            registry.register_hook(_LayerHook(self, "forward" in vars(self.layer)), HOOK_NAME)
             self._hooked = True
 
     def _live(self) -> bool:
@@ -398,7 +401,12 @@ class AttentionCapture:
     def _slice(self) -> slice:
         return self._rows if self._rows is not None else slice(None)
 
-    def _grid(self, nk: int) -> tuple[int, int]:
+    def _grid(self, nk: int) -> tuple[int, ...]:
+        if self._call_grid is not None:
+            if math.prod(self._call_grid) != nk:
+                raise ValueError(f"layer {self.layer_name!r} attends over {nk} keys, but the token grid of this call "
+                                 f"is {self._call_grid} ({math.prod(self._call_grid)} tokens)")
+            return self._call_grid
         if self.grid_hw is not None:
             if self.grid_hw[0] * self.grid_hw[1] != nk:
                 raise ValueError(f"grid_hw={self.grid_hw} has {self.grid_hw[0] * self.grid_hw[1]} cells but layer "
@@ -478,10 +486,12 @@ class AttentionCapture:
 
     # ------------------------------------------------------------------------------------ public
     @contextlib.contextmanager
-    def capturing(self, rows: slice | None = None, input_hw: tuple[int, int] | None = None, compiled: bool = False):
+    def capturing(self, rows: slice | None = None, input_hw: tuple[int, int] | None = None, compiled: bool = False,
+                  grid: tuple[int, ...] | None = None):
         """The layer's next forward in this thread computes `self.mask` for batch rows `rows` (None = all).
         input_hw: the model input's (H, W), for a caller that runs the model's forward without its pre-hooks.
-        compiled: the forward runs (partly) under torch.compile: arm through the thread's mode stack too."""
+        compiled: the forward runs (partly) under torch.compile: arm through the thread's mode stack too.
+        grid: the layer's token grid for this forward ((f, h, w) for video), when the caller knows it."""
         if rows is not None and not isinstance(rows, slice):
             raise TypeError(f"rows must be a slice or None, got {type(rows).__name__}")
         if not self._handles and not self._hooked:
@@ -494,6 +504,7 @@ class AttentionCapture:
         self._marker = _Marker() if compiled or self._through_compiled or self._in_compiled_region() else None
         self._armed, self._done, self._rows, self.mask = True, False, rows, None
         self._input_hw, self._layer_hw, self._layer_tokens = input_hw, None, None
+        self._call_grid = tuple(grid) if grid is not None else None
         self._shapes.clear()
         try:
             with self._marker if self._marker is not None else contextlib.nullcontext():
@@ -518,10 +529,12 @@ class AttentionCapture:
             handle.remove()
         self._handles.clear()
         if self._hooked:
-            registry = getattr(self.layer, "_diffusers_hook", None)
-            if registry is not None:
+            registry = vars(self.layer).get("_diffusers_hook")
+            hook = None if registry is None else registry.get_hook(HOOK_NAME)
+            if hook is not None:
                 registry.remove_hook(HOOK_NAME, recurse=False)
-                drop_bound_forward(self.layer)
+                if not hook.had_forward and not registry.hooks:
+                    drop_bound_forward(self.layer)
             self._hooked = False
         self._armed = False
 

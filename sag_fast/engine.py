@@ -90,9 +90,10 @@ def is_compiled(module) -> bool:
 class _Hook(ModelHook):
     """The named diffusers hook on a plain denoiser: its forward is handler(original_forward, args, kwargs)."""
 
-    def __init__(self, handler):
+    def __init__(self, handler, had_forward: bool):
         super().__init__()
         self.handler = handler
+        self.had_forward = had_forward  # the module had an instance-level forward before the hook
 
     def new_forward(self, module, *args, **kwargs):
         return self.handler(self.fn_ref.original_forward, args, kwargs)
@@ -133,7 +134,7 @@ def attach(outer: torch.nn.Module, handler, name: str = HOOK_NAME) -> None:
         current = vars(outer).get("forward")
         outer.forward = _CompiledForward(handler, current if current is not None else outer.forward, name)
         return
-    HookRegistry.check_if_exists_or_initialize(outer).register_hook(_Hook(handler), name)
+    HookRegistry.check_if_exists_or_initialize(outer).register_hook(_Hook(handler, "forward" in vars(outer)), name)
 
 
 def detach(outer: torch.nn.Module, name: str = HOOK_NAME) -> None:
@@ -150,9 +151,11 @@ def detach(outer: torch.nn.Module, name: str = HOOK_NAME) -> None:
             link, current = current, current.original
         return
     registry = vars(outer).get("_diffusers_hook")
-    if registry is not None and registry.get_hook(name) is not None:
+    hook = None if registry is None else registry.get_hook(name)
+    if hook is not None:
         registry.remove_hook(name, recurse=False)
-        drop_bound_forward(outer)
+        if not hook.had_forward and not registry.hooks:
+            drop_bound_forward(outer)
 
 
 # ------------------------------------------------------------------------------------ per-call state
@@ -203,7 +206,8 @@ class StepFacts:
     rows, total, x_degraded, t_rows): the model arguments of the extra forward (None: `slice_batch`).
     compiled: the forward runs under torch.compile (the capture arms through the mode stack too). cfg_scale: for a
     caller that combines [uncond, cond] itself (SAGSampler): the result is CFG+SAG in one fused pass,
-    u + w (c - u) + s (u - d), B rows (guidance_combine), instead of every way shifted."""
+    u + w (c - u) + s (u - d), B rows (guidance_combine), instead of every way shifted. grid: the SAG layer's
+    token grid when the caller knows it ((f, h, w) for video latents, whose grid the capture cannot infer)."""
 
     c1: Any
     c2: Any
@@ -214,6 +218,7 @@ class StepFacts:
     degraded_kwargs: Callable[..., dict] | None = None
     compiled: bool = False
     cfg_scale: float | None = None
+    grid: tuple[int, ...] | None = None
 
 
 def slice_batch(kwargs: dict, rows: slice, batch: int, keep=("cross_attention_kwargs",)) -> dict:
@@ -265,8 +270,9 @@ def guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t, mod
     ways, uncond_index = facts.ways, facts.uncond_index
     if not isinstance(config, SAGConfig):
         raise TypeError(f"config must be a SAGConfig, got {type(config).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a (ways*B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+        raise ValueError(f"x must be a (ways*B, C, H, W) or video (ways*B, C, F, H, W) tensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
     if not isinstance(ways, int) or ways < 1 or x.shape[0] % ways:
         raise ValueError(f"ways={ways!r} must be a positive int dividing the batch x.shape[0]={x.shape[0]}")
     if not isinstance(uncond_index, int) or not 0 <= uncond_index < ways:
@@ -284,16 +290,17 @@ def guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t, mod
     b = total // ways
     rows = slice(uncond_index * b, (uncond_index + 1) * b)
     if config.mask == "attention":
-        with capture.capturing(rows, input_hw=(int(x.shape[-2]), int(x.shape[-1])), compiled=facts.compiled):
+        with capture.capturing(rows, input_hw=(int(x.shape[-2]), int(x.shape[-1])), compiled=facts.compiled,
+                               grid=facts.grid):
             out = forward(x, t, **model_kwargs)
         mask = capture.mask
     else:
         out = forward(x, t, **model_kwargs)
         mask = None
-    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != total or out.shape[1] < channels \
+    if not isinstance(out, torch.Tensor) or out.dim() != x.dim() or out.shape[0] != total or out.shape[1] < channels \
             or out.shape[2:] != x.shape[2:]:
         raise ValueError(f"the model output {tuple(getattr(out, 'shape', ()))} must be (ways*B={total}, C' >= "
-                         f"{channels}, {x.shape[2]}, {x.shape[3]}) for x {tuple(x.shape)}")
+                         f"{channels}, {', '.join(map(str, x.shape[2:]))}) for x {tuple(x.shape)}")
     guided = facts.guided_channels
     if guided is None:
         if out.shape[1] not in (channels, 2 * channels):

@@ -452,7 +452,7 @@ def _flux_fill():
 REFUSED = {
     "pag_sd": (tp.pag_pipeline, "PAG.*not supported"),
     "pag_sdxl": (lambda: tp.pag_pipeline(sdxl=True), "PAG.*not supported"),
-    "animatediff": (tp.animatediff_pipeline, "video SAG is not supported yet"),
+    "animatediff": (tp.animatediff_pipeline, "video layout is not in the registry yet"),
     "flux_fill": (lambda: _flux_fill(), "packed.*not supported yet"),
     "latent_upscaler": (tp.latent_upscaler_pipeline, "Karras-preconditioned"),
     "gligen_text_image": (tp.gligen_text_image_pipeline, "calls the UNet twice per step"),
@@ -645,7 +645,7 @@ def test_item11_batch_invariance(name):
 # -- item 12: video ---------------------------------------------------------------------------------------
 def test_item12_animatediff_refused_at_enable():
     pipe = tp.animatediff_pipeline()
-    with pytest.raises(ValueError, match="video SAG is not supported yet"):
+    with pytest.raises(ValueError, match="video layout is not in the registry yet"):
         enable(pipe)
 
 

@@ -184,6 +184,7 @@ class BatchContract:
         self.name = name
         self.family = family
         self.packed = family is not None and family.packed  # 2x2-packed (B, tokens, C*4) latents (Flux)
+        self.video = family is not None and family.video    # (B, C, F, H, W) latents (Wan)
         self.t_scale = family.t_scale if family is not None else 1.0  # scheduler t = model t * t_scale
         self.joint = family.joint if family is not None else joint    # where joint attention puts image tokens
         self.shifted_calls = family.shifted_calls if family is not None else None

@@ -97,7 +97,8 @@ class Family:
     this model call (call: the pipeline __call__'s arguments by name, defaults filled in). `shifted_calls(kwargs)`:
     a model call that is another prediction of the same step, combined by the pipeline with the guided ones: its
     output gets the step's shift too. `default_layer`: a module path, `{middle}` standing for the middle index of
-    `transformer_blocks`."""
+    the block list the path starts with (`transformer_blocks`, Wan's `blocks`). `video`: (B, C, F, H, W) latents,
+    blurred per frame, the mask over the (F, H, W) token grid of the model's `patch_size`."""
 
     name: str
     pipelines: tuple[str, ...]
@@ -108,6 +109,7 @@ class Family:
     uncond_index: int = 0
     latent: Callable[[torch.nn.Module], int] = out_channels
     packed: bool = False
+    video: bool = False
     joint: str | None = None
     t_scale: float = 1.0
     per_row: tuple[str, ...] = ("encoder_hidden_states",)
@@ -127,7 +129,7 @@ class Family:
             raise ValueError(f"Family {self.name}: a supported family names its denoiser classes")
 
     def layer_for(self, model: torch.nn.Module) -> str:
-        blocks = getattr(model, "transformer_blocks", None)
+        blocks = getattr(model, self.default_layer.split(".")[0], None)
         middle = len(blocks) // 2 if isinstance(blocks, torch.nn.ModuleList) else 0
         return self.default_layer.format(middle=middle)
 
@@ -207,6 +209,12 @@ FAMILIES: tuple[Family, ...] = (
         latent=half_out_channels, per_row=_UNET_PER_ROW,
         layout_note="[negative, positive] image embeds and [hint, hint]; local CFG; learned variance",
         source="kandinsky2_2/pipeline_kandinsky2_2_controlnet.py"),
+    Family(name="Wan 2.1 T2V", pipelines=("WanPipeline",), denoisers=("WanTransformer3DModel",), cfg="split",
+           cfg_on=cfg_property, ways=1, latent=out_channels, video=True,
+           per_row=("encoder_hidden_states", "encoder_hidden_states_image"), default_layer="blocks.{middle}.attn1",
+           layout_note="5-D video latents, blurred per frame; cond call, then uncond call (true CFG); "
+           "self-attention over the video tokens only (text by cross-attention)",
+           source="wan/pipeline_wan.py: noise_pred = current_model(...prompt_embeds), then noise_uncond"),
     # --------------------------------------------------------------------------------------- refused
     Family(name="latent upscaler", pipelines=("StableDiffusionLatentUpscalePipeline",), refusal=(
         "its UNet output is Karras-preconditioned (the pipeline turns it into a noise prediction after the call, and "
@@ -221,8 +229,8 @@ FAMILIES: tuple[Family, ...] = (
 # the refusals by rule (checked before the records): what a whole class of models cannot do
 _VIDEO_MARKERS = ("3D", "Motion", "SpatioTemporal", "Video", "I2VGenXL", "Temporal")
 RULES = (
-    ("AnimateDiff and other 5-D video denoisers", "video SAG is not supported yet (SAG degrades 4-D (batch, "
-     "channels, height, width) inputs); use an image pipeline"),
+    ("AnimateDiff and the other 5-D video denoisers without a record", "their video layout is not in the registry "
+     "yet (Wan T2V is); use a supported pipeline"),
     ("PAG pipelines", "PAG's attention processors split every batch into [uncond, cond, perturbed] ways inside "
      "the model, which SAG's extra forward on the unconditional rows cannot go through; PAG and SAG together are "
      "not supported: use the pipeline without PAG for SAG (e.g. StableDiffusionPipeline.from_pipe(pipe)), or PAG "
@@ -239,11 +247,12 @@ def rule_refusal(pipe, model) -> str | None:
     """Why no record or layout can make SAG correct on this pipeline/denoiser (None: no rule against it)."""
     name, model_name = type(pipe).__name__, type(model).__name__
     mro = {c.__name__ for c in type(pipe).__mro__}
-    if any(m in model_name for m in _VIDEO_MARKERS) or "AnimateDiff" in name or "Video" in name:
+    record = family_of(pipe)
+    video_record = record is not None and record.video
+    if not video_record and (any(m in model_name for m in _VIDEO_MARKERS) or "AnimateDiff" in name or "Video" in name):
         return f"{name} denoises 5-D video latents with {model_name}: {RULES[0][1]}"
     if "PAGMixin" in mro:
         return f"{name} is a PAG (perturbed-attention guidance) pipeline: {RULES[1][1]}"
-    record = family_of(pipe)
     if not (record is not None and record.packed) and (
             hasattr(type(pipe), "_pack_latents") or model_name.startswith(("Flux", "Chroma", "QwenImage"))):
         return f"{name} feeds {model_name} packed 3-D latents (batch, tokens, channels): {RULES[2][1]}"

@@ -185,9 +185,11 @@ class SAGSession:
         pipe, config = call.pipe, call.config
         scheduler = pipe.scheduler
         packed = contract.packed and isinstance(x, torch.Tensor) and x.dim() == 3
-        if not isinstance(x, torch.Tensor) or (x.dim() != 4 and not packed):  # the contract refuses these early
+        video = contract.video and isinstance(x, torch.Tensor) and x.dim() == 5
+        if not isinstance(x, torch.Tensor) or (x.dim() != 4 and not packed and not video):  # refused earlier
             raise RuntimeError(f"SAG: pipe.{self.model_attr} was called with a {getattr(x, 'shape', type(x))} input; "
-                               "SAG guides (B, C, H, W) latents (or the packed latents of a known pipeline) only")
+                               "SAG guides (B, C, H, W) latents (or the packed or video latents of a known "
+                               "pipeline) only")
         split = call.split
         active = config.active_at(self._progress(call, scheduler, t))
         way = call.calls % 2 if split else None  # split CFG: 0 = the conditional call, 1 = the unconditional
@@ -238,11 +240,18 @@ class SAGSession:
             self.capture.image_tokens = x.shape[1] if packed else None
         facts = engine.StepFacts(c1=c1, c2=c2, ways=layout.ways, uncond_index=layout.uncond_index,
                                  latent_channels=layout.latent_channels, guided_channels=layout.latent_channels,
-                                 degraded_kwargs=contract.degraded_kwargs, compiled=engine.is_compiled(self._hooked))
+                                 degraded_kwargs=contract.degraded_kwargs, compiled=engine.is_compiled(self._hooked),
+                                 grid=self._token_grid(x4) if video else None)
         wants_shift = pending is not None or contract.shifted_calls is not None  # else skip computing it
         out = engine.guided_forward(model, x4, t, arguments, config=config, capture=self.capture, facts=facts,
                                     on_shift=on_shift if wants_shift else None)
         return first[0](pack_latents(out) if packed else out)
+
+    def _token_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """(f, h, w) tokens of a (B, C, F, H, W) latent under the model's (pt, ph, pw) patches."""
+        patch = getattr(getattr(self.model, "config", None), "patch_size", None)
+        pt, ph, pw = tuple(patch) if isinstance(patch, (tuple, list)) and len(patch) == 3 else (1, 1, 1)
+        return x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
 
     @staticmethod
     def _shifted(call: engine.ActiveCall, result):

@@ -312,3 +312,21 @@ def tiny_flux_pipeline(cls=None, seed: int = 0, guidance_embeds: bool = True, te
         text_encoder_2=tiny_t5_encoder(seed + 3) if text_encoders else None,
         tokenizer_2=tiny_tokenizer() if text_encoders else None,
     ), device, dtype)
+
+
+def tiny_wan_pipeline(seed: int = 0, device=None, dtype=None):
+    """A tiny Wan 2.1 text-to-video pipeline: WanTransformer3DModel (3 blocks, patch (1, 2, 2), 4 latent channels,
+    rotary embeddings, self-attention over the video tokens and cross-attention to the text), flow matching with
+    UniPC, no VAE and no text encoder: call it with prompt_embeds (B, T, 32), negative_prompt_embeds and
+    output_type="latent". height=width=64, num_frames=5: (2, 8, 8) latents, a (2, 4, 4) grid of 32 tokens."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    with _seeded(seed):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS,
+            out_channels=LATENT_CHANNELS, text_dim=TEXT_HIDDEN, freq_dim=16, ffn_dim=32, num_layers=3,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return _place(WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
+                              scheduler=scheduler), device, dtype)

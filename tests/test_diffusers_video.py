@@ -1,0 +1,138 @@
+"""SAG on video (issue 16): Wan 2.1 text-to-video through its registry record. The latents are (B, C, F, H, W);
+the mask comes from the middle block's self-attention over the (f, h, w) token grid; the degrade blurs each frame.
+Wan's CFG is two calls per step (conditional, then unconditional): the second runs the degraded forward and both
+predictions get the same shift. Tested as the image families are: scale 0 and disable_sag bit-exact, SAG's effect,
+batch invariance, the window, what the extra forward receives, one guided call against the float64 reference."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from sag_fast import reference
+from sag_fast.diffusers import disable_sag, enable_sag, last_mask
+from sag_fast.diffusers.tiny import tiny_wan_pipeline
+from test_diffusers_transformers import flow_coefficients, recorded_calls, recorded_sdpa
+
+GRID = (2, 4, 4)  # tokens of 5 frames (2 latent frames) at 64x64 (8x8 latents, 2x2 patches)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _embeds(batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 6, 32, generator=g), torch.randn(batch, 6, 32, generator=g)
+
+
+def frames(pipe, batch=1, seed=0, embeds=None, **kw):
+    pe, ne = embeds if embeds is not None else _embeds(batch)
+    call = dict(height=64, width=64, num_frames=5, num_inference_steps=3, guidance_scale=5.0, output_type="latent")
+    return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, generator=torch.Generator().manual_seed(seed),
+                **{**call, **kw}).frames
+
+
+@functools.lru_cache(maxsize=1)
+def _plain():
+    return frames(tiny_wan_pipeline())
+
+
+def test_wan_scale_zero_and_disable_are_exact_and_sag_changes_the_video():
+    pipe = tiny_wan_pipeline()
+    plain = _plain()
+    enable_sag(pipe, 1.0)
+    guided = frames(pipe)
+    assert guided.shape == plain.shape == (1, 4, 2, 8, 8)
+    assert (guided - plain).abs().max() > 1e-2
+    mask = last_mask(pipe)
+    assert mask.shape == (1, *GRID) and mask.any() and not mask.all()
+    enable_sag(pipe, 0.0)
+    assert torch.equal(frames(pipe), plain)
+    disable_sag(pipe)
+    assert torch.equal(frames(pipe), plain)
+
+
+def test_wan_batch_invariance_and_window():
+    pipe = tiny_wan_pipeline()
+    enable_sag(pipe, 1.0)
+    one = _embeds(1, seed=3)
+    other = _embeds(1, seed=4)
+    # the pipeline draws the batch's noise from one generator: give each row its own by passing latents
+    g = torch.Generator().manual_seed(0)
+    noise_one = torch.randn(1, 4, 2, 8, 8, generator=g)
+    noise_other = torch.randn(1, 4, 2, 8, 8, generator=g)
+    alone = frames(pipe, embeds=one, latents=noise_one)
+    both = frames(pipe, embeds=(torch.cat([other[0], one[0]]), torch.cat([other[1], one[1]])),
+                  latents=torch.cat([noise_other, noise_one]))
+    torch.testing.assert_close(both[1:], alone, rtol=0, atol=1e-5)
+    # the window: SAG on the first step only differs from SAG everywhere and from none
+    enable_sag(pipe, 1.0, stop=0.34)
+    first_only = frames(pipe, embeds=one, latents=noise_one)
+    disable_sag(pipe)
+    plain = frames(pipe, embeds=one, latents=noise_one)
+    assert (first_only - alone).abs().max() > 1e-4 and (first_only - plain).abs().max() > 1e-4
+
+
+def test_wan_extra_forward_gets_the_unconditional_embeddings_and_a_degraded_video():
+    pipe = tiny_wan_pipeline()
+    pe, ne = _embeds(2)
+    enable_sag(pipe, 1.0)
+    seen = []
+    cls = type(pipe.transformer)
+    original = cls.forward
+
+    @functools.wraps(original)
+    def spy(self, *args, **kwargs):
+        seen.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+        return original(self, *args, **kwargs)
+
+    cls.forward = spy
+    try:
+        disable_sag(pipe)
+        enable_sag(pipe, 1.0)  # the hook now wraps the spy
+        frames(pipe, embeds=(pe, ne), num_inference_steps=2)
+    finally:
+        cls.forward = original
+    assert len(seen) == 6  # per step: cond, uncond (guided), degraded
+    for step in range(2):
+        cond, uncond, degraded = seen[3 * step: 3 * step + 3]
+        assert torch.equal(cond["encoder_hidden_states"], pe) and torch.equal(uncond["encoder_hidden_states"], ne)
+        assert torch.equal(degraded["encoder_hidden_states"], ne)
+        assert torch.equal(degraded["timestep"], uncond["timestep"])
+        assert degraded["hidden_states"].shape == uncond["hidden_states"].shape == (2, 4, 2, 8, 8)
+        if step:  # at the first step sigma = 1: x0's estimate, so the degrade, is 0
+            assert not torch.equal(degraded["hidden_states"], uncond["hidden_states"])
+
+
+def test_wan_guided_call_equals_the_float64_reference():
+    """The unconditional call of the second step: the mask from the middle block's self-attention q/k (3-D grid,
+    materialised probabilities), reference.degrade per frame with flow (c1, c2) at the step's sigma, the degraded
+    forward, reference.guidance_shift."""
+    pipe = tiny_wan_pipeline(dtype=torch.float64)
+    enable_sag(pipe, 0.9)
+    model = pipe.transformer
+    seen = recorded_calls(model)
+    pe, ne = _embeds(1)
+    frames(pipe, embeds=(pe.double(), ne.double()))
+    kwargs, guided = seen[3]  # step 1: [cond, uncond] calls; the uncond call is the guided one
+    kwargs.pop("return_dict", None)
+    x = kwargs.pop("hidden_states")
+    disable_sag(pipe)
+    sigma = float(pipe.scheduler.sigmas[1])
+    with torch.no_grad(), recorded_sdpa() as qk:
+        out = model(hidden_states=x, return_dict=False, **kwargs)[0]
+    q, k, scale = qk[2]  # blocks.1.attn1 (each block: self-attention, then cross-attention)
+    mask = reference.mass_to_mask(reference.attention_mass_from_qk(q, k, scale), GRID)
+    assert mask.any() and not mask.all()
+    c1, c2 = (c.float().double() for c in flow_coefficients(sigma))  # the step's coefficients are fp32 values
+    x_deg = reference.degrade(x, out, mask, c1, c2)
+    with torch.no_grad():
+        degraded = model(hidden_states=x_deg, return_dict=False, **kwargs)[0]
+    want = reference.guidance_shift(out, degraded, 0.9)
+    torch.testing.assert_close(guided, want, rtol=1e-9, atol=1e-9)
