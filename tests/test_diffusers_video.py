@@ -136,3 +136,31 @@ def test_wan_guided_call_equals_the_float64_reference():
         degraded = model(hidden_states=x_deg, return_dict=False, **kwargs)[0]
     want = reference.guidance_shift(out, degraded, 0.9)
     torch.testing.assert_close(guided, want, rtol=1e-9, atol=1e-9)
+
+
+def test_wan22_two_experts_are_both_guided():
+    """Wan 2.2 switches from `transformer` to `transformer_2` at boundary_ratio: each gets the hook and a capture on
+    the same layer path; every step of either expert runs its degraded forward on that expert."""
+    pipe = tiny_wan_pipeline(two_experts=True)
+    plain = frames(pipe, num_inference_steps=4)
+    enable_sag(pipe, 1.0)
+    counts = {"transformer": [], "transformer_2": []}
+    handles = [getattr(pipe, name).patch_embedding.register_forward_pre_hook(
+        lambda m, a, name=name: counts[name].append(a[0].shape[0])) for name in counts]
+    try:
+        guided = frames(pipe, num_inference_steps=4)
+    finally:
+        for h in handles:
+            h.remove()
+    # per step of an expert: the conditional call, the unconditional one, the degraded one
+    assert len(counts["transformer"]) % 3 == 0 and len(counts["transformer_2"]) % 3 == 0
+    assert len(counts["transformer"]) >= 3 and len(counts["transformer_2"]) >= 3
+    assert len(counts["transformer"]) + len(counts["transformer_2"]) == 12
+    assert (guided - plain).abs().max() > 1e-2
+    enable_sag(pipe, 0.0)
+    assert torch.equal(frames(pipe, num_inference_steps=4), plain)
+    disable_sag(pipe)
+    assert torch.equal(frames(pipe, num_inference_steps=4), plain)
+    for name in counts:
+        registry = vars(getattr(pipe, name)).get("_diffusers_hook")
+        assert registry is None or not registry.hooks

@@ -98,7 +98,9 @@ class Family:
     a model call that is another prediction of the same step, combined by the pipeline with the guided ones: its
     output gets the step's shift too. `default_layer`: a module path, `{middle}` standing for the middle index of
     the block list the path starts with (`transformer_blocks`, Wan's `blocks`). `video`: (B, C, F, H, W) latents,
-    blurred per frame, the mask over the (F, H, W) token grid of the model's `patch_size`."""
+    blurred per frame, the mask over the (F, H, W) token grid of the model's `patch_size`. `experts`: other
+    denoiser attributes the pipeline may call instead in some steps (Wan 2.2's `transformer_2`): each gets the
+    hook and a capture on the same layer path, and SAG guides with whichever is called."""
 
     name: str
     pipelines: tuple[str, ...]
@@ -110,6 +112,7 @@ class Family:
     latent: Callable[[torch.nn.Module], int] = out_channels
     packed: bool = False
     video: bool = False
+    experts: tuple[str, ...] = ()
     joint: str | None = None
     t_scale: float = 1.0
     per_row: tuple[str, ...] = ("encoder_hidden_states",)
@@ -209,11 +212,11 @@ FAMILIES: tuple[Family, ...] = (
         latent=half_out_channels, per_row=_UNET_PER_ROW,
         layout_note="[negative, positive] image embeds and [hint, hint]; local CFG; learned variance",
         source="kandinsky2_2/pipeline_kandinsky2_2_controlnet.py"),
-    Family(name="Wan 2.1 T2V", pipelines=("WanPipeline",), denoisers=("WanTransformer3DModel",), cfg="split",
-           cfg_on=cfg_property, ways=1, latent=out_channels, video=True,
+    Family(name="Wan 2.1 / 2.2 T2V", pipelines=("WanPipeline",), denoisers=("WanTransformer3DModel",), cfg="split",
+           cfg_on=cfg_property, ways=1, latent=out_channels, video=True, experts=("transformer_2",),
            per_row=("encoder_hidden_states", "encoder_hidden_states_image"), default_layer="blocks.{middle}.attn1",
            layout_note="5-D video latents, blurred per frame; cond call, then uncond call (true CFG); "
-           "self-attention over the video tokens only (text by cross-attention)",
+           "self-attention over the video tokens only (text by cross-attention); Wan 2.2's two experts both guided",
            source="wan/pipeline_wan.py: noise_pred = current_model(...prompt_embeds), then noise_uncond"),
     # --------------------------------------------------------------------------------------- refused
     Family(name="latent upscaler", pipelines=("StableDiffusionLatentUpscalePipeline",), refusal=(

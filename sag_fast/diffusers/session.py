@@ -60,8 +60,19 @@ def _named_signature(cls: type, call) -> inspect.Signature:
     return inspect.signature(call)
 
 
+class _Expert:
+    """One denoiser the session guides (Wan 2.2 has two, switched mid-run): the attribute the pipeline reads it
+    from, the module itself, what carries the hook (itself or its torch.compile wrapper), its capture."""
+
+    def __init__(self, attr: str, outer: torch.nn.Module):
+        self.attr, self.outer, self.model = attr, outer, unwrap_compiled(outer)
+        self.binding = engine.ForwardBinding(self.model)
+        self.capture: AttentionCapture | None = None
+        self.hooked: torch.nn.Module | None = None
+
+
 class SAGSession:
-    """SAG installed on one pipeline: contract, capture, the engine's hook on the denoiser."""
+    """SAG installed on one pipeline: contract, a capture and the engine's hook on each guided denoiser."""
 
     def __init__(self, pipe, config: SAGConfig, layout=None):
         model_attr = next((n for n in DENOISERS if isinstance(getattr(pipe, n, None), torch.nn.Module)), None)
@@ -73,21 +84,26 @@ class SAGSession:
             raise ValueError(f"pipe: {type(pipe).__name__} has no `scheduler`; SAG needs one to degrade the input")
         check_supported(scheduler)
         self.model_attr = model_attr
-        outer: torch.nn.Module = getattr(pipe, model_attr)       # what the pipeline calls
-        self.model: torch.nn.Module = unwrap_compiled(outer)  # the module itself
+        self.model: torch.nn.Module = unwrap_compiled(getattr(pipe, model_attr))  # the (first) denoiser itself
         self.config = config
         self.layout = layout
         self.contract = contract_for(pipe, self.model, layout)
-        self.capture: AttentionCapture | None = None
-        self.binding = engine.ForwardBinding(self.model)
-        self._hooked: torch.nn.Module | None = None
+        family = self.contract.family
+        extra = [a for a in (family.experts if family is not None else ())
+                 if isinstance(getattr(pipe, a, None), torch.nn.Module)]
+        self.experts = [_Expert(attr, getattr(pipe, attr)) for attr in (model_attr, *extra)]
+        for expert in self.experts[1:]:
+            if type(expert.model) is not type(self.model):
+                raise ValueError(f"pipe.{expert.attr} is a {type(expert.model).__name__}, pipe.{model_attr} a "
+                                 f"{type(self.model).__name__}: SAG guides experts of the one denoiser class")
+        self.capture: AttentionCapture | None = None  # the capture of the denoiser guided last
         try:
-            if config.mask == "attention":
-                family = self.contract.family
-                layer = config.layer if config.layer is not None or family is None else family.layer_for(self.model)
-                self.capture = AttentionCapture(outer, layer, config.threshold, joint=self.contract.joint)
-            engine.attach(outer, self.forward)
-            self._hooked = outer
+            for expert in self.experts:
+                if config.mask == "attention":
+                    layer = config.layer if config.layer is not None or family is None else family.layer_for(expert.model)
+                    expert.capture = AttentionCapture(expert.outer, layer, config.threshold, joint=self.contract.joint)
+                self._attach(expert, expert.outer)
+            self.capture = self.experts[0].capture
         except BaseException:
             self.remove()
             raise
@@ -96,28 +112,34 @@ class SAGSession:
     def joint_layout(self) -> str | None:
         return self.contract.joint
 
+    def _attach(self, expert: _Expert, outer: torch.nn.Module) -> None:
+        engine.attach(outer, lambda original, args, kwargs: self.forward(original, args, kwargs, expert))
+        expert.hooked = outer
+
     def remove(self) -> None:
-        """Removes everything SAG installed; the denoiser computes exactly as before."""
-        if self._hooked is not None:
-            engine.detach(self._hooked)
-            self._hooked = None
-        if self.capture is not None:
-            self.capture.remove()
-            self.capture = None
+        """Removes everything SAG installed; the denoisers compute exactly as before."""
+        for expert in getattr(self, "experts", ()):
+            if expert.hooked is not None:
+                engine.detach(expert.hooked)
+                expert.hooked = None
+            if expert.capture is not None:
+                expert.capture.remove()
+                expert.capture = None
+        self.capture = None
         self.contract.remove()
 
     def _sync(self, pipe) -> None:
-        """The pipeline's denoiser may have been wrapped since enable_sag (`pipe.unet = torch.compile(pipe.unet)`):
-        move the hook to the object the pipeline now calls. A different model is refused."""
-        outer = getattr(pipe, self.model_attr, None)
-        if outer is self._hooked:
-            return
-        if not isinstance(outer, torch.nn.Module) or unwrap_compiled(outer) is not self.model:
-            raise RuntimeError(f"pipe.{self.model_attr} was replaced by another model after enable_sag; call "
-                               "sag_fast.enable_sag(pipe, ...) again to guide the new one")
-        engine.detach(self._hooked)
-        engine.attach(outer, self.forward)
-        self._hooked = outer
+        """A denoiser may have been wrapped since enable_sag (`pipe.unet = torch.compile(pipe.unet)`): move the
+        hook to the object the pipeline now calls. A different model is refused."""
+        for expert in self.experts:
+            outer = getattr(pipe, expert.attr, None)
+            if outer is expert.hooked:
+                continue
+            if not isinstance(outer, torch.nn.Module) or unwrap_compiled(outer) is not expert.model:
+                raise RuntimeError(f"pipe.{expert.attr} was replaced by another model after enable_sag; call "
+                                   "sag_fast.enable_sag(pipe, ...) again to guide the new one")
+            engine.detach(expert.hooked)
+            self._attach(expert, outer)
 
     # ------------------------------------------------------------------------- pipeline calls
     @contextlib.contextmanager
@@ -125,8 +147,9 @@ class SAGSession:
         """One pipeline __call__: the guided step is live for this session's denoiser, in this thread, until it
         returns. Everything that can go wrong before sampling is checked here, before the pipeline runs."""
         self._sync(pipe)
-        if self.capture is not None:
-            self.capture.check_processor()  # attention slicing switched on since enable_sag
+        for expert in self.experts:
+            if expert.capture is not None:
+                expert.capture.check_processor()  # attention slicing switched on since enable_sag
         try:
             bound = _named_signature(type(pipe), call).bind(pipe, *args, **kwargs)
             bound.apply_defaults()
@@ -168,12 +191,13 @@ class SAGSession:
         return 0
 
     # ------------------------------------------------------------------------------- forward
-    def forward(self, original, args, kwargs):
+    def forward(self, original, args, kwargs, expert: _Expert | None = None):
         """The engine hook's handler: the denoiser's forward with SAG, a drop-in for `original(*args, **kwargs)`."""
         call = engine.active_call()
         if call is None or call.owner is not self:  # not inside this pipeline's SAG call: the plain model
             return original(*args, **kwargs)
-        b = self.binding
+        expert = self.experts[0] if expert is None else expert
+        b = expert.binding
         arguments = b.bind(args, kwargs)
         if arguments is None:
             return original(*args, **kwargs)  # the model reports the bad call itself
@@ -187,7 +211,7 @@ class SAGSession:
         packed = contract.packed and isinstance(x, torch.Tensor) and x.dim() == 3
         video = contract.video and isinstance(x, torch.Tensor) and x.dim() == 5
         if not isinstance(x, torch.Tensor) or (x.dim() != 4 and not packed and not video):  # refused earlier
-            raise RuntimeError(f"SAG: pipe.{self.model_attr} was called with a {getattr(x, 'shape', type(x))} input; "
+            raise RuntimeError(f"SAG: pipe.{expert.attr} was called with a {getattr(x, 'shape', type(x))} input; "
                                "SAG guides (B, C, H, W) latents (or the packed or video latents of a known "
                                "pipeline) only")
         split = call.split
@@ -235,21 +259,23 @@ class SAGSession:
                 else:
                     pending[:, :delta.shape[1]].add_(delta.to(pending.dtype))
 
-        if self.capture is not None:
-            self.capture.threshold = config.threshold
-            self.capture.image_tokens = x.shape[1] if packed else None
+        capture = self.capture = expert.capture
+        if capture is not None:
+            capture.threshold = config.threshold
+            capture.image_tokens = x.shape[1] if packed else None
         facts = engine.StepFacts(c1=c1, c2=c2, ways=layout.ways, uncond_index=layout.uncond_index,
                                  latent_channels=layout.latent_channels, guided_channels=layout.latent_channels,
-                                 degraded_kwargs=contract.degraded_kwargs, compiled=engine.is_compiled(self._hooked),
-                                 grid=self._token_grid(x4) if video else None)
+                                 degraded_kwargs=contract.degraded_kwargs, compiled=engine.is_compiled(expert.hooked),
+                                 grid=self._token_grid(expert.model, x4) if video else None)
         wants_shift = pending is not None or contract.shifted_calls is not None  # else skip computing it
-        out = engine.guided_forward(model, x4, t, arguments, config=config, capture=self.capture, facts=facts,
+        out = engine.guided_forward(model, x4, t, arguments, config=config, capture=capture, facts=facts,
                                     on_shift=on_shift if wants_shift else None)
         return first[0](pack_latents(out) if packed else out)
 
-    def _token_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+    @staticmethod
+    def _token_grid(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
         """(f, h, w) tokens of a (B, C, F, H, W) latent under the model's (pt, ph, pw) patches."""
-        patch = getattr(getattr(self.model, "config", None), "patch_size", None)
+        patch = getattr(getattr(model, "config", None), "patch_size", None)
         pt, ph, pw = tuple(patch) if isinstance(patch, (tuple, list)) and len(patch) == 3 else (1, 1, 1)
         return x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
 

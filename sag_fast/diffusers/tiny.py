@@ -314,19 +314,23 @@ def tiny_flux_pipeline(cls=None, seed: int = 0, guidance_embeds: bool = True, te
     ), device, dtype)
 
 
-def tiny_wan_pipeline(seed: int = 0, device=None, dtype=None):
-    """A tiny Wan 2.1 text-to-video pipeline: WanTransformer3DModel (3 blocks, patch (1, 2, 2), 4 latent channels,
+def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, device=None, dtype=None):
+    """A tiny Wan text-to-video pipeline: WanTransformer3DModel (3 blocks, patch (1, 2, 2), 4 latent channels,
     rotary embeddings, self-attention over the video tokens and cross-attention to the text), flow matching with
     UniPC, no VAE and no text encoder: call it with prompt_embeds (B, T, 32), negative_prompt_embeds and
-    output_type="latent". height=width=64, num_frames=5: (2, 8, 8) latents, a (2, 4, 4) grid of 32 tokens."""
+    output_type="latent". height=width=64, num_frames=5: (2, 8, 8) latents, a (2, 4, 4) grid of 32 tokens.
+    two_experts: Wan 2.2's layout, a second transformer for the low-noise steps (boundary_ratio 0.7)."""
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
-    with _seeded(seed):
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS,
-            out_channels=LATENT_CHANNELS, text_dim=TEXT_HIDDEN, freq_dim=16, ffn_dim=32, num_layers=3,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-        ).eval()
+    def transformer(offset):
+        with _seeded(seed + offset):
+            return WanTransformer3DModel(
+                patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS,
+                out_channels=LATENT_CHANNELS, text_dim=TEXT_HIDDEN, freq_dim=16, ffn_dim=32, num_layers=3,
+                cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+            ).eval()
+
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return _place(WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
-                              scheduler=scheduler), device, dtype)
+    extra = dict(transformer_2=transformer(10), boundary_ratio=0.7) if two_experts else {}
+    return _place(WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer(0), vae=None,
+                              scheduler=scheduler, **extra), device, dtype)
