@@ -487,11 +487,15 @@ class AttentionCapture:
     # ------------------------------------------------------------------------------------ public
     @contextlib.contextmanager
     def capturing(self, rows: slice | None = None, input_hw: tuple[int, int] | None = None, compiled: bool = False,
-                  grid: tuple[int, ...] | None = None):
+                  grid: tuple[int, ...] | None = None, frames: int | None = None):
         """The layer's next forward in this thread computes `self.mask` for batch rows `rows` (None = all).
         input_hw: the model input's (H, W), for a caller that runs the model's forward without its pre-hooks.
         compiled: the forward runs (partly) under torch.compile: arm through the thread's mode stack too.
-        grid: the layer's token grid for this forward ((f, h, w) for video), when the caller knows it."""
+        grid: the layer's token grid for this forward ((f, h, w) for video), when the caller knows it.
+        frames: the model folds this many frames per batch row into the layer's batch (b-major): rows are scaled
+        to the layer's rows, and the mask comes out (rows, frames, h, w)."""
+        if frames is not None and rows is not None:
+            rows = slice(rows.start * frames, rows.stop * frames)
         if rows is not None and not isinstance(rows, slice):
             raise TypeError(f"rows must be a slice or None, got {type(rows).__name__}")
         if not self._handles and not self._hooked:
@@ -509,6 +513,11 @@ class AttentionCapture:
         try:
             with self._marker if self._marker is not None else contextlib.nullcontext():
                 yield self
+            if self.mask is not None and frames is not None:
+                if self.mask.shape[0] % frames:
+                    raise RuntimeError(f"layer {self.layer_name!r}: {self.mask.shape[0]} attention rows are not "
+                                       f"{frames} frames per batch row")
+                self.mask = self.mask.unflatten(0, (self.mask.shape[0] // frames, frames))
             if self.mask is None:
                 how = {"processor": "its attention processor was not called",
                        "multihead": "the MultiheadAttention did not run",

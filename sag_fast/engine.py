@@ -207,7 +207,8 @@ class StepFacts:
     compiled: the forward runs under torch.compile (the capture arms through the mode stack too). cfg_scale: for a
     caller that combines [uncond, cond] itself (SAGSampler): the result is CFG+SAG in one fused pass,
     u + w (c - u) + s (u - d), B rows (guidance_combine), instead of every way shifted. grid: the SAG layer's
-    token grid when the caller knows it ((f, h, w) for video latents, whose grid the capture cannot infer)."""
+    token grid when the caller knows it ((f, h, w) for video latents, whose grid the capture cannot infer).
+    frames: the model folds this many frames per row into the SAG layer's batch (AnimateDiff): one mask per frame."""
 
     c1: Any
     c2: Any
@@ -219,6 +220,7 @@ class StepFacts:
     compiled: bool = False
     cfg_scale: float | None = None
     grid: tuple[int, ...] | None = None
+    frames: int | None = None
 
 
 def slice_batch(kwargs: dict, rows: slice, batch: int, keep=("cross_attention_kwargs",)) -> dict:
@@ -291,7 +293,7 @@ def guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t, mod
     rows = slice(uncond_index * b, (uncond_index + 1) * b)
     if config.mask == "attention":
         with capture.capturing(rows, input_hw=(int(x.shape[-2]), int(x.shape[-1])), compiled=facts.compiled,
-                               grid=facts.grid):
+                               grid=facts.grid, frames=facts.frames):
             out = forward(x, t, **model_kwargs)
         mask = capture.mask
     else:

@@ -164,3 +164,64 @@ def test_wan22_two_experts_are_both_guided():
     for name in counts:
         registry = vars(getattr(pipe, name)).get("_diffusers_hook")
         assert registry is None or not registry.hooks
+
+
+# ------------------------------------------------------------------------------------------ AnimateDiff
+def _animatediff(pipe, prompt="a cat", **kw):
+    call = dict(num_frames=3, height=64, width=64, num_inference_steps=3, output_type="latent")
+    return pipe(prompt, generator=torch.Generator().manual_seed(0), **{**call, **kw}).frames
+
+
+def test_animatediff_exact_when_off_and_one_mask_per_frame():
+    import tiny_pipelines as tp
+
+    pipe = tp.animatediff_pipeline()
+    plain = _animatediff(pipe)
+    enable_sag(pipe, 1.0)
+    guided = _animatediff(pipe)
+    assert (guided - plain).abs().max() > 1e-2
+    mask = last_mask(pipe)
+    assert mask.shape == (1, 3, 4, 4)  # (uncond rows, frames, the mid block's 4x4 grid)
+    enable_sag(pipe, 0.0)
+    assert torch.equal(_animatediff(pipe), plain)
+    disable_sag(pipe)
+    assert torch.equal(_animatediff(pipe), plain)
+
+
+def test_animatediff_guided_call_equals_the_float64_reference():
+    """The UNet folds the frames into its batch (b-major): the uncond way's F rows of the mid-block spatial
+    self-attention give one mask per frame; the text, repeated per frame by the pipeline, is cut per (row, frame);
+    reference.degrade per frame with DDIM's (c1, c2); reference.guidance_shift."""
+    import tiny_pipelines as tp
+    from diffusers_checks import plain_forward, record_call
+
+    pipe = tp.animatediff_pipeline()
+    enable_sag(pipe, 0.9)
+    unet = pipe.unet
+    with record_call(unet, 1, pipe.scheduler) as rec:  # the second step (one UNet call per step, CFG batched)
+        _animatediff(pipe)
+    (x, t), kwargs, guided = rec["args"], rec["kwargs"], rec["output"]
+    disable_sag(pipe)
+    attn = unet.mid_block.attentions[0].transformer_blocks[0].attn1
+    seen = {}
+    handles = [attn.to_q.register_forward_hook(lambda m, a, o: seen.setdefault("q", o)),
+               attn.to_k.register_forward_hook(lambda m, a, o: seen.setdefault("k", o))]
+    try:
+        out = plain_forward(unet, x, t, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    frames_ = x.shape[2]
+    rows = slice(0, frames_)  # the unconditional way (batch 1): its frames, b-major
+    q = attn.head_to_batch_dim(seen["q"][rows].double())
+    k = attn.head_to_batch_dim(seen["k"][rows].double())
+    mass = reference.attention_mass(attn.get_attention_scores(q, k, None), heads=attn.heads)
+    mask = reference.mass_to_mask(mass, (4, 4)).unsqueeze(0)  # (1, F, 4, 4)
+    assert mask.any() and not mask.all()
+    a = pipe.scheduler.alphas_cumprod[int(t)].double()
+    c1, c2 = (c.float().double() for c in reference.signal_coefficients(a.sqrt(), (1 - a).sqrt(), "epsilon"))
+    x_deg = reference.degrade(x[:1].double(), out[:1].double(), mask, c1, c2).float()
+    cut = {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"][:frames_]}
+    degraded = plain_forward(unet, x_deg, t, **cut)
+    want = reference.guidance_shift(out.double(), degraded.double(), 0.9).float()
+    torch.testing.assert_close(guided, want, rtol=0, atol=2e-5)

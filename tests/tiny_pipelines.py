@@ -237,14 +237,15 @@ def pag_pipeline(sdxl: bool = False):
     return _place(StableDiffusionPAGPipeline(**tiny_sd_components(), pag_applied_layers="mid"))
 
 
-def animatediff_pipeline():
+def animatediff_pipeline(cls=None):
     from diffusers import AnimateDiffPipeline, MotionAdapter
 
+    cls = AnimateDiffPipeline if cls is None else cls
     c = tiny_sd_components()
     with _seeded(3):
         adapter = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_norm_num_groups=8,
                                 motion_num_attention_heads=2, motion_max_seq_length=8)
-    return _place(AnimateDiffPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+    return _place(cls(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
                                       unet=c["unet"], motion_adapter=adapter, scheduler=c["scheduler"]))
 
 

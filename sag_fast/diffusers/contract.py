@@ -184,7 +184,8 @@ class BatchContract:
         self.name = name
         self.family = family
         self.packed = family is not None and family.packed  # 2x2-packed (B, tokens, C*4) latents (Flux)
-        self.video = family is not None and family.video    # (B, C, F, H, W) latents (Wan)
+        self.video = family is not None and family.video    # (B, C, F, H, W) latents (Wan, AnimateDiff)
+        self.frames_in_batch = family is not None and family.frames_in_batch
         self.t_scale = family.t_scale if family is not None else 1.0  # scheduler t = model t * t_scale
         self.joint = family.joint if family is not None else joint    # where joint attention puts image tokens
         self.shifted_calls = family.shifted_calls if family is not None else None
@@ -196,6 +197,8 @@ class BatchContract:
         self._latent_channels = latent_channels
         self.per_row = tuple(per_row)
         self._paths = tuple((p, tuple(p.split("."))) for p in self.per_row)
+        # arguments with one entry per (row, frame), b-major (AnimateDiff repeats the text per frame)
+        self._frame_paths = tuple((p, tuple(p.split("."))) for p in (family.per_frame_row if family else ()))
         self._controlnet = _ControlNetReplay(pipe) if controlnet else None
 
     def _with_defaults(self, call_args: dict):
@@ -239,6 +242,9 @@ class BatchContract:
                                f"{tuple(x.shape)} has {channels}")
         for name, path in self._paths:
             _check_rows(_get_path(model_kwargs, path), name, total)
+        frames = x.shape[2] if x.dim() == 5 else 1
+        for name, path in self._frame_paths:
+            _check_rows(_get_path(model_kwargs, path), name, total * frames)
         return CallLayout(ways, uncond, latent)
 
     def degraded_kwargs(self, model_kwargs: dict, rows: slice, total: int, x_degraded: torch.Tensor, t_rows) -> dict:
@@ -247,6 +253,10 @@ class BatchContract:
         out = model_kwargs
         for name, path in self._paths:
             out = _cut_path(out, path, rows, total, name)
+        if self._frame_paths:
+            f = x_degraded.shape[2] if x_degraded.dim() == 5 else 1
+            for name, path in self._frame_paths:
+                out = _cut_path(out, path, slice(rows.start * f, rows.stop * f), total * f, name)
         if out is model_kwargs:
             out = dict(model_kwargs)
         if self._controlnet is not None:

@@ -98,7 +98,9 @@ class Family:
     a model call that is another prediction of the same step, combined by the pipeline with the guided ones: its
     output gets the step's shift too. `default_layer`: a module path, `{middle}` standing for the middle index of
     the block list the path starts with (`transformer_blocks`, Wan's `blocks`). `video`: (B, C, F, H, W) latents,
-    blurred per frame, the mask over the (F, H, W) token grid of the model's `patch_size`. `experts`: other
+    blurred per frame, the mask over the (F, H, W) token grid of the model's `patch_size`; `frames_in_batch`: the
+    model folds the frames into its attention batch; `per_frame_row`: arguments with one entry per (row, frame) (b-major, as AnimateDiff's UNet), so the SAG layer's spatial
+    self-attention gives one (h, w) mask per frame. `experts`: other
     denoiser attributes the pipeline may call instead in some steps (Wan 2.2's `transformer_2`): each gets the
     hook and a capture on the same layer path, and SAG guides with whichever is called."""
 
@@ -112,10 +114,12 @@ class Family:
     latent: Callable[[torch.nn.Module], int] = out_channels
     packed: bool = False
     video: bool = False
+    frames_in_batch: bool = False
     experts: tuple[str, ...] = ()
     joint: str | None = None
     t_scale: float = 1.0
     per_row: tuple[str, ...] = ("encoder_hidden_states",)
+    per_frame_row: tuple[str, ...] = ()
     default_layer: str = _UNET_MID
     controlnet: bool = False
     shifted_calls: Callable[[dict], bool] | None = None
@@ -212,6 +216,13 @@ FAMILIES: tuple[Family, ...] = (
         latent=half_out_channels, per_row=_UNET_PER_ROW,
         layout_note="[negative, positive] image embeds and [hint, hint]; local CFG; learned variance",
         source="kandinsky2_2/pipeline_kandinsky2_2_controlnet.py"),
+    Family(name="AnimateDiff", pipelines=("AnimateDiffPipeline",), denoisers=("UNetMotionModel",),
+           cfg_on=cfg_property, video=True, frames_in_batch=True,
+           per_row=tuple(p for p in _UNET_PER_ROW if p != "encoder_hidden_states"),
+           per_frame_row=("encoder_hidden_states",),
+           layout_note="[uncond, cond] 5-D latents; the spatial self-attention sees the frames as batch rows: one "
+           "mask per frame (the motion modules' temporal attention is not a mask source)",
+           source="animatediff/pipeline_animatediff.py: torch.cat([latents] * 2)"),
     Family(name="Wan 2.1 / 2.2 T2V", pipelines=("WanPipeline",), denoisers=("WanTransformer3DModel",), cfg="split",
            cfg_on=cfg_property, ways=1, latent=out_channels, video=True, experts=("transformer_2",),
            per_row=("encoder_hidden_states", "encoder_hidden_states_image"), default_layer="blocks.{middle}.attn1",
@@ -233,7 +244,7 @@ FAMILIES: tuple[Family, ...] = (
 _VIDEO_MARKERS = ("3D", "Motion", "SpatioTemporal", "Video", "I2VGenXL", "Temporal")
 RULES = (
     ("AnimateDiff and the other 5-D video denoisers without a record", "their video layout is not in the registry "
-     "yet (Wan T2V is); use a supported pipeline"),
+     "yet (Wan T2V and AnimateDiff text-to-video are); use a supported pipeline"),
     ("PAG pipelines", "PAG's attention processors split every batch into [uncond, cond, perturbed] ways inside "
      "the model, which SAG's extra forward on the unconditional rows cannot go through; PAG and SAG together are "
      "not supported: use the pipeline without PAG for SAG (e.g. StableDiffusionPipeline.from_pipe(pipe)), or PAG "

@@ -266,7 +266,8 @@ class SAGSession:
         facts = engine.StepFacts(c1=c1, c2=c2, ways=layout.ways, uncond_index=layout.uncond_index,
                                  latent_channels=layout.latent_channels, guided_channels=layout.latent_channels,
                                  degraded_kwargs=contract.degraded_kwargs, compiled=engine.is_compiled(expert.hooked),
-                                 grid=self._token_grid(expert.model, x4) if video else None)
+                                 grid=self._token_grid(expert.model, x4) if video and not contract.frames_in_batch
+                                 else None, frames=x4.shape[2] if video and contract.frames_in_batch else None)
         wants_shift = pending is not None or contract.shifted_calls is not None  # else skip computing it
         out = engine.guided_forward(model, x4, t, arguments, config=config, capture=capture, facts=facts,
                                     on_shift=on_shift if wants_shift else None)
