@@ -193,7 +193,7 @@ def _step_lists(scheduler, kind: str, attr: str, ptype: str, device: torch.devic
     return lists
 
 
-def _schedule_position(scheduler, t) -> int | None:
+def schedule_position(scheduler, t) -> int | None:
     """Where t sits in scheduler.timesteps, read from tensor metadata alone (no device read): the loop's
     timestep is a view of that tensor (`for t in timesteps`, expanded or not). None when t is not such a view."""
     timesteps = getattr(scheduler, "timesteps", None)
@@ -225,7 +225,7 @@ def step_coefficients(scheduler, timestep, prediction_type: str | None = None, d
     target = torch.device(device) if device is not None else (t.device if isinstance(t, torch.Tensor) else None)
     if target is not None and isinstance(t, torch.Tensor) and t.dim() <= 1:
         if kind == "vp":
-            position = _schedule_position(scheduler, t)
+            position = schedule_position(scheduler, t)
             if position is not None:
                 c1s, c2s = _step_lists(scheduler, kind, "timesteps", ptype, target)
                 return c1s[position], c2s[position]

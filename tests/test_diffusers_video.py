@@ -225,3 +225,21 @@ def test_animatediff_guided_call_equals_the_float64_reference():
     degraded = plain_forward(unet, x_deg, t, **cut)
     want = reference.guidance_shift(out.double(), degraded.double(), 0.9).float()
     torch.testing.assert_close(guided, want, rtol=0, atol=2e-5)
+
+
+def test_animatediff_free_init_guides_every_iteration():
+    """FreeInit runs the whole schedule several times in one call: the window is read from the timestep's place in
+    the schedule, so every iteration is guided (a count of model calls would put the second one past the end)."""
+    import tiny_pipelines as tp
+
+    pipe = tp.animatediff_pipeline()
+    pipe.enable_free_init(num_iters=2, use_fast_sampling=False)
+    enable_sag(pipe, 1.0)
+    batches = []
+    handle = pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    try:
+        _animatediff(pipe)
+    finally:
+        handle.remove()
+    # 2 iterations x 3 steps x [the CFG batch of 2 rows x 3 frames, the degraded uncond row x 3 frames]
+    assert batches == [6, 3] * 6, batches

@@ -29,7 +29,7 @@ from diffusers import DiffusionPipeline
 from .. import engine
 from ..capture import AttentionCapture, unwrap_compiled
 from ..guidance import SAGConfig
-from ..schedule import check_supported, step_coefficients
+from ..schedule import check_supported, schedule_position, step_coefficients
 from .contract import contract_for
 
 STATE_ATTR = "_sag_fast_state"
@@ -168,11 +168,16 @@ class SAGSession:
             self.contract.end_call()
 
     def _progress(self, call: engine.ActiveCall, scheduler, t) -> float:
-        """Fraction of the trajectory before this model call: (offset + steps so far) / len(timesteps)."""
+        """Fraction of the trajectory before this model call: the timestep's position in scheduler.timesteps
+        (read from the view's offset, no device read; right however often the loop runs the schedule, as
+        AnimateDiff's FreeInit does), else (offset + steps so far) / len(timesteps)."""
         timesteps = getattr(scheduler, "timesteps", None)
         n = len(timesteps) if timesteps is not None else 0
         if n == 0:
             return 0.0
+        position = schedule_position(scheduler, t)
+        if position is not None:
+            return position / n
         if call.offset is None:
             call.offset = self._start_index(call, scheduler, timesteps, t)
         return (call.offset + (call.calls // 2 if call.split else call.calls)) / n
