@@ -27,12 +27,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sag_fast.models.shapes import batch_for_step  # noqa: E402
+from sag_fast.models.shapes import TRAIN_SEED, batch_for_step, generate  # noqa: E402
 
 SEED = 20260101
 
 
-def build_unet(width: int = 32):
+def build_unet(width: int = 32, classes: int = 0):
+    """classes > 0: class-conditional, with classes + 1 class embeddings (the last one is the null class, used
+    for the unconditional half of classifier-free guidance)."""
     from diffusers import UNet2DModel
 
     # Self-attention at 16x16 and 8x8 (two resolutions, as SAG's mask is taken from a middle-block
@@ -43,6 +45,7 @@ def build_unet(width: int = 32):
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=32, norm_num_groups=8,
+        num_class_embeds=classes + 1 if classes else None,
     )
 
 
@@ -53,10 +56,26 @@ def build_scheduler():
                          clip_sample=True)
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int = 200) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+def lr_at(step: int, steps: int, lr: float, warmup: int = 200, first: int = 0) -> float:
+    """Linear warm-up over [first, first + warmup), then cosine down to lr / 10 at `steps`."""
+    k = step - first
+    if k < warmup:
+        return lr * (k + 1) / warmup
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, steps - first - warmup))))
+
+
+def export_conditional(ema, scheduler, out: str, classes: int) -> None:
+    """<out>/unet (a class-conditional UNet2DModel, fp16), <out>/scheduler (DDIM, same betas) and <out>/labels.json
+    (the class names and the null class's index)."""
+    from diffusers import DDIMScheduler
+
+    from sag_fast.models.shapes import SHAPES
+
+    copy.deepcopy(ema).half().save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
+    DDIMScheduler.from_config(scheduler.config).save_pretrained(os.path.join(out, "scheduler"))
+    with open(os.path.join(out, "labels.json"), "w") as f:
+        json.dump({"label": "shape of the largest object", "classes": list(SHAPES[:classes]),
+                   "null_class": classes}, f, indent=1)
 
 
 def export(ema, scheduler, out: str, fp16: bool = True) -> None:
@@ -84,24 +103,57 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-only", type=int, default=0, help="time this many steps and exit")
     p.add_argument("--export-only", action="store_true", help="write --out from the last checkpoint's EMA and exit")
+    p.add_argument("--init", default=None, help="start a new run from this diffusers model folder (its unet/ "
+                   "weights become both the model and the EMA; the optimizer starts fresh)")
+    p.add_argument("--init-step", type=int, default=0, help="with --init: the global step the run starts at, so "
+                   "its batches continue the training stream after the run that made --init, and the warm-up "
+                   "restarts there")
+    p.add_argument("--classes", type=int, default=0, help="train a class-conditional model on the shape of the "
+                   "largest object (5 shapes; 0: unconditional). With --init from the unconditional model, the "
+                   "class embedding starts at zero, i.e. the unconditional model")
+    p.add_argument("--p-uncond", type=float, default=0.15, help="with --classes: fraction of labels replaced by "
+                   "the null class (classifier-free guidance training)")
     a = p.parse_args(argv)
+    from sag_fast.models.shapes import SHAPES
+
+    if not 0 <= a.classes <= len(SHAPES):
+        p.error(f"--classes must be 0 (unconditional) or 1..{len(SHAPES)}, got {a.classes}")
+    if not 0.0 <= a.p_uncond < 1.0:
+        p.error(f"--p-uncond must be in [0, 1), got {a.p_uncond}")
+    if a.init_step and not a.init:
+        p.error("--init-step needs --init")
+    if a.init_step >= a.steps:
+        p.error(f"--init-step {a.init_step} must be below --steps {a.steps}")
     if a.export_only:
         state = torch.load(os.path.join(a.work, "ckpt.pt"), weights_only=False)
-        ema = build_unet(a.width)
+        ema = build_unet(a.width, a.classes)
         ema.load_state_dict(state["ema"])
-        export(ema, build_scheduler(), a.out)
+        if a.classes:
+            export_conditional(ema, build_scheduler(), a.out, a.classes)
+        else:
+            export(ema, build_scheduler(), a.out)
         print(f"wrote {a.out} from the checkpoint of step {state['step']}", flush=True)
         return
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(SEED)
     os.makedirs(a.work, exist_ok=True)
-    unet = build_unet(a.width)
+    unet = build_unet(a.width, a.classes)
     ema = copy.deepcopy(unet).requires_grad_(False)
     sched = build_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=a.lr, weight_decay=0.0)
     ckpt = os.path.join(a.work, "ckpt.pt")
     start, elapsed = 0, 0.0
+    if a.init and not os.path.exists(ckpt):
+        from diffusers import UNet2DModel
+
+        init = UNet2DModel.from_pretrained(a.init, subfolder="unet").float().state_dict()
+        if a.classes and "class_embedding.weight" not in init:  # conditional from the unconditional model
+            init["class_embedding.weight"] = torch.zeros_like(unet.class_embedding.weight)
+        unet.load_state_dict(init)
+        ema.load_state_dict(init)
+        start = a.init_step
+        print(f"initialised from {a.init} at step {start}", flush=True)
     if os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=False)
         unet.load_state_dict(state["unet"])
@@ -129,13 +181,19 @@ def main(argv=None) -> None:
     unet.train()
     for step in range(start, a.steps):
         g = torch.Generator().manual_seed(SEED + step)
-        x0 = batch_for_step(step, a.batch)
+        if a.classes:
+            x0, labels, _ = generate(a.batch, TRAIN_SEED + step, with_labels=True)  # the same images as below
+            labels = labels.clamp(max=a.classes - 1)
+        else:
+            x0, labels = batch_for_step(step, a.batch), None
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (a.batch,), generator=g)
+        if a.classes:  # drawn after noise and t, so the unconditional stream of a step is unchanged
+            labels = torch.where(torch.rand(a.batch, generator=g) < a.p_uncond, a.classes, labels)
         ab = alphas[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
-        lr = lr_at(step, a.steps, a.lr)
+        loss = torch.nn.functional.mse_loss(unet(xt, t, class_labels=labels).sample, noise)
+        lr = lr_at(step, a.steps, a.lr, first=a.init_step)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -163,7 +221,10 @@ def main(argv=None) -> None:
             last_ckpt = now
     log.close()
     if a.out:
-        export(ema, sched, a.out)
+        if a.classes:
+            export_conditional(ema, sched, a.out, a.classes)
+        else:
+            export(ema, sched, a.out)
         print(f"wrote {a.out}", flush=True)
 
 
