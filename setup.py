@@ -48,6 +48,7 @@ setup(
     packages=find_packages(include=["sag_fast", "sag_fast.*"]),
     # the built-in model (a diffusers folder) and the quality benchmark's feature network ship with the package
     package_data={"sag_fast.models": ["builtin/*.json", "builtin/*/*.json", "builtin/*/*.safetensors",
+                                      "builtin_cond/*.json", "builtin_cond/*/*.json", "builtin_cond/*/*.safetensors",
                                       "features/*.json", "features/*.safetensors"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "triton>=3.2; platform_system == 'Linux'", "diffusers>=0.33", "tqdm", "pillow"],

@@ -64,7 +64,27 @@ def lr_at(step: int, steps: int, lr: float, warmup: int = 200, first: int = 0) -
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, steps - first - warmup))))
 
 
-def export_conditional(ema, scheduler, out: str, classes: int) -> None:
+def training_info(work: str, step: int, elapsed: float, a) -> dict:
+    """What training.json (beside an exported model) records: the step reached, time, and the loss around it."""
+    losses = []
+    path = os.path.join(work, "loss.csv")
+    if os.path.exists(path):
+        with open(path) as f:
+            losses = [(int(r[0]), float(r[1])) for r in list(csv.reader(f))[1:] if int(r[0]) < step]
+    tail = [v for k, v in losses if k >= step - 200]
+    return {"step": step, "trained_s": round(elapsed, 1), "batch": a.batch, "lr": a.lr, "schedule_steps": a.steps,
+            "init": a.init, "init_step": a.init_step, "classes": a.classes,
+            "loss_mean_last_200_steps": round(sum(tail) / len(tail), 5) if tail else None,
+            "script": "scripts/train_builtin.py"}
+
+
+def _write_info(out: str, info: dict | None) -> None:
+    if info is not None:
+        with open(os.path.join(out, "training.json"), "w") as f:
+            json.dump(info, f, indent=1)
+
+
+def export_conditional(ema, scheduler, out: str, classes: int, info: dict | None = None) -> None:
     """<out>/unet (a class-conditional UNet2DModel, fp16), <out>/scheduler (DDIM, same betas) and <out>/labels.json
     (the class names and the null class's index)."""
     from diffusers import DDIMScheduler
@@ -76,9 +96,10 @@ def export_conditional(ema, scheduler, out: str, classes: int) -> None:
     with open(os.path.join(out, "labels.json"), "w") as f:
         json.dump({"label": "shape of the largest object", "classes": list(SHAPES[:classes]),
                    "null_class": classes}, f, indent=1)
+    _write_info(out, info)
 
 
-def export(ema, scheduler, out: str, fp16: bool = True) -> None:
+def export(ema, scheduler, out: str, fp16: bool = True, info: dict | None = None) -> None:
     """A DDPMPipeline folder with the EMA weights and a DDIM scheduler (same betas): the pipeline's default
     sampler is then a fast deterministic one (20 steps are enough), and DDIMPipeline loads it as it is."""
     from diffusers import DDIMScheduler, DDPMPipeline
@@ -88,6 +109,7 @@ def export(ema, scheduler, out: str, fp16: bool = True) -> None:
         unet = unet.half()  # halves the package size; loaders upcast to float32
     DDPMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config)).save_pretrained(
         out, safe_serialization=True)
+    _write_info(out, info)
 
 
 def main(argv=None) -> None:
@@ -113,6 +135,8 @@ def main(argv=None) -> None:
                    "class embedding starts at zero, i.e. the unconditional model")
     p.add_argument("--p-uncond", type=float, default=0.15, help="with --classes: fraction of labels replaced by "
                    "the null class (classifier-free guidance training)")
+    p.add_argument("--class-lr-mult", type=float, default=10.0, help="with --classes: the class embedding's "
+                   "learning rate as a multiple of --lr")
     a = p.parse_args(argv)
     from sag_fast.models.shapes import SHAPES
 
@@ -128,10 +152,13 @@ def main(argv=None) -> None:
         state = torch.load(os.path.join(a.work, "ckpt.pt"), weights_only=False)
         ema = build_unet(a.width, a.classes)
         ema.load_state_dict(state["ema"])
+        with open(os.path.join(a.work, "config.json")) as f:  # the run's own settings, not this command's
+            run = argparse.Namespace(**{**vars(a), **{k: v for k, v in json.load(f).items() if k in vars(a)}})
+        info = training_info(a.work, state["step"], state["elapsed"], run)
         if a.classes:
-            export_conditional(ema, build_scheduler(), a.out, a.classes)
+            export_conditional(ema, build_scheduler(), a.out, a.classes, info=info)
         else:
-            export(ema, build_scheduler(), a.out)
+            export(ema, build_scheduler(), a.out, info=info)
         print(f"wrote {a.out} from the checkpoint of step {state['step']}", flush=True)
         return
 
@@ -141,7 +168,11 @@ def main(argv=None) -> None:
     unet = build_unet(a.width, a.classes)
     ema = copy.deepcopy(unet).requires_grad_(False)
     sched = build_scheduler()
-    opt = torch.optim.AdamW(unet.parameters(), lr=a.lr, weight_decay=0.0)
+    # the class embedding of a conditional fine-tune starts at zero: a larger learning rate lets it catch up
+    emb = [p for n, p in unet.named_parameters() if n.startswith("class_embedding.")]
+    rest = [p for n, p in unet.named_parameters() if not n.startswith("class_embedding.")]
+    opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}] + ([{"params": emb, "mult": a.class_lr_mult}] if emb else []),
+                            lr=a.lr, weight_decay=0.0)
     ckpt = os.path.join(a.work, "ckpt.pt")
     start, elapsed = 0, 0.0
     if a.init and not os.path.exists(ckpt):
@@ -195,7 +226,7 @@ def main(argv=None) -> None:
         loss = torch.nn.functional.mse_loss(unet(xt, t, class_labels=labels).sample, noise)
         lr = lr_at(step, a.steps, a.lr, first=a.init_step)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("mult", 1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -221,10 +252,11 @@ def main(argv=None) -> None:
             last_ckpt = now
     log.close()
     if a.out:
+        info = training_info(a.work, a.steps, elapsed + time.time() - t0, a)
         if a.classes:
-            export_conditional(ema, sched, a.out, a.classes)
+            export_conditional(ema, sched, a.out, a.classes, info=info)
         else:
-            export(ema, sched, a.out)
+            export(ema, sched, a.out, info=info)
         print(f"wrote {a.out}", flush=True)
 
 
