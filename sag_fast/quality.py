@@ -529,6 +529,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--n", type=int, default=2000, help="samples per main setting (default 2000)")
     q.add_argument("--n-rest", type=int, default=None, help="samples per other setting (default: --n; a multiple of "
                    f"--batch). Main settings: {', '.join(MAIN_SETTINGS)}")
+    q.add_argument("--model-dir", default=None, help="the unconditional model's diffusers folder (default: the "
+                   "built-in one in the package)")
     q.add_argument("--title", default=None, help="the markdown report's title")
     q.add_argument("--notes", default=None, help="a paragraph appended to the markdown report")
     q.add_argument("--steps", type=int, default=20, help="DDIM steps")
@@ -544,6 +546,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
 
 
 def main(a) -> int:
+    if a.model_dir is not None and not os.path.isfile(os.path.join(a.model_dir, "unet", "config.json")):
+        raise SystemExit(f"--model-dir {a.model_dir!r}: not a diffusers model folder (no unet/config.json in it)")
     if a.n_rest is not None and not 2 <= a.n_rest <= a.n:
         raise SystemExit(f"--n-rest must be in [2, --n={a.n}], got {a.n_rest}")
     if a.n_rest is not None and a.n_rest < a.n and a.n_rest % a.batch:
@@ -583,6 +587,6 @@ def main(a) -> int:
 
     n_rest = None if a.quick or a.n_rest is None else a.n_rest
     run(n=n, steps=steps, batch=a.batch, settings=settings, n_boot=boot, seed=a.seed,
-        n_real=max(n, 512) if a.quick else None, on_result=write, n_rest=n_rest)
+        n_real=max(n, 512) if a.quick else None, on_result=write, n_rest=n_rest, model_dir=a.model_dir)
     print(f"wrote {out}, {png}")
     return 0

@@ -162,6 +162,7 @@ def test_draw_refuses_a_cfg_setting_without_labels():
 @pytest.mark.parametrize("args, word", [
     (["--n", "500", "--n-rest", "600"], "--n-rest"),
     (["--n", "500", "--n-rest", "100", "--batch", "250"], "--n-rest"),
+    (["--model-dir", "/nonexistent"], "--model-dir"),
 ])
 def test_bad_n_rest_names_the_option(tmp_path, args, word):
     with pytest.raises(SystemExit) as err:
