@@ -525,12 +525,41 @@ def save_samples(report: dict, path: str, per_row: int = 16, rows: int = 2) -> N
     grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
 
 
+def merge_reports(reports: list) -> dict:
+    """One report from runs of the same benchmark split across processes (e.g. the unconditional and the
+    conditional rows run side by side): they must share the real set, steps and seed (so their FIDs compare);
+    a setting in several keeps its first run's row (same noise and model: the same numbers)."""
+    if not reports:
+        raise ValueError("merge: no reports")
+    first = reports[0]
+    for r in reports[1:]:
+        for key in ("n_real", "steps", "seed", "sampler"):
+            if r[key] != first[key]:
+                raise ValueError(f"merge: the reports differ in {key} ({first[key]!r} vs {r[key]!r}); only runs of "
+                                 "the same benchmark merge")
+    out = {k: v for k, v in first.items() if k not in ("sample_grid", "guided_grids")}
+    out["results"], seen = [], set()
+    out["models"] = {}
+    for r in reports:
+        out["models"].update(r.get("models", {}))
+        for row in r["results"]:
+            if row["name"] not in seen:
+                seen.add(row["name"])
+                out["results"].append(row)
+    out["n"] = max(r["n"] for r in reports)
+    out["n_rest"] = min(r.get("n_rest", r["n"]) for r in reports)
+    return out
+
+
 def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--n", type=int, default=2000, help="samples per main setting (default 2000)")
     q.add_argument("--n-rest", type=int, default=None, help="samples per other setting (default: --n; a multiple of "
                    f"--batch). Main settings: {', '.join(MAIN_SETTINGS)}")
     q.add_argument("--model-dir", default=None, help="the unconditional model's diffusers folder (default: the "
                    "built-in one in the package)")
+    q.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge the JSON reports of runs of "
+                   "the same benchmark (e.g. split across processes) into --output (markdown, JSON and plot); "
+                   "samples nothing")
     q.add_argument("--title", default=None, help="the markdown report's title")
     q.add_argument("--notes", default=None, help="a paragraph appended to the markdown report")
     q.add_argument("--steps", type=int, default=20, help="DDIM steps")
@@ -546,6 +575,27 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
 
 
 def main(a) -> int:
+    if a.merge:
+        if not a.output:
+            raise SystemExit("--merge needs --output (the merged markdown report)")
+        reports = []
+        for path in a.merge:
+            try:
+                with open(path) as f:
+                    reports.append(json.load(f))
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"--merge: cannot read {path}: {exc}") from None
+        try:
+            merged = merge_reports(reports)
+        except ValueError as exc:
+            raise SystemExit(f"--merge: {exc}") from None
+        png = os.path.splitext(a.output)[0] + ".png"
+        plot(merged, png)
+        write_markdown(merged, a.output, png, None, a.title, a.notes)
+        with open(os.path.splitext(a.output)[0] + ".json", "w") as f:
+            json.dump(merged, f, indent=1)
+        print(f"wrote {a.output}, {png}")
+        return 0
     if a.model_dir is not None and not os.path.isfile(os.path.join(a.model_dir, "unet", "config.json")):
         raise SystemExit(f"--model-dir {a.model_dir!r}: not a diffusers model folder (no unet/config.json in it)")
     if a.n_rest is not None and not 2 <= a.n_rest <= a.n:

@@ -153,6 +153,37 @@ def test_small_run_with_every_kind_of_row(tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def _fake_report(names, n=10, n_real=10):
+    rows = [dict(name=k, fields=quality.SETTINGS[k], forwards=2.0, seconds=1.0, fid=5.0 + i, fid_ci=[4.0, 9.0],
+                 kid=[0.1, 0.01], delta_ci=None if k in ("none", "cond") else [-1.0, 1.0], n=n,
+                 baseline=quality.baseline_of(k), base_fid=None if k in ("none", "cond") else 5.0, edges=1.0,
+                 change=0.5, extra={}) for i, k in enumerate(names)]
+    return {"date": "2026-12-06", "n": n, "n_rest": n, "n_real": n_real, "steps": 20, "sampler": "DDIM (eta 0)",
+            "bootstrap": 5, "seed": 0, "references": {"data vs held-out data": 1.0, "noise vs held-out data": 300.0},
+            "models": {}, "data": {"edges": 6.0}, "feature_net": {"shape": 0.9, "colour": 0.9, "count": 0.9},
+            "torch_threads": 1, "results": rows}
+
+
+def test_merge_joins_split_runs_and_refuses_different_benchmarks(tmp_path):
+    a = _fake_report(["none", "SAG s=0.75"])
+    b = _fake_report(["none", "cond", "cond CFG 1.5"])
+    b["results"][0]["fid"] = 99.0  # a duplicate keeps the first report's row
+    merged = quality.merge_reports([a, b])
+    assert [r["name"] for r in merged["results"]] == ["none", "SAG s=0.75", "cond", "cond CFG 1.5"]
+    assert merged["results"][0]["fid"] == 5.0
+    with pytest.raises(ValueError, match="n_real"):
+        quality.merge_reports([a, _fake_report(["cond"], n_real=20)])
+    paths = []
+    for i, r in enumerate((a, b)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    out = tmp_path / "m.md"
+    assert main(["quality", "--merge", *map(str, paths), "--output", str(out), "--notes", "merged"]) == 0
+    assert "| cond CFG 1.5 |" in out.read_text() and out.with_suffix(".png").exists()
+    with pytest.raises(SystemExit, match="--merge"):
+        main(["quality", "--merge", str(tmp_path / "missing.json"), "--output", str(out)])
+
+
 def test_draw_refuses_a_cfg_setting_without_labels():
     unet, scheduler = quality.load_builtin()
     with pytest.raises(ValueError, match="class labels"):
