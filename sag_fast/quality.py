@@ -358,6 +358,10 @@ def run(n: int = 2000, steps: int = 20, batch: int = 250, settings=None, n_boot:
         r = Result(name, fields, forwards, seconds, fid(real_f, feats), boot["fid_ci"], kid(real_f, feats),
                    boot.get("delta_ci"), m, base, fid(real_f, base_f) if paired else None, edge_energy(images),
                    float((images - base_img).abs().mean() * 127.5))
+        if "cfg" in fields:  # does the sample show the class it was asked for? (the feature net's shape head)
+            with torch.no_grad():
+                pred = torch.cat([net.predict(images[i:i + 500])["shape"].argmax(1) for i in range(0, m, 500)])
+            r.extra["class_accuracy"] = float((pred == labels[:m]).float().mean())
         results.append(r)
         report["results"] = [x.__dict__ for x in results]
         log(f"{name}: FID {r.fid:.2f} [{r.fid_ci[0]:.2f}, {r.fid_ci[1]:.2f}] N={m} forwards/sample {forwards:.1f} "
@@ -376,6 +380,11 @@ def _model_note(report: dict) -> str:
     return "; ".join(parts)
 
 
+def _accuracy(row: dict) -> str:
+    acc = row.get("extra", {}).get("class_accuracy")
+    return "—" if acc is None else f"{100 * acc:.0f}%"
+
+
 def write_markdown(report: dict, path: str, plot: str | None = None, samples: str | None = None,
                    title: str | None = None, notes: str | None = None) -> None:
     rows = report["results"]
@@ -392,8 +401,8 @@ def write_markdown(report: dict, path: str, plot: str | None = None, samples: st
         "CFG rows): same noise, same first N samples, same resampled rows; an interval below 0 means better than the "
         "baseline. FID grows as N shrinks, so compare FIDs only at equal N; ΔFID is paired at the row's N.", "",
         "| setting | N | forwards / sample | ms / sample | FID | ΔFID vs baseline | KID (± sd over subsets) | "
-        "edge energy | mean \\|Δpixel\\| vs baseline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "edge energy | mean \\|Δpixel\\| vs baseline | class accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         n = r.get("n", report["n"])
@@ -403,14 +412,16 @@ def write_markdown(report: dict, path: str, plot: str | None = None, samples: st
         lines.append(
             f"| {r['name']} | {n} | {r['forwards']:.1f} | {1e3 * r['seconds'] / n:.0f} | "
             f"{r['fid']:.2f} [{r['fid_ci'][0]:.2f}, {r['fid_ci'][1]:.2f}] | {delta} | "
-            f"{r['kid'][0]:.3f} ± {r['kid'][1]:.3f} | {r['edges']:.2f} | {r['change']:.2f} |")
+            f"{r['kid'][0]:.3f} ± {r['kid'][1]:.3f} | {r['edges']:.2f} | {r['change']:.2f} | "
+            f"{_accuracy(r)} |")
     refs = report["references"]
     lines += [
         "", f"References: FID of a second held-out draw of the data {refs['data vs held-out data']:.2f} (the floor at "
         f"N={report['n_real']}), of clamped Gaussian noise {refs['noise vs held-out data']:.1f}. Edge energy (mean "
         f"|finite difference| between neighbouring pixels, 0-255 units) of the held-out data: "
         f"{report['data']['edges']:.2f}. Features are standardised per dimension by the held-out data's mean and "
-        "standard deviation. Cost: UNet forwards per sample counted by a hook on the UNet (a CFG step is 2, SAG adds "
+        "standard deviation. Class accuracy (conditional rows): how often the feature network's shape head "
+        "recognises the class the sample was drawn for. Cost: UNet forwards per sample counted by a hook on the UNet (a CFG step is 2, SAG adds "
         "the degraded rows, the PAG-style baseline runs the UNet twice per step); ms / sample is the wall time of the "
         f"sampling loop with {report['torch_threads']} torch thread(s) on a shared CPU.", "",
         "Rows: `SAG`: SAGConfig(scale=s); `blur`: mask=\"global\" (the paper's blur guidance, Sec. 5.1); "

@@ -131,25 +131,26 @@ def test_holdout_labels_are_the_largest_shape_of_the_images():
 
 
 def test_small_run_with_every_kind_of_row(tmp_path):
-    report = quality.run(n=32, steps=2, batch=16, settings=["PAG-style s=1.5", "cond CFG 1.5 + SAG 0.75"],
-                         n_boot=5, n_real=256, n_rest=16, log=lambda *a: None)
+    report = quality.run(n=16, steps=2, batch=8, settings=["PAG-style s=1.5", "cond CFG 1.5 + SAG 0.75"],
+                         n_boot=3, n_real=128, n_rest=8, log=lambda *a: None)
     rows = {r["name"]: r for r in report["results"]}
     assert list(rows) == ["none", "PAG-style s=1.5", "cond", "cond CFG 1.5 + SAG 0.75"]  # baselines added
     # N: main rows at n, the others at n_rest; costs counted on the UNet
-    assert [rows[k]["n"] for k in rows] == [32, 32, 16, 16]
+    assert [rows[k]["n"] for k in rows] == [16, 16, 8, 8]
     assert rows["none"]["forwards"] == 2 and rows["PAG-style s=1.5"]["forwards"] == 4
     assert rows["cond"]["forwards"] == 2
     assert rows["cond CFG 1.5 + SAG 0.75"]["forwards"] == 6  # CFG's 2 ways + SAG's degraded unconditional way
     assert rows["PAG-style s=1.5"]["baseline"] == "none" and rows["cond CFG 1.5 + SAG 0.75"]["baseline"] == "cond"
     assert rows["cond"]["delta_ci"] is None and rows["cond CFG 1.5 + SAG 0.75"]["delta_ci"] is not None
     assert rows["PAG-style s=1.5"]["change"] > 0 and rows["cond CFG 1.5 + SAG 0.75"]["change"] > 0
+    assert 0 <= rows["cond"]["extra"]["class_accuracy"] <= 1 and "class_accuracy" not in rows["none"]["extra"]
     noise = report["references"]["noise vs held-out data"]
     assert all(r["fid"] < noise for r in rows.values())
     md, png = tmp_path / "q.md", tmp_path / "q.png"
     quality.plot(report, str(png))
     quality.write_markdown(report, str(md), str(png), notes="interim")
     text = md.read_text()
-    assert "| cond CFG 1.5 + SAG 0.75 | 16 | 6.0 |" in text and "vs cond" in text and "interim" in text
+    assert "| cond CFG 1.5 + SAG 0.75 | 8 | 6.0 |" in text and "vs cond" in text and "interim" in text
     assert png.stat().st_size > 10_000
 
 
