@@ -6,12 +6,27 @@ uninterrupted one would. Checkpoints every --ckpt-every seconds to --work (model
 of every step goes to <work>/loss.csv. At the end the EMA weights are written as a diffusers model folder to --out.
 Never run by `make test` or CI.
 
-The shipped weights (sag_fast/models/builtin) are the EMA at step 2009 of this command's 2800-step schedule, cut
-there for time (one hour of a shared 2-core CPU; steps 0-383 ran under a 4500-step schedule, whose learning
-rate differs from this one's by < 1% over those steps), exported with --export-only:
+The shipped weights (sag_fast/models/builtin) are the EMA at step 3400, trained in two runs on a shared 2-core
+CPU (one thread each). Steps 0-2008: the first run (2800-step schedule, cut at 2009 for time; steps 0-383 ran
+under a 4500-step schedule). Steps 2009-3399: a continuation from that run's export (optimizer fresh, warm-up
+restarted, the batches continuing the training stream), whose schedule was shortened twice while it ran to end
+annealed within the session (steps 2009-2659 under --steps 14000, 2660-2785 under --steps 3900, the rest under
+--steps 3400; the learning rate of every step is in the loss log, docs/builtin_training_loss.csv):
 
-    python scripts/train_builtin.py --work /tmp/sag_train --out sag_fast/models/builtin
-    python scripts/train_builtin.py --work /tmp/sag_train --out sag_fast/models/builtin --export-only
+    python scripts/train_builtin.py --work /tmp/sag_train --out sag_fast/models/builtin            # first run
+    python scripts/train_builtin.py --work /tmp/sag_train2 --init <step-2009 export> --init-step 2009 \
+        --steps 3400 --lr 3e-4 --out sag_fast/models/builtin
+    python scripts/train_builtin.py --work /tmp/sag_train2 --out sag_fast/models/builtin --export-only
+
+The class-conditional model (sag_fast/models/builtin_cond) is a fine-tune of the step-2009 export with a class
+embedding (the largest object's shape, 5 classes, plus a null class for classifier-free guidance, 15% of labels
+dropped to it), steps 2009-2999 (2009-2490 under --steps 3600, the rest under --steps 3000):
+
+    python scripts/train_builtin.py --work /tmp/sag_cond --init <step-2009 export> --init-step 2009 \
+        --steps 3000 --lr 3e-4 --classes 5 --out sag_fast/models/builtin_cond
+
+To train further, start a new run from the shipped export with --init sag_fast/models/builtin --init-step 3400
+and a longer --steps (or resume the work folder, where it still exists).
 """
 from __future__ import annotations
 
@@ -190,6 +205,8 @@ def main(argv=None) -> None:
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+        if len(opt.param_groups) > 1:  # this command's --class-lr-mult, not the checkpoint's
+            opt.param_groups[1]["mult"] = a.class_lr_mult
         start, elapsed = state["step"], state["elapsed"]
         print(f"resumed at step {start} ({elapsed:.0f} s trained)", flush=True)
     n_params = sum(p.numel() for p in unet.parameters())
