@@ -3,7 +3,7 @@
     python scripts/plot_loss.py docs/builtin_training_loss.csv docs/builtin_loss.png
     python scripts/plot_loss.py run1/loss.csv run2/loss.csv docs/builtin_loss.png --extra "cond fine-tune=c/loss.csv"
 
-Several CSVs are segments of one run (a continuation starts at a later step; a step logged twice keeps the later
+Several CSVs (or the runs of one CSV's `run` column) are segments of one run (a continuation starts at a later step; a step logged twice keeps the later
 segment's row), each drawn in its own colour with the first step of each marked; --extra adds another run (the
 class-conditional fine-tune) as its own curve. The title gives the mean loss of the last 500 steps and of the 500
 before them: whether the curve is still falling.
@@ -27,6 +27,21 @@ def read(path: str):
     return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
 
 
+def read_segments(path: str):
+    """[(steps, losses)] of a CSV, split by its `run` column where it has one (docs/builtin_training_loss.csv
+    holds both runs of the built-in model)."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise SystemExit(f"{path}: no loss rows")
+    out = {}
+    for r in rows:
+        s, l = out.setdefault(r.get("run", "1"), ([], []))
+        s.append(int(r["step"]))
+        l.append(float(r["loss"]))
+    return list(out.values())
+
+
 def smooth(loss):
     out, total = [], 0.0
     for i, v in enumerate(loss):
@@ -46,9 +61,9 @@ def main(argv=None) -> None:
     merged = {}
     segments = []
     for src in srcs:
-        steps, loss = read(src)
-        segments.append((src, steps, loss))
-        merged.update(zip(steps, loss))
+        for steps, loss in read_segments(src):
+            segments.append((src, steps, loss))
+            merged.update(zip(steps, loss))
     steps = sorted(merged)
     loss = [merged[s] for s in steps]
     mean = smooth(loss)
