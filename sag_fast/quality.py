@@ -520,7 +520,8 @@ def save_samples(report: dict, path: str, per_row: int = 16, rows: int = 2) -> N
     import numpy as np
     from PIL import Image, ImageDraw
 
-    blocks = [("none", report["sample_grid"])] + list(report.get("guided_grids", {}).items())
+    blocks = ([("none", report["sample_grid"])] if "sample_grid" in report else []) + list(
+        report.get("guided_grids", {}).items())  # a run without the unconditional rows has no "none" block
     n = per_row * rows
     tiles = []
     for name, imgs in blocks:

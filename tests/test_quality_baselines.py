@@ -244,3 +244,13 @@ def test_conditional_fine_tune_starts_from_the_unconditional_model(tmp_path):
         ref = base(x, t).sample
         for y in (0, 5):
             torch.testing.assert_close(cond(x, t, class_labels=torch.tensor([y])).sample, ref, atol=2e-2, rtol=0)
+
+
+def test_sample_sheet_of_a_run_without_the_unconditional_rows(tmp_path):
+    # a run of conditional rows only has no "none" block (this crashed the first split run)
+    report = {"guided_grids": {"cond": torch.zeros(32, 3, 32, 32), "cond CFG 1.5": torch.ones(32, 3, 32, 32)}}
+    quality.save_samples(report, str(tmp_path / "s.png"))
+    from PIL import Image
+
+    img = Image.open(tmp_path / "s.png")
+    assert img.size == (2 * 16 * 32, 2 * 2 * (12 + 2 * 32))  # two blocks of 2 x 16 samples, 2x upscaled
