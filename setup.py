@@ -49,6 +49,7 @@ setup(
     # diffusers: the floor is the version the test suite runs (requirements.txt pins it; tests/test_packaging.py)
     # the built-in model (a diffusers folder) and the quality benchmark's feature network ship with the package
     package_data={"sag_fast.models": ["builtin/*.json", "builtin/*/*.json", "builtin/*/*.safetensors",
+                                      "builtin_cond/*.json", "builtin_cond/*/*.json", "builtin_cond/*/*.safetensors",
                                       "features/*.json", "features/*.safetensors"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "triton>=3.2; platform_system == 'Linux'", "diffusers>=0.42.1", "tqdm", "pillow"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import inspect
 import json
 import os
@@ -45,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
     s.add_argument("--output-dir", default="outputs")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s.add_argument("--cond-rows", type=int, default=None,
+                   help=f"'{BUILTIN}' only: rows of the class-conditional built-in model (one shape class each, "
+                        "CFG | CFG + SAG); default 5, 0: none")
+    s.add_argument("--cond-guidance", type=float, default=3.0,
+                   help="the CFG scale of the class-conditional rows (default 3)")
     q = sub.add_parser("quality", help="FID/KID of the built-in model's samples: no guidance, blur guidance, SAG "
                                        "settings (writes bench/results/<date>-quality.md and a plot)")
     from sag_fast.quality import add_arguments
@@ -72,6 +78,12 @@ def _check_sample_args(a) -> None:
                             ("threshold", "--threshold")):
             text = text.replace(f"SAGConfig.{field} ", f"{flag} ")
         raise SystemExit(text) from None
+    if a.cond_rows is not None and a.cond_rows < 0:
+        raise SystemExit(f"--cond-rows must be >= 0, got {a.cond_rows}")
+    if a.cond_rows and a.model != BUILTIN:
+        raise SystemExit(f"--cond-rows: the class-conditional rows need --model {BUILTIN} (got --model {a.model!r})")
+    if not math.isfinite(a.cond_guidance) or a.cond_guidance < 0:  # CFG scale, not a SAGConfig field
+        raise SystemExit(f"--cond-guidance must be a finite number >= 0, got {a.cond_guidance}")
     for name in ("height", "width"):
         v = getattr(a, name)
         if v is not None and (v < 8 or v % 8):
@@ -246,19 +258,100 @@ def _mask_overlay(image, mask):
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
-def _grid(rows):
-    """rows: [(without, with, mask overlay or None)] -> one image, a row per seed: without SAG | with SAG | mask,
-    each cell upscaled (nearest) to at least CELL pixels."""
+def _difference(plain, guided, k: int):
+    """|guided - plain| per channel, times k (black: unchanged), as an image."""
+    import numpy as np
     from PIL import Image
 
-    w, h = rows[0][0].size
+    d = np.abs(np.asarray(guided.convert("RGB"), np.float32) - np.asarray(plain.convert("RGB"), np.float32))
+    return Image.fromarray((d * k).clip(0, 255).astype(np.uint8))
+
+
+def _difference_factor(pairs) -> int:
+    """The amplification that puts the 99th percentile of the non-zero pixel changes near full scale: one
+    factor for a whole block of rows (written on the grid), between 1 and 64."""
+    import numpy as np
+
+    d = np.concatenate([np.abs(np.asarray(g.convert("RGB"), np.float32) - np.asarray(p.convert("RGB"), np.float32))
+                        .ravel() for p, g in pairs])
+    d = d[d > 0]
+    if d.size == 0:
+        return 1
+    return int(np.clip(round(200.0 / max(float(np.percentile(d, 99)), 1.0)), 1, 64))
+
+
+HEADER = 14  # pixels of the grid's column titles above each block of rows
+
+
+def _grid(blocks):
+    """blocks: [(column titles, rows, row labels or None)], a row a list of images (one per column) -> one image:
+    each block's titles on a dark strip, then its rows, every cell upscaled (nearest) to at least CELL pixels.
+    Returns (grid, upscale, layout): layout lists each row's top y and block index."""
+    from PIL import Image, ImageDraw
+
+    w, h = blocks[0][1][0][0].size
     k = max(1, CELL // max(w, h))
-    cols = 3 if rows[0][2] is not None else 2
-    grid = Image.new("RGB", (cols * w * k, h * k * len(rows)))
-    for i, cells in enumerate(rows):
-        for j, img in enumerate(cells[:cols]):
-            grid.paste(img.convert("RGB").resize((w * k, h * k), Image.NEAREST), (j * w * k, i * h * k))
-    return grid, k
+    cols = max(len(r) for _, rows, _ in blocks for r in rows)
+    height = sum(HEADER + h * k * len(rows) for _, rows, _ in blocks)
+    grid = Image.new("RGB", (cols * w * k, height), (24, 24, 24))
+    draw = ImageDraw.Draw(grid)
+    y, layout = 0, []
+    for b, (titles, rows, labels) in enumerate(blocks):
+        for j, title in enumerate(titles):
+            title = title.replace("SAG mask at the middle step", "SAG mask (middle step)")  # fits a 128-px cell
+            draw.text((j * w * k + 3, y + 1), title, fill=(235, 235, 235))
+        y += HEADER
+        for i, cells in enumerate(rows):
+            for j, img in enumerate(cells):
+                grid.paste(img.convert("RGB").resize((w * k, h * k), Image.NEAREST), (j * w * k, y))
+            if labels:
+                draw.text((3, y + 2), labels[i], fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
+            layout.append({"y": y, "block": b})
+            y += h * k
+    return grid, k, layout
+
+
+def _conditional_rows(a, device, dtype, sync):
+    """The class-conditional built-in model, one row per class (cycling), through SAGSampler: CFG alone and CFG +
+    SAG from the same noise; returns (class names, without, with, masks at the middle step or None)."""
+    import torch
+    from PIL import Image
+
+    from sag_fast.guidance import SAGConfig
+    from sag_fast.models import builtin_cond
+    from sag_fast.sampler import SAGSampler
+
+    unet, scheduler, labels = builtin_cond(device=device, dtype=dtype)
+    names = labels["classes"]
+    y = torch.arange(a.cond_rows, device=device) % len(names)
+    cond, uncond = {"class_labels": y}, {"class_labels": torch.full_like(y, labels["null_class"])}
+    size = unet.config.sample_size
+    noise = torch.cat([torch.randn(1, unet.config.in_channels, size, size,
+                                   generator=torch.Generator().manual_seed(a.seed + 1000 + i))
+                       for i in range(a.cond_rows)]).to(device, dtype)
+
+    def run(scale):
+        sampler = SAGSampler(unet, scheduler, SAGConfig(**(_sag_settings(a) | {"scale": scale})),
+                             guidance_scale=a.cond_guidance, progress=False)
+        masks, stamps = [], []
+
+        def on_step(done):
+            if done == max(1, len(scheduler.timesteps) // 2) and sampler.capture is not None \
+                    and sampler.capture.mask is not None:
+                masks.append(sampler.capture.mask[: a.cond_rows].detach().cpu().numpy())
+
+        restore = _timed_step(scheduler, sync, stamps, on_step)
+        try:
+            x = sampler(noise, cond=cond, uncond=uncond, num_inference_steps=a.steps)
+        finally:
+            restore()
+            sampler.remove()
+        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(img) for img in x], (masks[0] if masks else None)
+
+    plain, _ = run(0.0)
+    guided, mask = run(a.sag_scale)
+    return [names[int(c)] for c in y], plain, guided, mask
 
 
 def _sag_settings(a) -> dict:
@@ -281,6 +374,8 @@ def sample(a) -> int:
     dtype = getattr(torch, DTYPES[a.dtype or ("fp16" if device.type == "cuda" else "fp32")])
     if a.batch is None:
         a.batch = 8 if a.model == BUILTIN else 1
+    if a.cond_rows is None:
+        a.cond_rows = 5 if a.model == BUILTIN else 0
 
     def sync():
         if device.type == "cuda":
@@ -334,9 +429,34 @@ def sample(a) -> int:
             path = os.path.join(a.output_dir, f"sample{i}_{tag}.png")
             img.save(path)
             files.append(path)
-    overlays = [_mask_overlay(g, mask[i]) if mask is not None else None for i, g in enumerate(guided)]
+    factor = _difference_factor(list(zip(plain, guided)))
+    columns = ["without SAG", "with SAG", f"|difference| x{factor}"] + (
+        ["SAG mask at the middle step"] if mask is not None else [])
+
+    def rows_of(p_imgs, g_imgs, masks, k):
+        return [[p_img, g_img, _difference(p_img, g_img, k)] + ([_mask_overlay(g_img, masks[i])] if masks is not None
+                                                                else []) for i, (p_img, g_img) in
+                enumerate(zip(p_imgs, g_imgs))]
+
+    blocks = [(columns, rows_of(plain, guided, mask, factor), None)]
+    cond = None
+    if a.cond_rows:
+        names, c_plain, c_guided, c_mask = _conditional_rows(a, device, dtype, sync)
+        c_factor = _difference_factor(list(zip(c_plain, c_guided)))
+        g = f"{a.cond_guidance:g}"
+        c_columns = [f"class-cond., CFG {g}", f"CFG {g} + SAG", f"|difference| x{c_factor}"] + (
+            ["SAG mask (middle step)"] if c_mask is not None else [])
+        blocks.append((c_columns, rows_of(c_plain, c_guided, c_mask, c_factor), names))
+        for i, (p_img, g_img) in enumerate(zip(c_plain, c_guided)):
+            for tag, img in (("cfg", p_img), ("cfg_sag", g_img)):
+                path = os.path.join(a.output_dir, f"cond{i}_{names[i]}_{tag}.png")
+                img.save(path)
+                files.append(path)
+        cond = {"classes": names, "guidance_scale": a.cond_guidance, "columns": c_columns,
+                "difference_factor": c_factor, "scheduler": "DDIMScheduler (the model's own)",
+                "mask_fraction": None if c_mask is None else round(float(c_mask.mean()), 4)}
     grid_path = os.path.join(a.output_dir, "grid.png")
-    grid, upscale = _grid(list(zip(plain, guided, overlays)))
+    grid, upscale, layout = _grid(blocks)
     grid.save(grid_path)
     plain_med, sag_med = _median(plain_steps), _median(sag_steps)
     report = {
@@ -350,16 +470,21 @@ def sample(a) -> int:
         },
         "images": files,
         "grid": grid_path,
-        "grid_columns": ["without SAG", "with SAG"] + (["SAG mask at the middle step"] if mask is not None else []),
+        "grid_columns": columns,
         "grid_upscale": upscale,
+        "grid_rows": layout,
+        "difference_factor": factor,
         "mask_fraction": None if mask is None else round(float(mask.mean()), 4),
+        "conditional": cond,
     }
     json_path = os.path.join(a.output_dir, "run.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
     print(f"median step after warm-up: without SAG {plain_med * 1e3:.1f} ms, with SAG {sag_med * 1e3:.1f} ms "
           f"({report['timing']['sag_step_ratio']}x)")
-    print(f"grid ({' | '.join(report['grid_columns'])}, one row per seed): {grid_path}")
+    print(f"grid ({' | '.join(report['grid_columns'])}, one row per seed"
+          + (f"; then {a.cond_rows} class-conditional rows: {' | '.join(cond['columns'])}" if cond else "")
+          + f"): {grid_path}")
     print(f"settings and per-step timings: {json_path}")
     return 0
 

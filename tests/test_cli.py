@@ -20,26 +20,49 @@ def _run(tmp_path, *args):
     return out, json.loads((out / "run.json").read_text())
 
 
-def test_demo_grid_rows_are_seeds_columns_without_with_and_mask(tmp_path):
-    out, report = _run(tmp_path, "--steps", "4", "--batch", "2", "--seed", "3")
+def test_demo_grid_rows_are_seeds_columns_without_with_difference_and_mask(tmp_path):
+    out, report = _run(tmp_path, "--steps", "4", "--batch", "2", "--seed", "3", "--cond-rows", "2")
     assert report["settings"]["batch"] == 2 and "built-in" in report["settings"]["model"]
-    assert report["grid_columns"] == ["without SAG", "with SAG", "SAG mask at the middle step"]
+    f = report["difference_factor"]
+    assert report["grid_columns"] == ["without SAG", "with SAG", f"|difference| x{f}", "SAG mask at the middle step"]
+    assert 1 <= f <= 64
     plain = Image.open(out / "sample1_nosag.png")
     guided = Image.open(out / "sample1_sag.png")
     assert plain.size == (32, 32)
     k = report["grid_upscale"]
     assert k == 4  # 32-pixel samples are shown at 128 pixels
     grid = np.asarray(Image.open(report["grid"]), dtype=np.int16)
-    assert grid.shape == (2 * 32 * k, 3 * 32 * k, 3)
-    row = grid[32 * k:]  # the second seed's row
+    rows = report["grid_rows"]  # 2 unconditional rows, then 2 class-conditional ones, each block under its titles
+    assert [r["block"] for r in rows] == [0, 0, 1, 1]
+    assert grid.shape == (2 * cli.HEADER + 4 * 32 * k, 4 * 32 * k, 3)
+    assert rows[0]["y"] == cli.HEADER and rows[2]["y"] == 2 * cli.HEADER + 2 * 32 * k
+    row = grid[rows[1]["y"]:rows[1]["y"] + 32 * k]  # the second seed's row
     up = lambda im: np.asarray(im.resize((32 * k, 32 * k), Image.NEAREST), dtype=np.int16)  # noqa: E731
     assert np.array_equal(row[:, :32 * k], up(plain)) and np.array_equal(row[:, 32 * k:64 * k], up(guided))
     assert np.abs(up(plain) - up(guided)).max() > 0, "SAG changed nothing"
-    mask_cell = row[:, 64 * k:]
+    # the difference column is |with - without| times the factor written in its title
+    diff = np.clip(np.abs(up(guided) - up(plain)) * f, 0, 255)
+    assert np.abs(row[:, 64 * k:96 * k] - diff).max() <= 1
+    mask_cell = row[:, 96 * k:]
     assert not np.array_equal(mask_cell, up(guided)) and 0 < report["mask_fraction"] < 1
+    # the class-conditional rows: CFG | CFG + SAG from the same noise, one class per row
+    cond = report["conditional"]
+    assert cond["classes"] == ["circle", "square"] and cond["columns"][0].startswith("class-cond., CFG 3")
+    c_plain = Image.open(out / "cond1_square_cfg.png")
+    c_guided = Image.open(out / "cond1_square_cfg_sag.png")
+    c_row = grid[rows[3]["y"]:rows[3]["y"] + 32 * k]
+    assert np.array_equal(c_row[:, 32 * k:64 * k], up(c_guided))
+    assert np.abs(up(c_plain) - up(c_guided)).max() > 0 and 0 < cond["mask_fraction"] < 1
     # row i is seed + i: the same seed alone gives row 1's image
-    out2, _ = _run(tmp_path / "b", "--steps", "4", "--batch", "1", "--seed", "4")
+    out2, _ = _run(tmp_path / "b", "--steps", "4", "--batch", "1", "--seed", "4", "--cond-rows", "0")
     assert np.array_equal(np.asarray(Image.open(out2 / "sample0_nosag.png")), np.asarray(plain))
+
+
+def test_cond_rows_need_the_builtin_model(tmp_path):
+    with pytest.raises(SystemExit, match="--cond-rows"):
+        main(["sample", "--model", "tiny-sd", "--cond-rows", "2", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--cond-rows"):
+        main(["sample", "--cond-rows", "-1", "--output-dir", str(tmp_path)])
 
 
 def test_timing_is_warmed_up_medians_and_their_ratio(tmp_path, monkeypatch):
@@ -69,7 +92,7 @@ def test_tiny_sd_model_still_available(tmp_path):
 
 
 def test_sag_scale_zero_matches_the_unguided_image(tmp_path):
-    out, _ = _run(tmp_path, "--steps", "2", "--batch", "1", "--sag-scale", "0")
+    out, _ = _run(tmp_path, "--steps", "2", "--batch", "1", "--sag-scale", "0", "--cond-rows", "0")
     assert np.array_equal(np.asarray(Image.open(out / "sample0_nosag.png")),
                           np.asarray(Image.open(out / "sample0_sag.png")))
 
@@ -154,7 +177,7 @@ def test_scheduler_option_replaces_the_pipeline_scheduler(tmp_path):
 
 def test_builtin_model_with_a_scheduler_whose_step_takes_no_generator(tmp_path):
     # DDPMPipeline passes generator= to every scheduler.step; LMS/PNDM do not take it
-    _, report = _run(tmp_path, "--steps", "3", "--batch", "1", "--scheduler", "pndm")
+    _, report = _run(tmp_path, "--steps", "3", "--batch", "1", "--scheduler", "pndm", "--cond-rows", "0")
     assert report["settings"]["scheduler"] == "PNDMScheduler"
 
 

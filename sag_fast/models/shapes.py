@@ -97,6 +97,16 @@ def holdout(n: int, stream: int = 0, size: int = 32, chunk: int = 500) -> torch.
     return torch.cat(parts)
 
 
+def holdout_labels(n: int, stream: int = 2, chunk: int = 500) -> torch.Tensor:
+    """Class labels (the shape index of the largest object, as the class-conditional model was trained on) of n
+    held-out images of `stream` (default 2: independent of the benchmark's real images, streams 0 and 1); the
+    conditional quality rows sample with these labels, so their class mix is the data's."""
+    if n > 100 * chunk:
+        raise ValueError(f"holdout_labels: at most {100 * chunk} labels per stream, got n={n}")
+    return torch.cat([generate(min(chunk, n - i), HOLDOUT_SEED * 1000 + 100 * stream + i // chunk, 8,
+                               with_labels=True)[1] for i in range(0, n, chunk)])
+
+
 def batch_for_step(step: int, batch: int, size: int = 32) -> torch.Tensor:
     """The training batch of a given step: a function of the step alone, so a resumed run sees the same data."""
     return generate(batch, TRAIN_SEED + step, size)
