@@ -19,11 +19,8 @@ GRID = (2, 4, 4)  # tokens of 5 frames (2 latent frames) at 64x64 (8x8 latents, 
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def _embeds(batch=1, seed=1):

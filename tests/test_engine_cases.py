@@ -19,11 +19,8 @@ MID_ATTN = "mid_block.attentions.0.transformer_blocks.0.attn1"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------- case 1: threads
