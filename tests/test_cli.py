@@ -92,7 +92,7 @@ def test_tiny_sd_model_still_available(tmp_path):
     out, report = _run(tmp_path, "--model", "tiny-sd", "--steps", "2")
     assert "tiny SD" in report["settings"]["model"]
     assert Image.open(out / "sample0_sag.png").size == (64, 64)
-    assert len(report["grid_columns"]) == 3
+    assert len(report["grid_columns"]) == 4 and report["conditional"] is None  # no class-conditional rows
 
 
 def test_sag_scale_zero_matches_the_unguided_image(tmp_path):
