@@ -519,8 +519,9 @@ def plot(report: dict, path: str) -> None:
     ax2.set_ylabel("ΔFID vs the row's baseline (paired, 95% CI)")
     ax3.set_xlabel("guidance scale")
     ax3.set_ylabel("ΔFID vs none (paired, 95% CI; < 0 is better)")
-    ax1.legend(fontsize=8)
-    ax3.legend(fontsize=8)
+    for ax in (ax1, ax3):
+        if ax.get_legend_handles_labels()[0]:  # a run without these families has no line to name
+            ax.legend(fontsize=8)
     fig.suptitle(f"built-in models, DDIM {report['steps']} steps, N={report['n']} per main setting")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

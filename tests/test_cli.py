@@ -54,8 +54,12 @@ def test_demo_grid_rows_are_seeds_columns_without_with_difference_and_mask(tmp_p
     assert np.array_equal(c_row[:, 32 * k:64 * k], up(c_guided))
     assert np.abs(up(c_plain) - up(c_guided)).max() > 0 and 0 < cond["mask_fraction"] < 1
     # row i is seed + i: the same seed alone gives row 1's image
+    # (up to a rounding step: CPU convolutions differ in the last bits between batch 1 and 2, which flips the
+    # uint8 rounding of a pixel or so with the step-3400 weights)
     out2, _ = _run(tmp_path / "b", "--steps", "4", "--batch", "1", "--seed", "4", "--cond-rows", "0")
-    assert np.array_equal(np.asarray(Image.open(out2 / "sample0_nosag.png")), np.asarray(plain))
+    alone = np.asarray(Image.open(out2 / "sample0_nosag.png"), dtype=np.int16)
+    d = np.abs(alone - np.asarray(plain, dtype=np.int16))
+    assert d.max() <= 1 and (d > 0).mean() < 0.01
 
 
 def test_cond_rows_need_the_builtin_model(tmp_path):
@@ -88,7 +92,7 @@ def test_tiny_sd_model_still_available(tmp_path):
     out, report = _run(tmp_path, "--model", "tiny-sd", "--steps", "2")
     assert "tiny SD" in report["settings"]["model"]
     assert Image.open(out / "sample0_sag.png").size == (64, 64)
-    assert len(report["grid_columns"]) == 3
+    assert len(report["grid_columns"]) == 4 and report["conditional"] is None  # no class-conditional rows
 
 
 def test_sag_scale_zero_matches_the_unguided_image(tmp_path):
