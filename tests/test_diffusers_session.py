@@ -200,6 +200,9 @@ FAKE_CASES = {
     "pixart": (lambda: tp.pixart_pipeline(), dict(**t5_text(mask=True), height=64, width=64), False),
     "flux": (lambda: tiny_flux_pipeline(), dict(prompt_embeds=torch.ones(1, 5, 32), pooled_prompt_embeds=torch.ones(1, 32),
                                                 height=64, width=64), False),
+    # video. (Wan is not here: its rotary embedding indexes tensors in a way tests/fake_cuda.py's shim does not
+    # replay on a CPU-only torch, inside the model's own forward, before anything of SAG's runs.)
+    "animatediff": (lambda: tp.animatediff_pipeline(), dict(prompt="a cat", num_frames=3, height=64, width=64), False),
 }
 
 
@@ -226,34 +229,38 @@ def test_guided_model_call_on_fake_cuda_mixes_no_devices(case):
     set_timesteps, placed, calls = pipe.scheduler.set_timesteps, [], []
     pipe.scheduler.set_timesteps = functools.wraps(set_timesteps)(  # wraps: pipelines inspect its parameters
         lambda *a, **k: placed.append(k.get("device")) or set_timesteps(*a, **k))
-    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)) if not calls else None,
+    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)) if len(calls) < 2 else None,
                                              with_kwargs=True)
     pipe(**kwargs, num_inference_steps=2, output_type="latent")
     handle.remove()
     del pipe.scheduler.set_timesteps
+    session = vars(pipe)["_sag_fast_state"]
+    # the step's calls to replay: one, or with split CFG (Flux true CFG, Wan) the conditional call, then the guided
+    # unconditional one
+    replay = calls[:2] if session.contract.split_cfg(pipe, dict(kwargs)) else calls[:1]
     args, call_kwargs = calls[0]
     t = args[1] if len(args) > 1 else call_kwargs["timestep"]
-    if not args:  # a transformer called by keyword (SD3, Flux): hidden_states is the first argument
-        args, call_kwargs = (call_kwargs.pop("hidden_states"),), call_kwargs
+    if not args:  # a transformer called by keyword (SD3, Flux, Wan): hidden_states is the first argument
+        args = (call_kwargs["hidden_states"],)
     assert isinstance(t, torch.Tensor)
     if t_on_cpu:  # the premise of the case, checked on the real run: no device given, t straight from the schedule
         assert placed[0] is None
         assert t.untyped_storage().data_ptr() == pipe.scheduler.timesteps.untyped_storage().data_ptr()
     on_device = not t_on_cpu
-    session = vars(pipe)["_sag_fast_state"]
     seen = []
     hook = model.register_forward_hook(lambda m, a, k, out: seen.append((out[0] if isinstance(out, tuple) else
                                                                           out.sample).device), with_kwargs=True)
     with fake_cuda(), torch.no_grad():  # as pipelines run (autograd on fake cuda aborts a CPU-only torch)
         to_fake_cuda(model)
-        fake_args = tuple(_fake_cuda_like(a) for a in args)
-        fake_kwargs = _fake_cuda_like(call_kwargs)
-        if len(args) > 1:
-            fake_args = (fake_args[0], _fake_cuda_like(t) if on_device else t, *fake_args[2:])
-        else:
-            fake_kwargs["timestep"] = _fake_cuda_like(t) if on_device else t
         with session.pipeline_call(type(pipe)._sag_base_class.__call__, pipe, (), dict(kwargs)):
-            out = model(*fake_args, **fake_kwargs)
+            for call_args, kw in replay:
+                fake_args = tuple(_fake_cuda_like(a) for a in call_args)
+                fake_kwargs = _fake_cuda_like(kw)
+                if len(call_args) > 1:
+                    fake_args = (fake_args[0], _fake_cuda_like(t) if on_device else t, *fake_args[2:])
+                else:
+                    fake_kwargs["timestep"] = _fake_cuda_like(t) if on_device else t
+                out = model(*fake_args, **fake_kwargs)
     hook.remove()
     out = out[0] if isinstance(out, tuple) else out.sample
     assert out.device.type == "cuda" and out.shape == args[0].shape[:1] + out.shape[1:]
