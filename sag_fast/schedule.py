@@ -109,12 +109,38 @@ def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index.reshape(-1)).reshape(index.shape)
 
 
+def _scheduler_step(scheduler) -> int | None:
+    """The scheduler's own index of the current step (a host int), or where it will begin, or None."""
+    step = getattr(scheduler, "step_index", None)
+    return getattr(scheduler, "begin_index", None) if step is None else step
+
+
+def _sigma_table(scheduler, kind: str) -> str:
+    """The scheduler's sigma table for the current evaluation: KDPM2's second one is at the interpolated sigma."""
+    if kind == "sigma" and not getattr(scheduler, "state_in_first_order", True) \
+            and hasattr(scheduler, "sigmas_interpol"):
+        return "sigmas_interpol"
+    return "sigmas"
+
+
+def _vp_alpha_sigma(a: torch.Tensor):
+    """(alpha, sigma) of a VP input from alphas_cumprod a."""
+    return a.sqrt(), (1 - a).sqrt()
+
+
+def _sigma_alpha_sigma(scheduler, kind: str, s: torch.Tensor):
+    """(alpha, sigma) of the model input from the scheduler's sigma s: flow sigmas are the flow time; otherwise
+    the input is x / sqrt(s^2 + 1) (or the VP latents, the same ratio)."""
+    if kind == "flow" or (kind == "dpm" and getattr(scheduler.config, "use_flow_sigmas", False)):
+        return 1 - s, s
+    alpha = (s * s + 1).rsqrt()
+    return alpha, s * alpha
+
+
 def _sigma_at(scheduler, table_attr: str, t: torch.Tensor) -> torch.Tensor:
     """scheduler.<table_attr>[current step] on t's device, shaped like t."""
     sigmas = _device_table(scheduler, table_attr, t.device)
-    step = getattr(scheduler, "step_index", None)
-    if step is None:
-        step = getattr(scheduler, "begin_index", None)
+    step = _scheduler_step(scheduler)
     if step is not None:
         return sigmas[step].expand(t.shape)
     return _gather(sigmas, _lookup_index(_device_table(scheduler, "timesteps", t.device), t))
@@ -135,19 +161,9 @@ def model_input_alpha_sigma(scheduler, timestep, device=None) -> tuple[torch.Ten
     if kind == "vp":
         acp = _device_table(scheduler, "alphas_cumprod", t.device)
         # no bounds check on the device (it would sync): an out-of-range timestep is clamped to the table.
-        a = _gather(acp, t.long().clamp(0, acp.shape[0] - 1))
-        alpha, sigma = a.sqrt(), (1 - a).sqrt()
+        alpha, sigma = _vp_alpha_sigma(_gather(acp, t.long().clamp(0, acp.shape[0] - 1)))
     else:
-        table = "sigmas"
-        if kind == "sigma" and not getattr(scheduler, "state_in_first_order", True) \
-                and hasattr(scheduler, "sigmas_interpol"):
-            table = "sigmas_interpol"  # KDPM2's second evaluation is at the interpolated sigma
-        s = _sigma_at(scheduler, table, t)
-        if kind == "flow" or (kind == "dpm" and getattr(scheduler.config, "use_flow_sigmas", False)):
-            alpha, sigma = 1 - s, s
-        else:
-            alpha = (s * s + 1).rsqrt()
-            sigma = s * alpha
+        alpha, sigma = _sigma_alpha_sigma(scheduler, kind, _sigma_at(scheduler, _sigma_table(scheduler, kind), t))
     return alpha.to(torch.float32), sigma.to(torch.float32)
 
 
@@ -177,15 +193,11 @@ def _step_lists(scheduler, kind: str, attr: str, ptype: str, device: torch.devic
         _STEP_TABLES.clear()
     if kind == "vp":  # attr == "timesteps": alphas_cumprod at each timestep of the schedule
         acp = _device_table(scheduler, "alphas_cumprod", device)
-        a = acp.index_select(0, torch.as_tensor(src).to(device).long().clamp(0, acp.shape[0] - 1))
-        alpha, sigma = a.sqrt(), (1 - a).sqrt()
+        alpha, sigma = _vp_alpha_sigma(acp.index_select(0, torch.as_tensor(src).to(device).long()
+                                                        .clamp(0, acp.shape[0] - 1)))
     else:
         s = torch.as_tensor(src).to(device=device, dtype=_compute_dtype(device))
-        if kind == "flow" or (kind == "dpm" and getattr(scheduler.config, "use_flow_sigmas", False)):
-            alpha, sigma = 1 - s, s
-        else:
-            alpha = (s * s + 1).rsqrt()
-            sigma = s * alpha
+        alpha, sigma = _sigma_alpha_sigma(scheduler, kind, s)
     c1, c2 = reference.signal_coefficients(alpha.to(torch.float32), sigma.to(torch.float32), ptype)
     lists = (tuple(torch.as_tensor(c1).expand(alpha.shape).unbind(0)),
              tuple(torch.as_tensor(c2).expand(alpha.shape).unbind(0)))
@@ -230,15 +242,9 @@ def step_coefficients(scheduler, timestep, prediction_type: str | None = None, d
                 c1s, c2s = _step_lists(scheduler, kind, "timesteps", ptype, target)
                 return c1s[position], c2s[position]
         else:
-            table = "sigmas"
-            if kind == "sigma" and not getattr(scheduler, "state_in_first_order", True) \
-                    and hasattr(scheduler, "sigmas_interpol"):
-                table = "sigmas_interpol"
-            step = getattr(scheduler, "step_index", None)
-            if step is None:
-                step = getattr(scheduler, "begin_index", None)
+            step = _scheduler_step(scheduler)
             if isinstance(step, int) and type(t).__name__ != "FakeTensor":
-                c1s, c2s = _step_lists(scheduler, kind, table, ptype, target)
+                c1s, c2s = _step_lists(scheduler, kind, _sigma_table(scheduler, kind), ptype, target)
                 if step < len(c1s):
                     return c1s[step], c2s[step]
     return signal_coefficients_for(scheduler, timestep, ptype, device=device)
