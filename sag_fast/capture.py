@@ -31,19 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-from diffusers.hooks import HookRegistry, ModelHook
-
+from . import named_hooks
 from .ops._dispatch import check_nonnegative
 from .ops.mask import mask_from_probs, mask_from_qk
-
-
-def drop_bound_forward(module: torch.nn.Module) -> None:
-    """HookRegistry.remove_hook leaves the forward it wrapped as an instance attribute (a bound method); for a
-    module that had none before its hook, drop it, so the module looks its forward up on its class again (a
-    class-level patch, another library's, is then seen)."""
-    forward = vars(module).get("forward")
-    if getattr(forward, "__self__", None) is module and callable(getattr(forward, "__func__", None)):
-        del module.forward
 
 # generic default layers for a model no registry record names, first present wins: a UNet's mid-block
 # self-attention (a transformer block's attn1, or the block's own attention)
@@ -212,13 +202,12 @@ class _Marker(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _LayerHook(ModelHook):
+class _LayerHook(named_hooks.NamedHook):
     """The capture's named hook on the attention layer: the layer's own forward, under the probe when armed."""
 
-    def __init__(self, capture: "AttentionCapture", had_forward: bool):
+    def __init__(self, capture: "AttentionCapture"):
         super().__init__()
         self.capture = capture
-        self.had_forward = had_forward  # the layer had an instance-level forward before the hook
 
     def new_forward(self, module, *args, **kwargs):
         capture = self.capture
@@ -305,11 +294,10 @@ class AttentionCapture:
         if self.kind == "multihead":  # its fused native path shows torch no SDPA call: project q, k here
             self._handles.append(self.layer.register_forward_pre_hook(self._on_multihead, with_kwargs=True))
         else:
-            registry = HookRegistry.check_if_exists_or_initialize(self.layer)
-            if registry.get_hook(HOOK_NAME) is not None:
+            if named_hooks.get(self.layer, HOOK_NAME) is not None:
                 raise RuntimeError(f"the model already has SAG enabled (a sag_fast capture on layer {self.layer_name!r}: "
                                    "another pipeline sharing this model?); call disable_sag on that pipeline first")
-            registry.register_hook(_LayerHook(self, "forward" in vars(self.layer)), HOOK_NAME)
+            named_hooks.register(self.layer, _LayerHook(self), HOOK_NAME)
             self._hooked = True
 
     def _live(self) -> bool:
@@ -538,12 +526,7 @@ class AttentionCapture:
             handle.remove()
         self._handles.clear()
         if self._hooked:
-            registry = vars(self.layer).get("_diffusers_hook")
-            hook = None if registry is None else registry.get_hook(HOOK_NAME)
-            if hook is not None:
-                registry.remove_hook(HOOK_NAME, recurse=False)
-                if not hook.had_forward and not registry.hooks:
-                    drop_bound_forward(self.layer)
+            named_hooks.unregister(self.layer, HOOK_NAME)
             self._hooked = False
         self._armed = False
 

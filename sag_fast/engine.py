@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 
-from .capture import drop_bound_forward
+from . import named_hooks
 from .guidance import SAGConfig
 from .ops.degrade import degrade
 from .ops.guidance import guidance_combine, guidance_shift_
@@ -87,13 +86,12 @@ def is_compiled(module) -> bool:
 
 
 # ------------------------------------------------------------------------------- one named denoiser hook
-class _Hook(ModelHook):
+class _Hook(named_hooks.NamedHook):
     """The named diffusers hook on a plain denoiser: its forward is handler(original_forward, args, kwargs)."""
 
-    def __init__(self, handler, had_forward: bool):
+    def __init__(self, handler):
         super().__init__()
         self.handler = handler
-        self.had_forward = had_forward  # the module had an instance-level forward before the hook
 
     def new_forward(self, module, *args, **kwargs):
         return self.handler(self.fn_ref.original_forward, args, kwargs)
@@ -119,8 +117,7 @@ def hooked(outer: torch.nn.Module, name: str = HOOK_NAME):
                 return current.handler
             current = current.original
         return None
-    registry = vars(outer).get("_diffusers_hook")
-    hook = None if registry is None else registry.get_hook(name)
+    hook = named_hooks.get(outer, name)
     return None if hook is None else hook.handler
 
 
@@ -134,7 +131,7 @@ def attach(outer: torch.nn.Module, handler, name: str = HOOK_NAME) -> None:
         current = vars(outer).get("forward")
         outer.forward = _CompiledForward(handler, current if current is not None else outer.forward, name)
         return
-    HookRegistry.check_if_exists_or_initialize(outer).register_hook(_Hook(handler, "forward" in vars(outer)), name)
+    named_hooks.register(outer, _Hook(handler), name)
 
 
 def detach(outer: torch.nn.Module, name: str = HOOK_NAME) -> None:
@@ -150,12 +147,7 @@ def detach(outer: torch.nn.Module, name: str = HOOK_NAME) -> None:
                 return
             link, current = current, current.original
         return
-    registry = vars(outer).get("_diffusers_hook")
-    hook = None if registry is None else registry.get_hook(name)
-    if hook is not None:
-        registry.remove_hook(name, recurse=False)
-        if not hook.had_forward and not registry.hooks:
-            drop_bound_forward(outer)
+    named_hooks.unregister(outer, name)
 
 
 # ------------------------------------------------------------------------------------ per-call state

@@ -196,12 +196,11 @@ class SAGSession:
         return 0
 
     # ------------------------------------------------------------------------------- forward
-    def forward(self, original, args, kwargs, expert: _Expert | None = None):
+    def forward(self, original, args, kwargs, expert: _Expert):
         """The engine hook's handler: the denoiser's forward with SAG, a drop-in for `original(*args, **kwargs)`."""
         call = engine.active_call()
         if call is None or call.owner is not self:  # not inside this pipeline's SAG call: the plain model
             return original(*args, **kwargs)
-        expert = self.experts[0] if expert is None else expert
         b = expert.binding
         arguments = b.bind(args, kwargs)
         if arguments is None:
