@@ -51,6 +51,19 @@ def recorded_calls(model):
     return seen
 
 
+def plain_replay(pipe, seen, index: int):
+    """The recorded guided call `index` of pipe.transformer (recorded_calls) run again with SAG disabled:
+    (its kwargs without hidden_states, hidden_states x, the guided output, the plain output, the plain run's
+    recorded scaled_dot_product_attention calls)."""
+    kwargs, guided = seen[index]
+    kwargs.pop("return_dict", None)
+    x = kwargs.pop("hidden_states")
+    disable_sag(pipe)
+    with torch.no_grad(), recorded_sdpa() as qk:
+        out = pipe.transformer(hidden_states=x, return_dict=False, **kwargs)[0]
+    return kwargs, x, guided, out, qk
+
+
 def flow_coefficients(sigma: float):
     """(c1, c2) of the reference for flow matching at sigma: x = (1 - sigma) x0 + sigma eps."""
     return reference.signal_coefficients(torch.tensor(1 - sigma, dtype=torch.float64),
@@ -248,13 +261,9 @@ def test_flux_guided_call_equals_the_float64_reference():
     model = pipe.transformer
     seen = recorded_calls(model)
     pipe(generator=gen(0), **flux_inputs())
-    kwargs, guided = seen[1]  # the second step (at the first, sigma = 1: x0's estimate, and SAG's effect, is 0)
-    kwargs.pop("return_dict", None)
-    x = kwargs.pop("hidden_states")
-    disable_sag(pipe)
+    # the second step (at the first, sigma = 1: x0's estimate, and SAG's effect, is 0)
+    kwargs, x, guided, out, qk = plain_replay(pipe, seen, 1)
     sigma = float(pipe.scheduler.sigmas[1])
-    with torch.no_grad(), recorded_sdpa() as qk:
-        out = model(hidden_states=x, return_dict=False, **kwargs)[0]
     q, k, scale = qk[1]  # transformer_blocks.1 (double-stream)
     n_txt = kwargs["encoder_hidden_states"].shape[1]
     mask = joint_mask_reference(q, k, scale, (n_txt, 16), (4, 4))

@@ -13,7 +13,7 @@ import torch
 from sag_fast import reference
 from sag_fast.diffusers import disable_sag, enable_sag, last_mask
 from sag_fast.diffusers.tiny import tiny_wan_pipeline
-from test_diffusers_transformers import flow_coefficients, recorded_calls, recorded_sdpa
+from test_diffusers_transformers import flow_coefficients, plain_replay, recorded_calls
 
 GRID = (2, 4, 4)  # tokens of 5 frames (2 latent frames) at 64x64 (8x8 latents, 2x2 patches)
 
@@ -117,13 +117,9 @@ def test_wan_guided_call_equals_the_float64_reference():
     seen = recorded_calls(model)
     pe, ne = _embeds(1)
     frames(pipe, embeds=(pe.double(), ne.double()))
-    kwargs, guided = seen[3]  # step 1: [cond, uncond] calls; the uncond call is the guided one
-    kwargs.pop("return_dict", None)
-    x = kwargs.pop("hidden_states")
-    disable_sag(pipe)
+    # step 1: [cond, uncond] calls; the uncond call is the guided one
+    kwargs, x, guided, out, qk = plain_replay(pipe, seen, 3)
     sigma = float(pipe.scheduler.sigmas[1])
-    with torch.no_grad(), recorded_sdpa() as qk:
-        out = model(hidden_states=x, return_dict=False, **kwargs)[0]
     q, k, scale = qk[2]  # blocks.1.attn1 (each block: self-attention, then cross-attention)
     mask = reference.mass_to_mask(reference.attention_mass_from_qk(q, k, scale), GRID)
     assert mask.any() and not mask.all()
