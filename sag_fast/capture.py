@@ -416,21 +416,61 @@ class AttentionCapture:
                    enable_gqa=False, **_):
         if self._probing:
             raise _Seen
-        if attn_mask is not None or is_causal:
-            raise RuntimeError(f"layer {self.layer_name!r} attends with an attention mask (or causally): the SAG mass "
-                               "would ignore it; choose another layer (layer=...)")
+        if is_causal:
+            raise RuntimeError(f"layer {self.layer_name!r} attends causally: the SAG mass would ignore it; choose "
+                               "another layer (layer=...)")
         q, k = query, key
         if q.dim() == 3:  # (B*heads, N, d) or unbatched (heads, N, d): one head each
             q, k = q.unsqueeze(1), k.unsqueeze(1)
         if q.dim() != 4 or k.dim() != 4:
             raise RuntimeError(f"layer {self.layer_name!r}: scaled_dot_product_attention got q {tuple(query.shape)}, "
                                "expected (B, heads, N, d)")
+        bias = None if attn_mask is None else self._key_bias(attn_mask, q, k)
+        rows = self._slice()
+        bias = None if bias is None else bias[rows]
         if self.joint is not None:
-            self._compute_joint(q[self._slice()], k[self._slice()], scale)
+            self._compute_joint(q[rows], k[rows], scale, bias)
         else:
-            self._compute(q[self._slice()], k[self._slice()], scale)
+            self._compute(q[rows], k[rows], scale, bias)
 
-    def _compute_joint(self, q: torch.Tensor, k: torch.Tensor, scale) -> None:
+    def _key_bias(self, attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The (B, Nk) per-key additive bias that `attn_mask` is for the queries SAG reads (the image queries
+        of joint attention): padded text keys (QwenImage, Chroma) are dropped from their softmax. A mask that
+        differs between those queries (or heads) is not a per-key mask: refused, as the mass would ignore it."""
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device)
+            bias = bias.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask.is_floating_point():
+            bias = attn_mask
+        else:
+            raise RuntimeError(f"layer {self.layer_name!r} attends with a {attn_mask.dtype} attention mask; SAG reads "
+                               "boolean or additive float masks, as scaled_dot_product_attention does")
+        b, heads, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        try:
+            bias = bias.expand(b, heads, nq, nk) if bias.dim() <= 4 else None
+        except RuntimeError:
+            bias = None
+        if bias is None:
+            raise RuntimeError(f"layer {self.layer_name!r}: an attention mask of shape {tuple(attn_mask.shape)} does "
+                               f"not broadcast to the attention's (B, heads, Nq, Nk) = {(b, heads, nq, nk)}")
+        start, n = 0, nq
+        if self.joint is not None and self.image_tokens is not None and 0 < self.image_tokens <= nq:
+            n = self.image_tokens
+            start = 0 if self.joint == "image_first" else nq - n
+        # SDPA aligns the mask's dims to the right: (..., heads, Nq, Nk); size 1 on both is a per-key mask
+        per_key = attn_mask.shape[-2] == 1 and (attn_mask.dim() < 3 or attn_mask.shape[-3] == 1)
+        first = bias[:, 0, start]
+        if not per_key:  # e.g. Chroma's outer product of the token mask: per key for the (unpadded) image queries
+            same = bias[:, :, start:start + n] == first[:, None, None]
+            if torch.compiler.is_compiling():
+                torch._assert_async(same.all(), "SAG: the attention mask is not the same for every image query")
+            elif not bool(same.all()):
+                raise RuntimeError(f"layer {self.layer_name!r} attends with a mask that differs between its image "
+                                   "queries (or heads): it is not a per-key mask, and the SAG mass would ignore it; "
+                                   "choose another layer (layer=...)")
+        return first
+
+    def _compute_joint(self, q: torch.Tensor, k: torch.Tensor, scale, key_bias=None) -> None:
         """Joint attention (image and text tokens in one softmax): the mass of the image keys from the image
         queries, the row softmax over every key (text included); see reference.joint_attention_mass."""
         n_all = q.shape[2]
@@ -441,9 +481,9 @@ class AttentionCapture:
         start = 0 if self.joint == "image_first" else n_all - n
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         if n == n_all:  # no text tokens in this call: plain self-attention
-            self._compute(q, k, scale)
+            self._compute(q, k, scale, key_bias)
             return
-        self.mask = mask_from_qk(q, k, self._grid(n), self.threshold, scale, image_span=(start, n))
+        self.mask = mask_from_qk(q, k, self._grid(n), self.threshold, scale, image_span=(start, n), key_bias=key_bias)
         self._done = True
 
     def _from_probs(self, probs: torch.Tensor):
@@ -461,7 +501,7 @@ class AttentionCapture:
         self.mask = mask_from_probs(probs[self._slice()], self._grid(probs.shape[-1]), self.threshold)
         self._done = True
 
-    def _compute(self, q: torch.Tensor, k: torch.Tensor, scale) -> None:
+    def _compute(self, q: torch.Tensor, k: torch.Tensor, scale, key_bias=None) -> None:
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"layer {self.layer_name!r} is not self-attention: {q.shape[2]} queries and {k.shape[2]} keys")
         if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves several query heads
@@ -469,7 +509,7 @@ class AttentionCapture:
                 raise RuntimeError(f"layer {self.layer_name!r}: {q.shape[1]} query heads vs {k.shape[1]} key heads")
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        self.mask = mask_from_qk(q, k, self._grid(k.shape[2]), self.threshold, scale)
+        self.mask = mask_from_qk(q, k, self._grid(k.shape[2]), self.threshold, scale, key_bias=key_bias)
         self._done = True
 
     # ------------------------------------------------------------------------------------ public

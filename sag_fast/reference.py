@@ -34,13 +34,25 @@ def attention_mass(probs: torch.Tensor, heads: int | None = None) -> torch.Tenso
     return probs.to(acc).mean(1).sum(1)
 
 
-def attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """The same mass from q (B, heads, Nq, d) and k (B, heads, Nk, d), softmax(q k^T * scale) over keys."""
+def masked_softmax(scores: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dim of scores + key_bias[b, None, None, j] (a per-key attention mask, -inf drops
+    a key, as scaled_dot_product_attention's float attn_mask); a row with every key dropped is all zeros."""
+    if key_bias is None:
+        return torch.softmax(scores, dim=-1)
+    logits = scores + key_bias.to(scores.dtype)[:, None, None, :]
+    kept = torch.isfinite(logits).any(-1, keepdim=True)
+    return torch.where(kept, torch.softmax(torch.where(kept, logits, 0.0), dim=-1), 0.0)
+
+
+def attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                           key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The same mass from q (B, heads, Nq, d) and k (B, heads, Nk, d), softmax(q k^T * scale) over keys
+    (plus key_bias (B, Nk), see masked_softmax)."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention_mass_from_qk: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, heads, N, d)")
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    probs = torch.softmax(q.to(acc) @ k.to(acc).transpose(-1, -2) * scale, dim=-1)
+    probs = masked_softmax(q.to(acc) @ k.to(acc).transpose(-1, -2) * scale, key_bias)
     return attention_mass(probs)
 
 
@@ -87,14 +99,15 @@ def joint_attention_mass(probs: torch.Tensor, image_span) -> torch.Tensor:
 
 
 def joint_attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, image_span,
-                                 scale: float | None = None) -> torch.Tensor:
-    """joint_attention_mass of softmax(q k^T * scale) over all keys; q, k (B, heads, N, d), materialised."""
+                                 scale: float | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """joint_attention_mass of softmax(q k^T * scale) over all keys; q, k (B, heads, N, d), materialised.
+    key_bias (B, N): a per-key attention mask (masked_softmax), e.g. -inf on padded text tokens (Chroma)."""
     if q.dim() != 4 or q.shape != k.shape:
         raise ValueError(f"joint_attention_mass_from_qk: q {tuple(q.shape)} and k {tuple(k.shape)} must both be "
                          "(B, heads, N, d)")
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    probs = torch.softmax(q.to(acc) @ k.to(acc).transpose(-1, -2) * scale, dim=-1)
+    probs = masked_softmax(q.to(acc) @ k.to(acc).transpose(-1, -2) * scale, key_bias)
     return joint_attention_mass(probs, image_span)
 
 

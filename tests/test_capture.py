@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from diffusers import DiTTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor
 
@@ -344,3 +345,72 @@ def test_eager_processor_softmax_is_captured():
     capture = AttentionCapture(model)
     captured(capture, lambda: model(x, 10, emb).sample, slice(1, 2))
     assert_mask_matches(capture.mask, mass[1:], (5, 6))
+
+
+# ------------------------------------------------------------------ attention masks over the keys
+def _tiny_chroma():
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(0)
+    return ChromaTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                    axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+                                    approximator_layers=1).eval()
+
+
+def test_joint_capture_drops_masked_text_keys():
+    """Chroma-style padded text: the layer attends with a (B, 1, N, N) float mask (the outer product of the token
+    mask), which SDPA adds to the scores. The capture's mask is the float64 joint mass with that mask's row
+    for the image queries as a per-key bias; without it the mask would differ."""
+    from sag_fast import reference
+
+    model = _tiny_chroma()
+    b, n_img, n_txt = 2, 16, 10
+    torch.manual_seed(3)  # inputs where dropping the padded keys flips mask bits (it moves masses by up to 6%)
+    x, txt = torch.randn(b, n_img, 4), torch.randn(b, n_txt, 16) * 3
+    img_ids = torch.stack([torch.zeros(n_img), torch.arange(n_img) // 4, torch.arange(n_img) % 4], -1).float()
+    # Chroma multiplies its float token mask into a (B, 1, N, N) outer product that SDPA adds to the scores;
+    # -30 on the padded tokens makes the image queries' bias -30 there: the padded text keys are dropped
+    token_mask = torch.ones(b, n_txt + n_img)
+    token_mask[0, 3:n_txt] = -30.0
+    token_mask[1, 6:n_txt] = -30.0
+    seen = []
+
+    class Record(TorchFunctionMode):  # outside the capture's own mode: sees the calls it passes on
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.scaled_dot_product_attention:
+                q, k = (args[0], args[1]) if len(args) > 1 else (kwargs["query"], kwargs["key"])
+                seen.append((q.clone(), k.clone(), kwargs.get("attn_mask"), kwargs.get("scale")))
+            return func(*args, **kwargs)
+
+    capture = AttentionCapture(model, "transformer_blocks.0.attn", grid_hw=(4, 4), joint="text_first", probe=False)
+    capture.image_tokens = n_img
+    with torch.no_grad(), Record(), capture.capturing():
+        model(x, txt, torch.tensor([0.5, 0.5]), img_ids, torch.zeros(n_txt, 3), attention_mask=token_mask)
+    q, k, attn_mask, scale = seen[0]  # transformer_blocks.0 runs first
+    assert attn_mask is not None and attn_mask.shape[-2] > 1, "the layer should attend with a per-query mask"
+    bias = attn_mask.expand(b, 1, n_txt + n_img, n_txt + n_img)[:, 0, n_txt].double()
+    qd, kd = q.double(), k.double()
+    span = (n_txt, n_img)
+    mass = reference.joint_attention_mass_from_qk(qd, kd, span, scale, bias)
+    with_mask = reference.joint_mass_to_mask(mass, (4, 4))
+    without = reference.joint_mass_to_mask(reference.joint_attention_mass_from_qk(qd, kd, span, scale), (4, 4))
+    far = ((mass / mass.mean(-1, keepdim=True) - 1).abs() > 1e-4).view(b, 4, 4)  # fp32 may flip the rest
+    assert (with_mask != without)[far].any(), "the text mask should change the SAG mask: the test would not see it"
+    assert torch.equal(capture.mask[far], with_mask[far])
+    capture.remove()
+
+
+def test_capture_refuses_a_mask_that_is_not_per_key():
+    """A mask that differs between the image queries (here: one image query may not see one key) is not a
+    per-key mask: the SAG mass would ignore it, so the capture refuses it, naming the layer."""
+    model = _tiny_chroma()
+    capture = AttentionCapture(model, "transformer_blocks.0.attn", grid_hw=(4, 4), joint="text_first", probe=False)
+    capture.image_tokens = 16
+    q = torch.randn(1, 2, 20, 8)
+    mask = torch.ones(1, 1, 20, 20, dtype=torch.bool)
+    mask[0, 0, 7, 2] = False
+    with pytest.raises(RuntimeError, match="differs between its image\\s+queries"):
+        capture._from_sdpa(q, q.clone(), attn_mask=mask)
+    capture.remove()

@@ -445,7 +445,7 @@ def test_torch_compile_fullgraph():
 
 # ---------------------------------------------------------------------------- AOT / ptxas spills
 _PTR = {"p_ptr": None, "q_ptr": None, "k_ptr": None, "lse_ptr": "*fp32", "part_ptr": "*fp32",
-        "mass_ptr": "*fp32", "count_ptr": "*i32", "mask_ptr": "*u8"}
+        "mass_ptr": "*fp32", "count_ptr": "*i32", "mask_ptr": "*u8", "bias_ptr": "*fp32"}
 _CONTIGUOUS_LAST = ("stride_k", "sq_d", "sk_d")  # stride 1 is specialised to a constexpr at launch
 _FLOATS = ("threshold", "qk_scale")
 
@@ -457,6 +457,8 @@ def _aot_spec(fn, dtype: str, constexprs: dict):
         cx["WRITE_MASS"] = False  # what the custom ops launch
     if "RELATIVE" in fn.arg_names:
         cx.setdefault("RELATIVE", False)  # absolute threshold; the joint-attention tests compile True
+    if "HAS_BIAS" in fn.arg_names:
+        cx.setdefault("HAS_BIAS", False)  # no key bias; the joint-attention tests compile True
     sig = {}
     for name in fn.arg_names:
         if name in cx:

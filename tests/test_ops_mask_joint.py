@@ -312,23 +312,24 @@ def _joint_aot_cases():
     cases = []
     for dt, tdt in (("fp16", torch.float16), ("fp32", torch.float32)):
         for d_pad in (64, 128, 256):
-            _, mass = ops.qk_configs(tdt, d_pad)
-            cases.append((dt, dict(mass)))
+            lse, mass = ops.qk_configs(tdt, d_pad)
+            cases += [("_qk_mass_kernel", dt, {**mass, "RELATIVE": True}), ("_qk_lse_kernel", dt, dict(lse))]
     return cases
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("case", _joint_aot_cases(), ids=lambda c: f"{c[0]}-d{c[1]['D_PAD']}")
+@pytest.mark.parametrize("case", _joint_aot_cases(), ids=lambda c: f"{c[0][4:-7]}-{c[1]}-d{c[2]['D_PAD']}")
 def test_joint_mass_kernel_compiles_without_spills(case, arch):
-    """The relative-threshold mass kernel (the lse kernel is the one test_ops_mask compiles)."""
+    """The relative-threshold mass kernel and both qk kernels with a key bias (padded text keys); the kernels
+    without the bias are the ones test_ops_mask compiles."""
     from triton_aot import compile_report, spilled_bytes
 
-    dtype, cfg = case
+    kernel, dtype, cfg = case
     cfg = dict(cfg)
     num_warps = cfg.pop("num_warps")
-    sig, cx = _aot_spec(ops._qk_mass_kernel, dtype, {**cfg, "RELATIVE": True})
-    report = compile_report("sag_fast.ops.mask:_qk_mass_kernel", sig, cx, arch, num_warps=num_warps)
+    sig, cx = _aot_spec(getattr(ops, kernel), dtype, {**cfg, "HAS_BIAS": True})
+    report = compile_report(f"sag_fast.ops.mask:{kernel}", sig, cx, arch, num_warps=num_warps)
     assert spilled_bytes(report) == 0, report
 
 
@@ -349,3 +350,69 @@ def test_gpu_joint_sd3_and_flux_like(text_first, d):
                                            return_mass=True)
         assert torch.equal(again, mask) and torch.equal(mass2.view(torch.int32), mass.view(torch.int32))
     assert torch.equal(mask_from_qk(q, k, (32, 32), layout="BNHD", image_span=span).view(2, -1), mask)
+
+
+# ------------------------------------------------------------------------ key_bias (padded text keys)
+def padded_text_bias(b, n, text, valid, dtype=torch.float32, finite=None):
+    """(B, N) key bias: -inf on the text keys of `text` (a slice) past each row's valid count; finite: instead
+    of -inf, these values (a float mask as Chroma passes it: 1 on kept keys, 0 on padding)."""
+    bias = torch.zeros(b, n, dtype=dtype)
+    for row, keep in enumerate(valid):
+        pad = torch.arange(text.start, text.stop)[keep:]
+        if finite is None:
+            bias[row, pad] = float("-inf")
+        else:
+            bias[row] = finite[1]
+            bias[row, pad] = finite[0]
+    return bias
+
+
+@pytest.mark.parametrize("text_first", [True, False], ids=["text-first", "text-last"])
+def test_joint_key_bias_matches_reference(text_first, device, impl):
+    """Padded text keys dropped per row (QwenImage's and Chroma's text masks), the rows with different padding;
+    70 dropped keys in a row fill whole key blocks (the log-sum-exp's all-dropped-block path)."""
+    n_img, n_txt, grid = 35, 80, (5, 7)
+    q, k, span = joint_qkv(3, 2, n_img, n_txt, 16, torch.float32, device, text_first)
+    text = slice(0, n_txt) if text_first else slice(n_img, n_img + n_txt)
+    bias = padded_text_bias(3, n_img + n_txt, text, valid=[10, 80, 0]).to(device)
+    ref = reference.joint_attention_mass_from_qk(q.transpose(1, 2).cpu().double(), k.transpose(1, 2).cpu().double(),
+                                                 span, key_bias=bias.cpu().double())
+    unbiased = ref_joint_mass(q, k, span)
+    assert (ref - unbiased).abs().amax() > 0.1, "the dropped keys should change the mass"
+    out = mask_from_qk(q, k, grid, layout="BNHD", image_span=span, key_bias=bias)
+    assert_joint_mask(out, ref, grid, 1.0)
+    if impl == "op":
+        torch.testing.assert_close(ops._mass_qk_torch(q.transpose(1, 2).cpu(), k.transpose(1, 2).cpu(), 16 ** -0.5,
+                                                      span, bias.cpu()).double(), ref, rtol=2e-5, atol=2e-5)
+    elif INTERPRETED or device.type == "cuda":
+        _, mass = launch_mask_from_qk(q.transpose(1, 2), k.transpose(1, 2), 1.0, 16 ** -0.5, image_span=span,
+                                      key_bias=bias, return_mass=True)
+        torch.testing.assert_close(mass.cpu().double(), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_key_bias_finite_and_without_span(device, impl):
+    """A finite additive bias (SDPA adds a float attn_mask: Chroma's 0/1 mask is +1 on kept keys), and a key
+    bias on plain self-attention (no image_span): both as the float64 softmax with the bias added."""
+    q, k, span = joint_qkv(2, 3, 24, 9, 16, torch.float32, device, text_first=True)
+    bias = padded_text_bias(2, 33, slice(0, 9), valid=[3, 9], finite=(0.0, 1.0)).to(device)
+    qd, kd = q.transpose(1, 2).cpu().double(), k.transpose(1, 2).cpu().double()
+    ref = reference.joint_attention_mass_from_qk(qd, kd, span, key_bias=bias.cpu().double())
+    assert_joint_mask(mask_from_qk(q, k, (4, 6), layout="BNHD", image_span=span, key_bias=bias), ref, (4, 6), 1.0)
+    qi, ki = q[:, 9:], k[:, 9:]  # image tokens only: plain self-attention, one key dropped per row
+    drop = torch.zeros(2, 24, device=device)
+    drop[0, 5], drop[1, 17] = float("-inf"), float("-inf")
+    ref_plain = reference.attention_mass_from_qk(qi.transpose(1, 2).cpu().double(), ki.transpose(1, 2).cpu().double(),
+                                                 key_bias=drop.cpu().double())
+    assert ref_plain[0, 5] == 0 and ref_plain[1, 17] == 0
+    out = mask_from_qk(qi, ki, (4, 6), layout="BNHD", key_bias=drop)
+    far = ((ref_plain - 1.0).abs() > NEAR).view(2, 4, 6)
+    expected = reference.mass_to_mask(ref_plain, (4, 6), 1.0)
+    assert torch.equal(out.cpu()[far], expected[far]) and not out[0, 0, 5] and not out[1, 2, 5]
+
+
+def test_key_bias_bad_shape_names_it():
+    q, k, span = joint_qkv(2, 1, 12, 3, 8, torch.float32, torch.device("cpu"), text_first=True)
+    with pytest.raises(ValueError, match=r"key_bias must be \(B, Nk\) = \(2, 15\)"):
+        mask_from_qk(q, k, (3, 4), layout="BNHD", image_span=span, key_bias=torch.zeros(2, 12))
+    with pytest.raises(ValueError, match="key_bias must be one of"):
+        mask_from_qk(q, k, (3, 4), layout="BNHD", image_span=span, key_bias=torch.zeros(2, 15, dtype=torch.long))

@@ -183,10 +183,13 @@ def _qk_scores(q, kt, qk_scale, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _qk_lse_kernel(q_ptr, k_ptr, lse_ptr, heads, nq, nk, d,
+def _qk_lse_kernel(q_ptr, k_ptr, lse_ptr, bias_ptr, heads, nq, nk, d,
                    sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, qk_scale,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr):
-    """lse2[b, h, i] = log2 sum_j 2^(s_ij), s in base 2, streaming over key blocks (online max)."""
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+    """lse2[b, h, i] = log2 sum_j 2^(s_ij), s in base 2, streaming over key blocks (online max).
+    HAS_BIAS: s_ij += bias2[b, j] (a per-key additive mask, base 2, -inf drops the key); a row with no
+    key left gets lse2 = +inf, so that its probabilities read as 0."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
@@ -205,21 +208,30 @@ def _qk_lse_kernel(q_ptr, k_ptr, lse_ptr, heads, nq, nk, d,
     for n0 in range(0, nk, BLOCK_N):
         nmask = (n0 + offs_n) < nk
         kt = tl.load(kt_ptr + kt_tile, mask=dmask[:, None] & nmask[None, :], other=0.0)
-        s = tl.where(nmask[None, :], _qk_scores(q, kt, qk_scale, IEEE), float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block has >= 1 valid key
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        s = _qk_scores(q, kt, qk_scale, IEEE)
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + b.to(tl.int64) * nk + n0 + offs_n, mask=nmask, other=0.0)[None, :]
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # without a bias finite: every block has >= 1 valid key
+        m_use = m_new
+        if HAS_BIAS:  # dropped keys only so far: m_new = -inf, shift by 0 instead (exp2(-inf - 0) = 0, no NaN)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
         m = m_new
         kt_ptr += BLOCK_N * sk_n
-    tl.store(lse_ptr + bh.to(tl.int64) * nq + offs_m, m + tl.log2(l), mask=offs_m < nq)
+    lse = m + tl.log2(l)
+    if HAS_BIAS:
+        lse = tl.where(l > 0, lse, float("inf"))
+    tl.store(lse_ptr + bh.to(tl.int64) * nq + offs_m, lse, mask=offs_m < nq)
 
 
 @triton.jit
-def _qk_mass_kernel(q_ptr, k_ptr, lse_ptr, part_ptr, count_ptr, mask_ptr, mass_ptr,
-                    heads, nq, nk, d, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, qk_scale,
+def _qk_mass_kernel(q_ptr, k_ptr, lse_ptr, bias_ptr, part_ptr, count_ptr, mask_ptr, mass_ptr,
+                    heads, nq, nk, d, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, qk_scale, bias_stride_b,
                     rows_per_split, n_split, threshold,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr,
-                    WRITE_MASS: tl.constexpr, RELATIVE: tl.constexpr):
-    """Per key block: sum over heads and this program's query rows of 2^(s_ij - lse2_i).
+                    WRITE_MASS: tl.constexpr, RELATIVE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per key block: sum over heads and this program's query rows of 2^(s_ij + bias2_j - lse2_i).
     RELATIVE: threshold relative to each batch row's mean mass (joint attention)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -236,6 +248,9 @@ def _qk_mass_kernel(q_ptr, k_ptr, lse_ptr, part_ptr, count_ptr, mask_ptr, mass_p
     k_head = k_ptr + b.to(tl.int64) * sk_b + (pid_n * BLOCK_N).to(tl.int64) * sk_n
     lse_head = lse_ptr + b.to(tl.int64) * heads * nq + q_lo
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    kbias = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_BIAS:  # the bias of this block's keys (a view of the LSE keys' bias: row stride bias_stride_b)
+        kbias = tl.load(bias_ptr + b.to(tl.int64) * bias_stride_b + offs_n, mask=nmask, other=0.0)
     for _h in range(0, heads):
         kt = tl.load(k_head + kt_tile, mask=dmask[:, None] & nmask[None, :], other=0.0)
         q_cur = q_head
@@ -244,7 +259,7 @@ def _qk_mass_kernel(q_ptr, k_ptr, lse_ptr, part_ptr, count_ptr, mask_ptr, mass_p
             rmask = (m0 + tl.arange(0, BLOCK_M)) < q_hi
             q = tl.load(q_cur + q_tile, mask=rmask[:, None] & dmask[None, :], other=0.0)
             lse = tl.load(lse_cur + tl.arange(0, BLOCK_M), mask=rmask, other=float("inf"))  # rows past q_hi add 0
-            acc += tl.exp2(_qk_scores(q, kt, qk_scale, IEEE) - lse[:, None])
+            acc += tl.exp2(_qk_scores(q, kt, qk_scale, IEEE) + kbias[None, :] - lse[:, None])
             q_cur += BLOCK_M * sq_m
             lse_cur += BLOCK_M
         q_head += sq_h
@@ -315,15 +330,22 @@ def launch_mask_from_probs(probs: torch.Tensor, threshold: float, *, n_split: in
 
 
 def launch_mask_from_qk(q: torch.Tensor, k: torch.Tensor, threshold: float, scale: float, *,
-                        image_span: tuple[int, int] | None = None, n_split: int | None = None,
-                        return_mass: bool = False, traced: bool = False):
+                        image_span: tuple[int, int] | None = None, key_bias: torch.Tensor | None = None,
+                        n_split: int | None = None, return_mass: bool = False, traced: bool = False):
     """Triton path for q (B, heads, Nq, d), k (B, heads, Nk, d), any strides (a (B, N, heads, d) tensor is
     passed as its .transpose(1, 2)). -> (mask (B, Nk) bool, mass or None).
     image_span=(start, length): joint attention (Nq == Nk == N): image queries and keys are the span, the
     softmax runs over all N keys, the threshold is relative to the mean mass -> (mask (B, length), mass).
-    Launches under q's device. traced: record the launches with wrap_triton (torch.compile)."""
+    key_bias: None, or (B, Nk) added to every query's scores of key j (natural-log units, as an attention
+    mask; -inf drops the key from the softmax). Launches under q's device. traced: record the launches with
+    wrap_triton (torch.compile)."""
     relative = image_span is not None
     lse_keys = k  # the keys of each row's log-sum-exp: all of them
+    # base 2, contiguous fp32 (B, Nk): a few KB; the mass kernel reads the image span's part of it
+    bias2 = None if key_bias is None else (key_bias.to(torch.float32) * LOG2E).contiguous()
+    mass_bias = bias2
+    if relative and bias2 is not None:
+        mass_bias = bias2.narrow(1, image_span[0], image_span[1])
     if relative:  # views (no copy): image queries; the mass is summed over image keys only
         start, length = image_span
         q, k = q.narrow(2, start, length), k.narrow(2, start, length)
@@ -347,11 +369,15 @@ def launch_mask_from_qk(q: torch.Tensor, k: torch.Tensor, threshold: float, scal
     lse_kernel = wrap_triton(_qk_lse_kernel) if traced else _qk_lse_kernel
     mass_kernel = wrap_triton(_qk_mass_kernel) if traced else _qk_mass_kernel
     with device_guard(q, traced):
+        has_bias = bias2 is not None
+        dummy = lse  # the bias pointer is never read without HAS_BIAS
         lse_kernel[(triton.cdiv(nq, lse_cfg["BLOCK_M"]), bsz * heads)](
-            q, lse_keys, lse, heads, nq, nk_lse, d, *qs, *lse_keys.stride(), qk_scale, **lse_cfg)
+            q, lse_keys, lse, bias2 if has_bias else dummy, heads, nq, nk_lse, d, *qs, *lse_keys.stride(),
+            qk_scale, HAS_BIAS=has_bias, **lse_cfg)
         mass_kernel[(n_kb, n_split, bsz)](
-            q, k, lse, part, count, mask.view(torch.uint8), mass, heads, nq, nk, d, *qs, *ks, qk_scale,
-            rows, n_split, float(threshold), WRITE_MASS=return_mass, RELATIVE=relative, **mass_cfg)
+            q, k, lse, mass_bias if has_bias else dummy, part, count, mask.view(torch.uint8), mass, heads, nq, nk,
+            d, *qs, *ks, qk_scale, nk_lse, rows, n_split, float(threshold), WRITE_MASS=return_mass,
+            RELATIVE=relative, HAS_BIAS=has_bias, **mass_cfg)
     return mask, (mass if return_mass else None)
 
 
@@ -418,7 +444,7 @@ def image_span_pair(image_span, op: str = "mask_from_qk") -> tuple[int, int] | N
 
 
 def check_qk(q, k, h: int, w: int, threshold: float, scale: float, triton: bool, layout: str = "BHND",
-             image_span=None, frames: int = 0) -> tuple[int, int] | None:
+             image_span=None, frames: int = 0, key_bias=None) -> tuple[int, int] | None:
     """The argument checks of sag_fast::mask_from_qk (its fake and both kernels); triton: the Triton kernel
     will run it (head dims up to MAX_HEAD_DIM). Returns image_span as (start, length), or None."""
     op = "mask_from_qk"
@@ -454,6 +480,12 @@ def check_qk(q, k, h: int, w: int, threshold: float, scale: float, triton: bool,
             raise ValueError(f"{op}: image_span=({start}, {length}) is out of range for N={n} tokens "
                              "(need start >= 0, length >= 1, start + length <= N)")
         check_grid(h, w, length, op, frames, what="image_span's length {}")
+    if key_bias is not None:
+        check_float(key_bias, "key_bias", op, allow_fp64=True)
+        check_same_device(op, "q", q, "key_bias", key_bias)
+        if tuple(key_bias.shape) != (kh.shape[0], kh.shape[2]):
+            raise ValueError(f"{op}: key_bias must be (B, Nk) = ({kh.shape[0]}, {kh.shape[2]}), one additive bias "
+                             f"per key, got {tuple(key_bias.shape)}")
     check_threshold(threshold, op)
     real_number(scale, "scale", op)
     return span
@@ -469,10 +501,11 @@ def _mass_probs_torch(p4: torch.Tensor) -> torch.Tensor:
     return p4.sum(dim=2, dtype=acc).mean(dim=1)
 
 
-def _mass_qk_torch(q: torch.Tensor, k: torch.Tensor, scale: float, image_span=None) -> torch.Tensor:
+def _mass_qk_torch(q: torch.Tensor, k: torch.Tensor, scale: float, image_span=None, key_bias=None) -> torch.Tensor:
     """(B, Nk) mass of softmax(q k^T * scale), a chunk of query rows at a time (never all Nq x Nk).
     image_span=(start, length): the rows of the span's queries, softmax over all keys, summed over the
-    span's keys -> (B, length).
+    span's keys -> (B, length). key_bias: (B, Nk) added to the scores of each key (-inf drops it); a row left
+    with no key has probabilities 0.
 
     One (chunk x Nk) buffer per chunk: the scores are exponentiated in place, and the column sums of the
     normalised rows are one matmul with the rows' 1/sum (softmax would allocate a second buffer)."""
@@ -484,10 +517,16 @@ def _mass_qk_torch(q: torch.Tensor, k: torch.Tensor, scale: float, image_span=No
     kt = k.to(acc).transpose(-1, -2)
     rows = max(1, _QUERY_CHUNK_ELEMENTS // max(1, bsz * heads * nk))
     mass = torch.zeros(bsz, heads, 1, length, dtype=acc, device=q.device)
+    bias = None if key_bias is None else key_bias.to(acc)[:, None, None, :]
     for i in range(0, nq, rows):
         e = torch.matmul(q[:, :, i:i + rows].to(acc), kt).mul_(scale)
-        e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
-        inv = e.sum(dim=-1, keepdim=True).reciprocal_()  # (B, heads, chunk, 1)
+        if bias is not None:
+            e.add_(bias)
+            e.sub_(e.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)).exp_()  # all-dropped rows: e = 0
+        else:
+            e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
+        total = e.sum(dim=-1, keepdim=True)
+        inv = total.reciprocal_() if bias is None else torch.where(total > 0, total.reciprocal(), 0.0)
         mass += torch.matmul(inv.transpose(-1, -2), e.narrow(-1, start, length))
         del e  # before the next chunk's matmul allocates its buffer: one chunk alive at a time
     return mass.squeeze(2).mean(dim=1)
@@ -504,9 +543,10 @@ def _mask_from_probs_torch(probs, h, w, threshold, heads, *, frames=0):
     return (_mass_probs_torch(p4) > threshold).view(p4.shape[0], *grid_shape(h, w, frames))
 
 
-def _mask_from_qk_torch(q, k, h, w, threshold, scale, *, layout="BHND", image_span=None, frames=0):
-    span = check_qk(q, k, h, w, threshold, scale, triton=False, layout=layout, image_span=image_span, frames=frames)
-    mass = _mass_qk_torch(heads_first(q, layout), heads_first(k, layout), scale, span)
+def _mask_from_qk_torch(q, k, h, w, threshold, scale, *, layout="BHND", image_span=None, frames=0, key_bias=None):
+    span = check_qk(q, k, h, w, threshold, scale, triton=False, layout=layout, image_span=image_span, frames=frames,
+                    key_bias=key_bias)
+    mass = _mass_qk_torch(heads_first(q, layout), heads_first(k, layout), scale, span, key_bias)
     return _threshold_mass(mass, threshold, span is not None).view(q.shape[0], *grid_shape(h, w, frames))
 
 
@@ -521,13 +561,14 @@ def _probs_triton(probs, h, w, threshold, heads, traced, frames=0):
     return mask.view(-1, *grid)
 
 
-def _qk_triton(q, k, h, w, threshold, scale, traced, layout="BHND", image_span=None, frames=0):
-    span = check_qk(q, k, h, w, threshold, scale, triton=True, layout=layout, image_span=image_span, frames=frames)
+def _qk_triton(q, k, h, w, threshold, scale, traced, layout="BHND", image_span=None, frames=0, key_bias=None):
+    span = check_qk(q, k, h, w, threshold, scale, triton=True, layout=layout, image_span=image_span, frames=frames,
+                    key_bias=key_bias)
     grid = grid_shape(h, w, frames)
     if q.shape[0] == 0:
         return torch.empty((0, *grid), dtype=torch.bool, device=q.device)
     mask, _ = launch_mask_from_qk(heads_first(q, layout), heads_first(k, layout), threshold, scale,
-                                  image_span=span, traced=traced)
+                                  image_span=span, key_bias=key_bias, traced=traced)
     return mask.view(-1, *grid)
 
 
@@ -537,10 +578,10 @@ def mask_from_probs_triton(probs, h: int, w: int, threshold: float, heads: int, 
 
 
 def mask_from_qk_triton(q, k, h: int, w: int, threshold: float, scale: float, *, layout: str = "BHND",
-                        image_span=None, frames: int = 0) -> torch.Tensor:
+                        image_span=None, frames: int = 0, key_bias=None) -> torch.Tensor:
     """The CUDA kernel of sag_fast::mask_from_qk (on CPU tensors under TRITON_INTERPRET=1)."""
     return _qk_triton(q, k, h, w, threshold, scale, traced=False, layout=layout, image_span=image_span,
-                      frames=frames)
+                      frames=frames, key_bias=key_bias)
 
 
 # ------------------------------------------------------------------------------------------- ops
@@ -550,9 +591,9 @@ def _probs_fake(probs, h, w, threshold, heads, *, frames=0):
     return probs.new_empty((bsz, *grid_shape(h, w, frames)), dtype=torch.bool)
 
 
-def _qk_fake(q, k, h, w, threshold, scale, *, layout="BHND", image_span=None, frames=0):
+def _qk_fake(q, k, h, w, threshold, scale, *, layout="BHND", image_span=None, frames=0, key_bias=None):
     check_qk(q, k, h, w, threshold, scale, triton=q.device.type == "cuda", layout=layout, image_span=image_span,
-             frames=frames)
+             frames=frames, key_bias=key_bias)
     return q.new_empty((q.shape[0], *grid_shape(h, w, frames)), dtype=torch.bool)
 
 
@@ -562,7 +603,7 @@ _QK_ARGS = ("q", "k", "h", "w", "threshold", "scale")
 # frames: 0 for an (h, w) key grid, mask (B, h, w); f >= 1 for a video's (f, h, w) grid, mask (B, f, h, w)
 _LIB.define("mask_from_probs(Tensor probs, int h, int w, float threshold, int heads, *, int frames=0) -> Tensor")
 _LIB.define("mask_from_qk(Tensor q, Tensor k, int h, int w, float threshold, float scale, *, "
-            "str layout=\"BHND\", int[]? image_span=None, int frames=0) -> Tensor")
+            "str layout=\"BHND\", int[]? image_span=None, int frames=0, Tensor? key_bias=None) -> Tensor")
 # every device but CUDA: the torch kernels (CompositeExplicitAutograd is the default for backends without their own)
 _LIB.impl("mask_from_probs", _mask_from_probs_torch, "CompositeExplicitAutograd")
 _LIB.impl("mask_from_qk", _mask_from_qk_torch, "CompositeExplicitAutograd")
@@ -598,7 +639,8 @@ def mask_from_probs(probs: torch.Tensor, grid_hw, threshold: float = 1.0, heads:
 
 
 def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw, threshold: float = 1.0,
-                 scale: float | None = None, *, layout: str = "BHND", image_span=None) -> torch.Tensor:
+                 scale: float | None = None, *, layout: str = "BHND", image_span=None,
+                 key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The same (B, h, w) torch.bool mask from q (B, heads, Nq, d) and k (B, heads, Nk, d), without
     materialising the (Nq, Nk) probabilities: A = softmax(q k^T * scale) over keys, scale 1/sqrt(d) by
     default. Any strides (e.g. (B, N, heads*d).view(B, N, heads, d).transpose(1, 2)); d <= 256 on CUDA.
@@ -613,6 +655,9 @@ def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw, threshold: float = 1
     (so 1.0 is "above the average image token"); grid_hw is the image grid, h*w == length.
     Video: grid_hw = (f, h, w) with f*h*w == Nk (or == length), keys frame-major -> mask (B, f, h, w); the
     CPU kernel streams over query chunks as for images (no Nq x Nk buffer).
+    key_bias: None, or a (B, Nk) float tensor added to every query's scores of key j before the softmax, as a
+    per-key attention mask (scaled_dot_product_attention's float attn_mask; -inf drops the key, e.g. padded
+    text tokens); a row with no key left contributes nothing.
     """
     h, w, frames = _grid(grid_hw, "mask_from_qk")
     threshold = check_threshold(threshold, "mask_from_qk")
@@ -622,8 +667,10 @@ def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw, threshold: float = 1
             check_float(q, "q", "mask_from_qk")
         scale = 1.0 / math.sqrt(q.shape[-1])  # d is the last dim in both layouts
     scale = real_number(scale, "scale", "mask_from_qk")
-    if layout == "BHND" and span is None and frames == 0:  # today's call, exactly
+    if layout == "BHND" and span is None and frames == 0 and key_bias is None:  # today's call, exactly
         return torch.ops.sag_fast.mask_from_qk(q, k, h, w, threshold, scale)
     extra = {"frames": frames} if frames else {}
+    if key_bias is not None:
+        extra["key_bias"] = key_bias
     return torch.ops.sag_fast.mask_from_qk(q, k, h, w, threshold, scale, layout=layout,
                                            image_span=None if span is None else list(span), **extra)
