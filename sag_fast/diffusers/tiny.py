@@ -285,6 +285,16 @@ def tiny_t5_encoder(seed: int = 0):
                                        num_heads=4, pad_token_id=vocab["<|endoftext|>"])).eval()
 
 
+def tiny_umt5_encoder(seed: int = 0):
+    """A UMT5 encoder (Wan's text encoder class) over the tiny byte-level vocabulary."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    vocab, _ = _vocab_and_merges()
+    with _seeded(seed):
+        return UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4, pad_token_id=vocab["<|endoftext|>"])).eval()
+
+
 def tiny_flux_pipeline(cls=None, seed: int = 0, guidance_embeds: bool = True, text_encoders: bool = False,
                        device=None, dtype=None):
     """A tiny Flux.1 pipeline: FluxTransformer2DModel (3 double-stream + 2 single-stream blocks, rotary
@@ -314,12 +324,14 @@ def tiny_flux_pipeline(cls=None, seed: int = 0, guidance_embeds: bool = True, te
     ), device, dtype)
 
 
-def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, device=None, dtype=None):
+def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, text_encoders: bool = False, device=None,
+                      dtype=None):
     """A tiny Wan text-to-video pipeline: WanTransformer3DModel (3 blocks, patch (1, 2, 2), 4 latent channels,
     rotary embeddings, self-attention over the video tokens and cross-attention to the text), flow matching with
     UniPC, no VAE and no text encoder: call it with prompt_embeds (B, T, 32), negative_prompt_embeds and
     output_type="latent". height=width=64, num_frames=5: (2, 8, 8) latents, a (2, 4, 4) grid of 32 tokens.
-    two_experts: Wan 2.2's layout, a second transformer for the low-noise steps (boundary_ratio 0.7)."""
+    two_experts: Wan 2.2's layout, a second transformer for the low-noise steps (boundary_ratio 0.7).
+    text_encoders: a tiny UMT5 encoder and tokenizer and a tiny AutoencoderKLWan, for prompts and decoded videos."""
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     def transformer(offset):
@@ -332,8 +344,10 @@ def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, device=None, dty
 
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     extra = dict(transformer_2=transformer(10), boundary_ratio=0.7) if two_experts else {}
-    return _place(WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer(0), vae=None,
-                              scheduler=scheduler, **extra), device, dtype)
+    if text_encoders:
+        extra.update(tokenizer=tiny_tokenizer(), text_encoder=tiny_umt5_encoder(seed + 2), vae=tiny_wan_vae(seed + 1))
+    return _place(WanPipeline(**{"tokenizer": None, "text_encoder": None, "vae": None, **extra},
+                              transformer=transformer(0), scheduler=scheduler), device, dtype)
 
 
 def tiny_wan_vae(seed: int = 0, z_dim: int = LATENT_CHANNELS):
