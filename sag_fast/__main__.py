@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, default=None, help="with --width (both or neither); text pipelines only")
     s.add_argument("--width", type=int, default=None)
     s.add_argument("--batch", type=int, default=None, help=f"images (grid rows); default 8 for '{BUILTIN}', else 1")
+    s.add_argument("--num-frames", type=int, default=None,
+                   help="video pipelines only (Wan, AnimateDiff): frames per video (default: the pipeline's own); "
+                        "writes animated WebPs (and MP4s where imageio can) without/with SAG and side by side")
     s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
     s.add_argument("--output-dir", default="outputs")
@@ -64,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 def _check_sample_args(a) -> None:
     if a.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {a.steps}")
+    if a.num_frames is not None and a.num_frames < 1:
+        raise SystemExit(f"--num-frames must be >= 1, got {a.num_frames}")
     if a.batch is not None and a.batch < 1:
         raise SystemExit(f"--batch must be >= 1, got {a.batch}")
     if a.guidance_scale < 0:
@@ -171,6 +176,8 @@ def _check_size(pipe, a) -> None:
 
     kernel = getattr(a, "kernel_size", SAGConfig().kernel_size)
     text = _is_text_pipeline(pipe)
+    if a.num_frames is not None and not _is_video_pipeline(pipe):
+        raise SystemExit(f"--num-frames: {type(pipe).__name__} is not a video pipeline (Wan, AnimateDiff)")
     if not text and a.height is not None:
         raise SystemExit("--height/--width: this pipeline samples at its model's own size "
                          f"({getattr(pipe.unet.config, 'sample_size', '?')}); they apply to text pipelines only")
@@ -189,6 +196,53 @@ def _is_text_pipeline(pipe) -> bool:
     import inspect
 
     return "prompt" in inspect.signature(pipe.__call__).parameters
+
+
+def _is_video_pipeline(pipe) -> bool:
+    return "num_frames" in inspect.signature(pipe.__call__).parameters
+
+
+def _videos(frames) -> list:
+    """A video pipeline's `.frames` (a (B, F, H, W, 3) array in [0, 1], or B lists of PIL frames) as B lists of
+    PIL images."""
+    import numpy as np
+    from PIL import Image
+
+    if hasattr(frames, "shape"):
+        array = np.asarray(frames.float().cpu() if hasattr(frames, "cpu") else frames, dtype=np.float32)
+        array = (array.clip(0, 1) * 255).round().astype(np.uint8)
+        return [[Image.fromarray(f) for f in video] for video in array]
+    return [list(video) for video in frames]
+
+
+def _save_video(frames, path_stem: str, fps: int = 8) -> list[str]:
+    """An animated WebP through PIL (lossless, looping), and an MP4 where imageio (with an ffmpeg backend) is
+    importable; returns the paths written."""
+    paths = [path_stem + ".webp"]
+    frames[0].save(paths[0], save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0,
+                   lossless=True)
+    try:
+        import imageio.v3 as iio
+        import numpy as np
+
+        iio.imwrite(path_stem + ".mp4", np.stack([np.asarray(f.convert("RGB")) for f in frames]), fps=fps)
+        paths.append(path_stem + ".mp4")
+    except Exception:  # noqa: BLE001 - no imageio or no ffmpeg plugin: the WebP is the video
+        pass
+    return paths
+
+
+def _side_by_side(left: list, right: list) -> list:
+    """Frame by frame: without SAG on the left, with SAG on the right."""
+    from PIL import Image
+
+    out = []
+    for a, b in zip(left, right):
+        frame = Image.new("RGB", (a.width + b.width, max(a.height, b.height)))
+        frame.paste(a.convert("RGB"), (0, 0))
+        frame.paste(b.convert("RGB"), (a.width, 0))
+        out.append(frame)
+    return out
 
 
 def _timed_step(scheduler, sync, stamps: list, on_step=None):
@@ -215,13 +269,17 @@ def _timed_step(scheduler, sync, stamps: list, on_step=None):
 
 
 def _run(pipe, a, steps: int, sync, on_step=None):
-    """One pipeline call; returns (images, seconds per step, total seconds)."""
+    """One pipeline call; returns (images, or videos as lists of frames, seconds per step, total seconds)."""
     import torch
 
     generator = [torch.Generator(device="cpu").manual_seed(a.seed + i) for i in range(a.batch)]
     kwargs = dict(num_inference_steps=steps, generator=generator, output_type="pil")
+    video = _is_video_pipeline(pipe)
+    if video and a.num_frames is not None:
+        kwargs["num_frames"] = a.num_frames
     if _is_text_pipeline(pipe):
-        kwargs.update(prompt=a.prompt, negative_prompt=a.negative_prompt, num_images_per_prompt=a.batch)
+        per_prompt = "num_videos_per_prompt" if video else "num_images_per_prompt"
+        kwargs.update(prompt=a.prompt, negative_prompt=a.negative_prompt, **{per_prompt: a.batch})
         if "true_cfg_scale" in inspect.signature(pipe.__call__).parameters:  # Flux: guidance_scale is distilled
             if a.negative_prompt is not None:
                 kwargs["true_cfg_scale"] = a.guidance_scale  # true CFG, two calls per step
@@ -236,7 +294,8 @@ def _run(pipe, a, steps: int, sync, on_step=None):
     try:
         sync()
         start = time.perf_counter()
-        images = pipe(**kwargs).images
+        result = pipe(**kwargs)
+        images = _videos(result.frames) if video else result.images
         sync()
         total = time.perf_counter() - start
     finally:
@@ -423,7 +482,18 @@ def sample(a) -> int:
     if mask is None:
         print("no mask column: SAG computed no attention mask at the middle step (sag scale 0?)")
 
-    files = []
+    files, videos = [], []
+    if _is_video_pipeline(pipe):
+        # the videos: without, with, side by side; the grid shows each video's middle frame (and its mask)
+        for i, (p_video, g_video) in enumerate(zip(plain, guided)):
+            for tag, frames in (("nosag", p_video), ("sag", g_video), ("side_by_side", _side_by_side(p_video,
+                                                                                                      g_video))):
+                videos += _save_video(frames, os.path.join(a.output_dir, f"sample{i}_{tag}"))
+        n_frames = len(plain[0])
+        middle = n_frames // 2
+        plain, guided = [v[middle] for v in plain], [v[middle] for v in guided]
+        if mask is not None and mask.ndim == 4:  # (B, f, h, w): the latent frame the middle frame falls in
+            mask = mask[:, middle * mask.shape[1] // n_frames]
     for i, (p_img, g_img) in enumerate(zip(plain, guided)):
         for tag, img in (("nosag", p_img), ("sag", g_img)):
             path = os.path.join(a.output_dir, f"sample{i}_{tag}.png")
@@ -469,6 +539,7 @@ def sample(a) -> int:
             "sag_step_ratio": round(sag_med / plain_med, 3) if plain_med else None,
         },
         "images": files,
+        "videos": videos,
         "grid": grid_path,
         "grid_columns": columns,
         "grid_upscale": upscale,
@@ -485,6 +556,8 @@ def sample(a) -> int:
     print(f"grid ({' | '.join(report['grid_columns'])}, one row per seed"
           + (f"; then {a.cond_rows} class-conditional rows: {' | '.join(cond['columns'])}" if cond else "")
           + f"): {grid_path}")
+    if videos:
+        print(f"videos (without SAG, with SAG, side by side): {', '.join(v for v in videos if 'side' in v)}")
     print(f"settings and per-step timings: {json_path}")
     return 0
 

@@ -220,3 +220,32 @@ def test_flux_folder(tmp_path, negative):
     guided = np.asarray(Image.open(out / "sample0_sag.png"), dtype=np.int16)
     assert plain.shape == (64, 64, 3) and np.abs(plain - guided).max() > 0
     assert report["grid_columns"][-1] == "SAG mask at the middle step"
+
+
+def test_wan_folder_writes_videos_without_with_and_side_by_side(tmp_path):
+    """A Wan text-to-video folder (the tiny one, saved with a text encoder and VAE) with --num-frames: animated
+    WebPs without SAG, with SAG and side by side (left without, right with), the grid of middle frames with the
+    middle frame's mask; --num-frames on an image pipeline is refused."""
+    from sag_fast.diffusers.tiny import tiny_wan_pipeline
+
+    folder = tmp_path / "wan"
+    tiny_wan_pipeline(text_encoders=True).save_pretrained(folder)
+    out, report = _run(tmp_path, "--model", str(folder), "--num-frames", "5", "--steps", "2", "--height", "32",
+                       "--width", "32", "--kernel-size", "3", "--negative-prompt", "blurry", "--guidance-scale", "5")
+
+    def frames(name):
+        with Image.open(out / name) as im:
+            assert im.n_frames == 5
+            return [np.asarray(im.seek(i) or im.convert("RGB"), dtype=np.int16) for i in range(im.n_frames)]
+
+    plain, guided, both = frames("sample0_nosag.webp"), frames("sample0_sag.webp"), frames("sample0_side_by_side.webp")
+    assert plain[0].shape == (32, 32, 3) and both[0].shape == (32, 64, 3)
+    assert all(np.array_equal(b[:, :32], p) and np.array_equal(b[:, 32:], g) for p, g, b in zip(plain, guided, both))
+    assert max(np.abs(p - g).max() for p, g in zip(plain, guided)) > 0, "SAG changed nothing"
+    assert np.array_equal(np.asarray(Image.open(out / "sample0_sag.png").convert("RGB"), dtype=np.int16), guided[2])
+    assert {os.path.basename(v) for v in report["videos"]} >= {"sample0_nosag.webp", "sample0_sag.webp",
+                                                               "sample0_side_by_side.webp"}
+    assert 0 < report["mask_fraction"] < 1 and report["grid_columns"][-1] == "SAG mask at the middle step"
+    with pytest.raises(SystemExit, match="--num-frames: StableDiffusionPipeline is not a video pipeline"):
+        main(["sample", "--no-progress", "--output-dir", str(tmp_path / "x"), "--model", "tiny-sd", "--steps", "1",
+              "--num-frames", "4"])

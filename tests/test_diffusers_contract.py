@@ -300,7 +300,8 @@ def test_every_registry_pipeline_is_checked_against_its_pipeline():
     # Flux's packed rows are checked through real calls in test_diffusers_transformers.py (its pipeline does not
     # repeat given prompt embeddings for num_images_per_prompt, which the probe here relies on); the video
     # records (5-D latents) through real calls in test_diffusers_video.py
-    assert covered == supported - {"FluxPipeline", "FluxImg2ImgPipeline", "AnimateDiffPipeline", "WanPipeline"}
+    assert covered == supported - {"FluxPipeline", "FluxImg2ImgPipeline", "AnimateDiffPipeline", "WanPipeline",
+                                  "WanImageToVideoPipeline"}
 
 
 def test_lcm_unet_has_no_cfg_way():

@@ -200,7 +200,7 @@ FAKE_CASES = {
     "pixart": (lambda: tp.pixart_pipeline(), dict(**t5_text(mask=True), height=64, width=64), False),
     "flux": (lambda: tiny_flux_pipeline(), dict(prompt_embeds=torch.ones(1, 5, 32), pooled_prompt_embeds=torch.ones(1, 32),
                                                 height=64, width=64), False),
-    # video. (Wan is not here: its rotary embedding indexes tensors in a way tests/fake_cuda.py's shim does not
+    # video. (Wan T2V and I2V are not here: their rotary embedding indexes tensors in a way tests/fake_cuda.py's shim does not
     # replay on a CPU-only torch, inside the model's own forward, before anything of SAG's runs.)
     "animatediff": (lambda: tp.animatediff_pipeline(), dict(prompt="a cat", num_frames=3, height=64, width=64), False),
 }

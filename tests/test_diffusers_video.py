@@ -236,3 +236,189 @@ def test_animatediff_free_init_guides_every_iteration():
         handle.remove()
     # 2 iterations x 3 steps x [the CFG batch of 2 rows x 3 frames, the degraded uncond row x 3 frames]
     assert batches == [6, 3] * 6, batches
+
+
+# --------------------------------------------------------------------------------------------- Wan I2V
+def _i2v(pipe, batch=1, seed=0, embeds=None, image_seed=7, **kw):
+    """Wan image-to-video: the transformer input is [x_t (4), mask (4), image latent (4)] (12 ch), its output 4."""
+    pe, ne = embeds if embeds is not None else _embeds(batch)
+    g = torch.Generator().manual_seed(image_seed)
+    image = kw.pop("image", None)
+    image = torch.rand(1, 3, 64, 64, generator=g) if image is None else image
+    call = dict(height=64, width=64, num_frames=5, num_inference_steps=2, guidance_scale=5.0, output_type="latent")
+    return pipe(image=image, prompt_embeds=pe, negative_prompt_embeds=ne,
+                generator=torch.Generator().manual_seed(seed), **{**call, **kw}).frames
+
+
+@functools.lru_cache(maxsize=1)
+def _i2v_pipe():
+    from sag_fast.diffusers.tiny import tiny_wan_i2v_pipeline
+
+    return tiny_wan_i2v_pipeline()
+
+
+@pytest.fixture
+def i2v():
+    pipe = _i2v_pipe()
+    yield pipe
+    disable_sag(pipe)
+
+
+def test_wan_i2v_exact_when_off_sag_changes_the_video_and_batch_invariance(i2v):
+    plain = _i2v(i2v)
+    enable_sag(i2v, 1.0)
+    guided = _i2v(i2v)
+    assert guided.shape == plain.shape == (1, 4, 2, 8, 8)
+    assert (guided - plain).abs().max() > 1e-2
+    mask = last_mask(i2v)
+    assert mask.shape == (1, *GRID) and mask.any() and not mask.all()
+    # batch invariance: a row's video does not depend on the other rows (own noise, own text, the same image)
+    one, other = _embeds(1, seed=3), _embeds(1, seed=4)
+    g = torch.Generator().manual_seed(0)
+    noise_one, noise_other = torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 4, 2, 8, 8, generator=g)
+    alone = _i2v(i2v, embeds=one, latents=noise_one)
+    both = _i2v(i2v, embeds=(torch.cat([other[0], one[0]]), torch.cat([other[1], one[1]])),
+                latents=torch.cat([noise_other, noise_one]))
+    torch.testing.assert_close(both[1:], alone, rtol=0, atol=1e-5)
+    enable_sag(i2v, 0.0)
+    assert torch.equal(_i2v(i2v), plain)
+    disable_sag(i2v)
+    assert torch.equal(_i2v(i2v), plain)
+
+
+def test_wan_i2v_extra_forward_degrades_only_the_latent_channels(i2v):
+    """Per step: the conditional call, the unconditional (guided) one, the degraded one. The degraded forward gets
+    the unconditional text, the same CLIP image tokens and timestep, the conditioning channels (mask + image
+    latent) unchanged, and a degraded x_t."""
+    pe, ne = _embeds(2)
+    seen = []
+    cls = type(i2v.transformer)
+    original = cls.forward
+
+    @functools.wraps(original)
+    def spy(self, *args, **kwargs):
+        seen.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+        return original(self, *args, **kwargs)
+
+    cls.forward = spy
+    try:
+        enable_sag(i2v, 1.0)  # the hook wraps the spy
+        _i2v(i2v, embeds=(pe, ne))
+    finally:
+        cls.forward = original
+    assert len(seen) == 6
+    for step in range(2):
+        cond, uncond, degraded = seen[3 * step: 3 * step + 3]
+        assert torch.equal(cond["encoder_hidden_states"], pe) and torch.equal(uncond["encoder_hidden_states"], ne)
+        assert torch.equal(degraded["encoder_hidden_states"], ne)
+        assert degraded["encoder_hidden_states_image"].shape[0] == 2
+        assert torch.equal(degraded["encoder_hidden_states_image"], uncond["encoder_hidden_states_image"])
+        assert torch.equal(degraded["timestep"], uncond["timestep"])
+        x, xd = uncond["hidden_states"], degraded["hidden_states"]
+        assert xd.shape == x.shape == (2, 12, 2, 8, 8)
+        assert torch.equal(xd[:, 4:], x[:, 4:])  # mask and image latent pass through
+        if step:
+            assert not torch.equal(xd[:, :4], x[:, :4])
+
+
+def test_wan_i2v_guided_call_equals_the_float64_reference():
+    """The unconditional call of the second step: the mask from the middle block's self-attention, reference.degrade
+    of the latent channels only (the conditioning channels appended unchanged), the degraded forward with the
+    same image tokens, reference.guidance_shift."""
+    from sag_fast.diffusers.tiny import tiny_wan_i2v_pipeline
+
+    pipe = tiny_wan_i2v_pipeline(dtype=torch.float64)
+    enable_sag(pipe, 0.9)
+    model = pipe.transformer
+    seen = recorded_calls(model)
+    pe, ne = _embeds(1)
+    _i2v(pipe, embeds=(pe.double(), ne.double()), image=torch.rand(1, 3, 64, 64).double())
+    kwargs, x, guided, out, qk = plain_replay(pipe, seen, 3)
+    sigma = float(pipe.scheduler.sigmas[1])
+    # per block: the self-attention over the 32 video tokens, then cross-attention to the image and text tokens
+    self_attention = [c for c in qk if c[1].shape[-2] == 32]
+    assert len(self_attention) == 3 and len(qk) > 3
+    q, k, scale = self_attention[1]  # blocks.1.attn1
+    mask = reference.mass_to_mask(reference.attention_mass_from_qk(q, k, scale), GRID)
+    assert mask.any() and not mask.all()
+    c1, c2 = (c.float().double() for c in flow_coefficients(sigma))
+    x_deg = torch.cat([reference.degrade(x[:, :4], out, mask, c1, c2), x[:, 4:]], dim=1)
+    with torch.no_grad():
+        degraded = model(hidden_states=x_deg, return_dict=False, **kwargs)[0]
+    want = reference.guidance_shift(out, degraded, 0.9)
+    torch.testing.assert_close(guided, want, rtol=1e-9, atol=1e-9)
+
+
+def test_wan22_i2v_two_experts_without_image_tokens():
+    """Wan 2.2 I2V A14B: no CLIP image tokens, two experts, both guided; scale 0 exact."""
+    from sag_fast.diffusers.tiny import tiny_wan_i2v_pipeline
+
+    pipe = tiny_wan_i2v_pipeline(image_embeds=False, two_experts=True)
+    plain = _i2v(pipe, num_inference_steps=4)
+    enable_sag(pipe, 1.0)
+    counts = {"transformer": 0, "transformer_2": 0}
+    handles = [getattr(pipe, name).patch_embedding.register_forward_pre_hook(
+        lambda m, a, name=name: counts.__setitem__(name, counts[name] + 1)) for name in counts]
+    try:
+        guided = _i2v(pipe, num_inference_steps=4)
+    finally:
+        for h in handles:
+            h.remove()
+    assert counts["transformer"] >= 3 and counts["transformer_2"] >= 3 and sum(counts.values()) == 12
+    assert (guided - plain).abs().max() > 1e-2
+    enable_sag(pipe, 0.0)
+    assert torch.equal(_i2v(pipe, num_inference_steps=4), plain)
+
+
+@pytest.mark.parametrize("i2v_pipe", [False, True])
+def test_wan22_expand_timesteps_refused_at_enable(i2v_pipe):
+    """Wan 2.2 TI2V-5B (expand_timesteps): per-token timesteps, the clean first frame at t = 0; refused, naming
+    the config key."""
+    from sag_fast.diffusers.tiny import tiny_wan_i2v_pipeline
+
+    pipe = tiny_wan_i2v_pipeline(image_embeds=False) if i2v_pipe else tiny_wan_pipeline()
+    pipe.register_to_config(expand_timesteps=True)
+    with pytest.raises(ValueError, match=r"expand_timesteps=True.*per token.*not supported"):
+        enable_sag(pipe, 1.0)
+    assert vars(pipe.transformer).get("_diffusers_hook") is None or not vars(pipe.transformer)["_diffusers_hook"].hooks
+
+
+# ----------------------------------------------------------------------- refused video families
+def _bare(pipeline: str, transformer: str, config: dict, scheduler):
+    """The pipeline class around a tiny transformer and a scheduler, its other components None (enough for
+    enable_sag to decide)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline)
+    components = {p: None for p in inspect.signature(cls.__init__).parameters if p != "self"}
+    return cls(**{**components, "transformer": getattr(diffusers, transformer)(**config), "scheduler": scheduler})
+
+
+@pytest.mark.parametrize("pipeline, transformer, config, scheduler, why", [
+    ("LTXPipeline", "LTXVideoTransformer3DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=1, caption_channels=16), "FlowMatchEulerDiscreteScheduler", "packed as 3-D token sequences"),
+    ("CogVideoXPipeline", "CogVideoXTransformer3DModel", dict(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        max_text_seq_length=16), "CogVideoXDDIMScheduler", "frames before channels"),
+    ("HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4)), "FlowMatchEulerDiscreteScheduler", "attention mask over the text padding"),
+])
+def test_video_families_refused_with_their_reason(pipeline, transformer, config, scheduler, why):
+    """Each refusal record's own reason reaches the user at enable_sag (before the video rule's generic one and
+    before the scheduler check), and nothing stays installed."""
+    import diffusers
+
+    with torch.random.fork_rng(devices=[]):  # the random weights leave the test session's RNG alone
+        torch.manual_seed(0)
+        pipe = _bare(pipeline, transformer, config, getattr(diffusers, scheduler)())
+    with pytest.raises(ValueError, match=f"^{pipeline}: .*{why}.*not supported"):
+        enable_sag(pipe, 1.0)
+    registry = vars(pipe.transformer).get("_diffusers_hook")
+    assert registry is None or not registry.hooks
+    assert type(pipe).__name__ == pipeline and "_sag_base_class" not in vars(type(pipe))

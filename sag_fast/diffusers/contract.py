@@ -374,12 +374,12 @@ def contract_for(pipe, model: torch.nn.Module, layout: SAGLayout | None = None) 
         raise TypeError(f"layout must be a sag_fast.SAGLayout, got {type(layout).__name__}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be the pipeline's denoiser torch module, got {type(model).__name__}")
+    cls, family = registry.pipeline_class(pipe)
+    if family is not None and family.refusal is not None:  # a refusal record's own reason before the rules'
+        raise ValueError(f"{type(pipe).__name__}: {family.refusal}; it is not supported")
     why = registry.rule_refusal(pipe, model)
     if why is not None:
         raise ValueError(why)
-    cls, family = registry.pipeline_class(pipe)
-    if family is not None and family.refusal is not None:
-        raise ValueError(f"{type(pipe).__name__}: {family.refusal}; it is not supported")
     controlnet = isinstance(getattr(pipe, "controlnet", None), torch.nn.Module)
     if layout is not None:
         cfg = layout.cfg
@@ -393,6 +393,10 @@ def contract_for(pipe, model: torch.nn.Module, layout: SAGLayout | None = None) 
                  else "a class whose own __call__ may stack the batch differently")
         raise ValueError(f"{type(pipe).__name__}: SAG does not know how this pipeline stacks its denoiser batch "
                          f"({cls.__name__} is {known}); {_WAY_OUT}")
+    config = getattr(pipe, "config", None) or {}
+    for key, why in family.refused_configs:
+        if config.get(key):
+            raise ValueError(f"{type(pipe).__name__} with {key}={config.get(key)!r}: {why}; it is not supported")
     model_name = next((c.__name__ for c in type(model).__mro__ if c.__name__ in family.denoisers), None)
     if model_name is None:
         raise ValueError(f"{type(pipe).__name__} with a {type(model).__name__} denoiser is not supported (the "

@@ -102,7 +102,9 @@ class Family:
     model folds the frames into its attention batch; `per_frame_row`: arguments with one entry per (row, frame) (b-major, as AnimateDiff's UNet), so the SAG layer's spatial
     self-attention gives one (h, w) mask per frame. `experts`: other
     denoiser attributes the pipeline may call instead in some steps (Wan 2.2's `transformer_2`): each gets the
-    hook and a capture on the same layer path, and SAG guides with whichever is called."""
+    hook and a capture on the same layer path, and SAG guides with whichever is called. `refused_configs`: (pipeline
+    config key, why) pairs: a pipeline whose `config[key]` is truthy is refused at enable_sag with that reason (a
+    variant of a supported pipeline class, such as Wan 2.2 TI2V-5B's `expand_timesteps`, that SAG cannot guide)."""
 
     name: str
     pipelines: tuple[str, ...]
@@ -123,6 +125,7 @@ class Family:
     default_layer: str = _UNET_MID
     controlnet: bool = False
     shifted_calls: Callable[[dict], bool] | None = None
+    refused_configs: tuple[tuple[str, str], ...] = ()
     layout_note: str = ""
     source: str = ""
     refusal: str | None = None
@@ -141,6 +144,11 @@ class Family:
         return self.default_layer.format(middle=middle)
 
 
+_WAN_EXPAND = (
+    "expand_timesteps (Wan 2.2 TI2V-5B) gives the transformer one timestep per token, shape (batch, tokens), and in "
+    "image-to-video mixes the clean image latent into the first frame at timestep 0; SAG's step coefficients are "
+    "one per row, so its x0 estimate and its degrade would treat the clean frame as noisy. Use a Wan 2.1 or Wan 2.2 "
+    "A14B pipeline (expand_timesteps=False) for SAG")
 _SD = "pipeline_stable_diffusion.py: torch.cat([negative_prompt_embeds, prompt_embeds]), [latents] * 2"
 
 FAMILIES: tuple[Family, ...] = (
@@ -228,7 +236,15 @@ FAMILIES: tuple[Family, ...] = (
            per_row=("encoder_hidden_states", "encoder_hidden_states_image"), default_layer="blocks.{middle}.attn1",
            layout_note="5-D video latents, blurred per frame; cond call, then uncond call (true CFG); "
            "self-attention over the video tokens only (text by cross-attention); Wan 2.2's two experts both guided",
+           refused_configs=(("expand_timesteps", _WAN_EXPAND),),
            source="wan/pipeline_wan.py: noise_pred = current_model(...prompt_embeds), then noise_uncond"),
+    Family(name="Wan 2.1 / 2.2 I2V", pipelines=("WanImageToVideoPipeline",), denoisers=("WanTransformer3DModel",),
+           cfg="split", cfg_on=cfg_property, ways=1, latent=out_channels, video=True, experts=("transformer_2",),
+           per_row=("encoder_hidden_states", "encoder_hidden_states_image"), default_layer="blocks.{middle}.attn1",
+           refused_configs=(("expand_timesteps", _WAN_EXPAND),),
+           layout_note="as T2V; input [x_t (16), mask (4), image latent (16)] = 36 ch: the conditioning channels "
+           "pass through undegraded; CLIP image tokens (2.1) the same in both calls; Wan 2.2 A14B's two experts",
+           source="wan/pipeline_wan_i2v.py: torch.cat([latents, condition], dim=1); image_embeds in both calls"),
     # --------------------------------------------------------------------------------------- refused
     Family(name="latent upscaler", pipelines=("StableDiffusionLatentUpscalePipeline",), refusal=(
         "its UNet output is Karras-preconditioned (the pipeline turns it into a noise prediction after the call, and "
@@ -238,13 +254,28 @@ FAMILIES: tuple[Family, ...] = (
         "it calls the UNet twice per step (with and without grounding) and takes the conditional way from the first "
         "call and the unconditional way from the second, so a SAG shift added inside each call would not cancel in "
         "its CFG (StableDiffusionGLIGENPipeline is supported)")),
+    Family(name="LTX-Video", pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"), refusal=(
+        "its latents reach the transformer packed as 3-D token sequences (batch, frames*height*width, channels) "
+        "(pipeline_ltx.py's _pack_latents with the transformer's spatial and temporal patch sizes); SAG unpacks "
+        "only Flux's 2x2 image packing, so it cannot blur the frames or lay the mask on them")),
+    Family(name="CogVideoX", pipelines=(
+        "CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"), refusal=(
+        "its latents are (batch, frames, channels, height, width), frames before channels, and every block is joint "
+        "attention with the text tokens first over a grid patched by patch_size (and patch_size_t in CogVideoX 1.5); "
+        "SAG's video layout is (batch, channels, frames, height, width) with a 3-D patch_size, so it would blur and "
+        "mask the wrong axes")),
+    Family(name="HunyuanVideo", pipelines=("HunyuanVideoPipeline",), refusal=(
+        "every block's attention is joint attention (video tokens, then text tokens) with an attention mask over "
+        "the text padding; SAG's attention mass does not apply an attention mask, so its mask would count padding "
+        "keys (its true CFG, a conditional then an unconditional call, would fit the split layout)")),
 )
 
 # the refusals by rule (checked before the records): what a whole class of models cannot do
 _VIDEO_MARKERS = ("3D", "Motion", "SpatioTemporal", "Video", "I2VGenXL", "Temporal")
 RULES = (
-    ("AnimateDiff and the other 5-D video denoisers without a record", "their video layout is not in the registry "
-     "yet (Wan T2V and AnimateDiff text-to-video are); use a supported pipeline"),
+    ("5-D video denoisers without a record (AnimateDiff video-to-video, Stable Video Diffusion, I2VGen-XL, ...)",
+     "their video layout is not in the registry yet (Wan T2V and I2V and AnimateDiff text-to-video are); use a "
+     "supported pipeline"),
     ("PAG pipelines", "PAG's attention processors split every batch into [uncond, cond, perturbed] ways inside "
      "the model, which SAG's extra forward on the unconditional rows cannot go through; PAG and SAG together are "
      "not supported: use the pipeline without PAG for SAG (e.g. StableDiffusionPipeline.from_pipe(pipe)), or PAG "

@@ -82,12 +82,12 @@ class SAGSession:
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is None:
             raise ValueError(f"pipe: {type(pipe).__name__} has no `scheduler`; SAG needs one to degrade the input")
-        check_supported(scheduler)
         self.model_attr = model_attr
         self.model: torch.nn.Module = unwrap_compiled(getattr(pipe, model_attr))  # the (first) denoiser itself
         self.config = config
         self.layout = layout
-        self.contract = contract_for(pipe, self.model, layout)
+        self.contract = contract_for(pipe, self.model, layout)  # a refused family says why before its scheduler
+        check_supported(scheduler)
         family = self.contract.family
         extra = [a for a in (family.experts if family is not None else ())
                  if isinstance(getattr(pipe, a, None), torch.nn.Module)]

@@ -285,6 +285,16 @@ def tiny_t5_encoder(seed: int = 0):
                                        num_heads=4, pad_token_id=vocab["<|endoftext|>"])).eval()
 
 
+def tiny_umt5_encoder(seed: int = 0):
+    """A UMT5 encoder (Wan's text encoder class) over the tiny byte-level vocabulary."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    vocab, _ = _vocab_and_merges()
+    with _seeded(seed):
+        return UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4, pad_token_id=vocab["<|endoftext|>"])).eval()
+
+
 def tiny_flux_pipeline(cls=None, seed: int = 0, guidance_embeds: bool = True, text_encoders: bool = False,
                        device=None, dtype=None):
     """A tiny Flux.1 pipeline: FluxTransformer2DModel (3 double-stream + 2 single-stream blocks, rotary
@@ -314,12 +324,14 @@ def tiny_flux_pipeline(cls=None, seed: int = 0, guidance_embeds: bool = True, te
     ), device, dtype)
 
 
-def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, device=None, dtype=None):
+def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, text_encoders: bool = False, device=None,
+                      dtype=None):
     """A tiny Wan text-to-video pipeline: WanTransformer3DModel (3 blocks, patch (1, 2, 2), 4 latent channels,
     rotary embeddings, self-attention over the video tokens and cross-attention to the text), flow matching with
     UniPC, no VAE and no text encoder: call it with prompt_embeds (B, T, 32), negative_prompt_embeds and
     output_type="latent". height=width=64, num_frames=5: (2, 8, 8) latents, a (2, 4, 4) grid of 32 tokens.
-    two_experts: Wan 2.2's layout, a second transformer for the low-noise steps (boundary_ratio 0.7)."""
+    two_experts: Wan 2.2's layout, a second transformer for the low-noise steps (boundary_ratio 0.7).
+    text_encoders: a tiny UMT5 encoder and tokenizer and a tiny AutoencoderKLWan, for prompts and decoded videos."""
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     def transformer(offset):
@@ -332,5 +344,60 @@ def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, device=None, dty
 
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     extra = dict(transformer_2=transformer(10), boundary_ratio=0.7) if two_experts else {}
-    return _place(WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer(0), vae=None,
-                              scheduler=scheduler, **extra), device, dtype)
+    if text_encoders:
+        extra.update(tokenizer=tiny_tokenizer(), text_encoder=tiny_umt5_encoder(seed + 2), vae=tiny_wan_vae(seed + 1))
+    return _place(WanPipeline(**{"tokenizer": None, "text_encoder": None, "vae": None, **extra},
+                              transformer=transformer(0), scheduler=scheduler), device, dtype)
+
+
+def tiny_wan_vae(seed: int = 0, z_dim: int = LATENT_CHANNELS):
+    """AutoencoderKLWan: 8x spatial and 4x temporal compression (5 frames -> 2 latent frames), a few channels."""
+    from diffusers import AutoencoderKLWan
+
+    with _seeded(seed):
+        return AutoencoderKLWan(base_dim=4, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim,
+                                latents_std=[1.0] * z_dim).eval()
+
+
+def tiny_clip_vision(seed: int = 0, hidden: int = 8):
+    """A CLIPVisionModel on 32x32 images (patch 8: 16 tokens + class) and its CLIPImageProcessor."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    try:  # the PIL processor: CLIPImageProcessor's default backend needs torchvision
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    with _seeded(seed):
+        model = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=hidden, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8, projection_dim=hidden)).eval()
+    return model, CLIPImageProcessor(crop_size=32, size=32)
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0, image_embeds: bool = True, two_experts: bool = False, device=None,
+                          dtype=None):
+    """A tiny Wan image-to-video pipeline. The transformer's input is [x_t (4 ch), mask (4 ch: the VAE's temporal
+    factor), image latent (4 ch)] = 12 channels, its output 4 (the latent). image_embeds=True: Wan 2.1 I2V (a tiny
+    CLIP vision encoder, image tokens in the cross-attention's added K/V); False: Wan 2.2 I2V A14B's layout (no image
+    encoder; two_experts adds `transformer_2`). No text encoder: call it with prompt_embeds (B, T, 32),
+    negative_prompt_embeds, an image, height=width=64, num_frames=5: (2, 8, 8) latents, a (2, 4, 4) token grid."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+
+    vision, processor = tiny_clip_vision(seed + 2) if image_embeds else (None, None)
+
+    def transformer(offset):
+        with _seeded(seed + offset):
+            return WanTransformer3DModel(
+                patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=3 * LATENT_CHANNELS,
+                out_channels=LATENT_CHANNELS, text_dim=TEXT_HIDDEN, freq_dim=16, ffn_dim=32, num_layers=3,
+                cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+                image_dim=vision.config.hidden_size if vision is not None else None,
+                added_kv_proj_dim=16 if vision is not None else None,
+            ).eval()
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    extra = dict(transformer_2=transformer(10), boundary_ratio=0.7) if two_experts else {}
+    return _place(WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=tiny_wan_vae(seed + 1), scheduler=scheduler,
+        image_processor=processor, image_encoder=vision, transformer=transformer(0), **extra), device, dtype)
