@@ -1,0 +1,172 @@
+"""SAG under diffusers' context parallelism (issue 17): two gloo processes on the CPU (tests/cp_test_shims.py makes
+them look like GPU ranks to diffusers), a tiny Flux and a tiny Wan sharded with Ulysses 2 or ring 2.
+
+Each spawned job runs several checks in one start-up (~6 s per job): the single-process SAG run first (the
+reference), then the same pipeline with `enable_parallelism` on, then with the all-reduce removed (each rank's part
+alone: the run must then differ, or the comparison could not fail). Refusals of bad set-ups that need no second
+process run in this process, on the real config objects."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+
+import cp_test_shims
+
+WORLD = 2
+TIMEOUT_S = 120
+
+
+# ------------------------------------------------------------------------------------------------ harness
+def _entry(rank: int, job: str, rendezvous: str, outdir: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    cp_test_shims.init_process_group(rank, WORLD, rendezvous)
+    try:
+        result = JOBS[job](rank, *args)
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        result = {"error": traceback.format_exc()}
+    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def spawn(job: str, *args) -> list[dict]:
+    """Runs JOBS[job](rank, *args) in WORLD gloo processes (file:// rendezvous in a temporary directory); the
+    ranks' result dicts. Bounded by TIMEOUT_S: a hang (a collective one rank skipped) fails, it does not block."""
+    with tempfile.TemporaryDirectory() as tmp:
+        context = torch.multiprocessing.start_processes(
+            _entry, args=(job, os.path.join(tmp, "rendezvous"), tmp, args), nprocs=WORLD, join=False,
+            start_method="spawn")
+        deadline = time.monotonic() + TIMEOUT_S
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"context-parallel job {job!r} did not finish in {TIMEOUT_S} s")
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    for rank, result in enumerate(results):
+        if "error" in result:
+            pytest.fail(f"rank {rank} of job {job!r} failed:\n{result['error']}")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- the jobs
+def _config(mode: str):
+    from diffusers import ContextParallelConfig
+
+    kind, _, extra = mode.partition("+")
+    return ContextParallelConfig(**{f"{kind}_degree": WORLD, **({f"{kind}_anything": True} if extra else {})})
+
+
+def _masks_of(pipe):
+    """Records the SAG mask left by each of the pipeline's model calls (None where the call computed none)."""
+    seen = []
+
+    def hook(module, args, out):
+        capture = vars(pipe)["_sag_fast_state"].capture
+        seen.append(None if capture is None or capture.mask is None else capture.mask.clone())
+        if capture is not None:
+            capture.mask = None
+    return seen, pipe.transformer.register_forward_hook(hook)
+
+
+def _runs(pipe, call, order: str, mode: str) -> dict:
+    """reference (single-process SAG), CP SAG, CP plain, CP SAG with the reduction removed; masks of each."""
+    from sag_fast import disable_sag, enable_sag, sharded
+
+    out = {}
+
+    def run(name):
+        seen, handle = _masks_of(pipe)
+        out[name] = call()
+        out[name + "_masks"] = seen
+        handle.remove()
+
+    enable_sag(pipe, 1.0)
+    run("reference")
+    if order == "sag_first":  # enable_parallelism after enable_sag: SAG's hook must stay outside the CP split
+        pipe.transformer.enable_parallelism(config=_config(mode))
+    else:
+        disable_sag(pipe)
+        pipe.transformer.enable_parallelism(config=_config(mode))
+        enable_sag(pipe, 1.0)
+    run("cp")
+    reduce = sharded.all_reduce
+    sharded.all_reduce = lambda mass, group: mass  # each rank's part alone
+    try:
+        run("no_reduction")
+    finally:
+        sharded.all_reduce = reduce
+    disable_sag(pipe)
+    out["plain"] = call()
+    return out
+
+
+def flux_job(rank: int, mode: str, order: str, negative: bool, text_tokens: int) -> dict:
+    from sag_fast.diffusers.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    g = torch.Generator().manual_seed(100)
+    kw = dict(prompt_embeds=torch.randn(1, text_tokens, 32, generator=g),
+              pooled_prompt_embeds=torch.randn(1, 32, generator=g), height=64, width=64, num_inference_steps=3,
+              output_type="latent")
+    if negative:
+        kw.update(negative_prompt_embeds=torch.randn(1, text_tokens, 32, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g), true_cfg_scale=4.0)
+    return _runs(pipe, lambda: pipe(generator=torch.Generator().manual_seed(0), **kw).images, order, mode)
+
+
+def wan_job(rank: int, mode: str, order: str) -> dict:
+    from sag_fast.diffusers.tiny import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline()
+    g = torch.Generator().manual_seed(1)
+    pe, ne = torch.randn(1, 6, 32, generator=g), torch.randn(1, 6, 32, generator=g)
+    call = dict(height=64, width=64, num_frames=5, num_inference_steps=3, guidance_scale=5.0, output_type="latent")
+    return _runs(pipe, lambda: pipe(prompt_embeds=pe, negative_prompt_embeds=ne,
+                                    generator=torch.Generator().manual_seed(0), **call).frames, order, mode)
+
+
+JOBS = {"flux": flux_job, "wan": wan_job}
+
+
+# --------------------------------------------------------------------------------------------- the checks
+def _check(results: list[dict]) -> None:
+    r0, r1 = results
+    ref, cp = r0["reference"], r0["cp"]
+    masks = [m for m in r0["cp_masks"] if m is not None]
+    assert masks and len(masks) == len([m for m in r0["reference_masks"] if m is not None])
+    for got, want in zip(r0["cp_masks"], r0["reference_masks"]):  # the global mask, step by step
+        assert (got is None) == (want is None) and (got is None or torch.equal(got, want))
+    for a, b in zip(r0["cp_masks"], r1["cp_masks"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    torch.testing.assert_close(cp, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r1["cp"], cp, rtol=0, atol=0)  # the ranks agree exactly
+    assert (cp - r0["plain"]).abs().max() > 1e-3  # SAG changes the output under CP
+    # without the all-reduce each rank's mask is its own part's: it must differ from the global one
+    assert any(not torch.equal(a, b) for a, b in zip(r0["no_reduction_masks"], r0["reference_masks"])
+               if a is not None), "each rank's partial mask equals the global one: the test could not fail"
+    assert not torch.allclose(r0["no_reduction"], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,order", [("ulysses", "cp_first"), ("ring", "sag_first")])
+def test_flux_distilled_under_context_parallelism_equals_single_process(mode, order):
+    _check(spawn("flux", mode, order, False, 6))
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_flux_true_cfg_under_context_parallelism_equals_single_process(mode):
+    _check(spawn("flux", mode, "cp_first", True, 6))
+
+
+@pytest.mark.parametrize("mode", ["ulysses+anything", "ring+anything"])
+def test_flux_uneven_text_under_anything_modes_equals_single_process(mode):
+    _check(spawn("flux", mode, "cp_first", False, 5))  # 5 text tokens: 3 + 2 over the ranks
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_wan_under_context_parallelism_equals_single_process(mode):
+    _check(spawn("wan", mode, "cp_first"))
