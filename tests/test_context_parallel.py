@@ -111,7 +111,7 @@ def flux_job(rank: int, mode: str, order: str, negative: bool, text_tokens: int)
     pipe = tiny_flux_pipeline()
     g = torch.Generator().manual_seed(100)
     kw = dict(prompt_embeds=torch.randn(1, text_tokens, 32, generator=g),
-              pooled_prompt_embeds=torch.randn(1, 32, generator=g), height=64, width=64, num_inference_steps=3,
+              pooled_prompt_embeds=torch.randn(1, 32, generator=g), height=64, width=64, num_inference_steps=2,
               output_type="latent")
     if negative:
         kw.update(negative_prompt_embeds=torch.randn(1, text_tokens, 32, generator=g),
@@ -125,12 +125,28 @@ def wan_job(rank: int, mode: str, order: str) -> dict:
     pipe = tiny_wan_pipeline()
     g = torch.Generator().manual_seed(1)
     pe, ne = torch.randn(1, 6, 32, generator=g), torch.randn(1, 6, 32, generator=g)
-    call = dict(height=64, width=64, num_frames=5, num_inference_steps=3, guidance_scale=5.0, output_type="latent")
+    call = dict(height=64, width=64, num_frames=5, num_inference_steps=2, guidance_scale=5.0, output_type="latent")
     return _runs(pipe, lambda: pipe(prompt_embeds=pe, negative_prompt_embeds=ne,
                                     generator=torch.Generator().manual_seed(0), **call).frames, order, mode)
 
 
-JOBS = {"flux": flux_job, "wan": wan_job}
+def suite_job(rank: int, kind: str) -> dict:
+    """Every scenario of one CP kind in one start-up: Flux distilled (CP on before enable_sag for Ulysses, after it
+    for ring), Flux true CFG, Flux with 5 text tokens under the anything mode (3 + 2 over the ranks), Wan."""
+    first = "cp_first" if kind == "ulysses" else "sag_first"
+    out, times = {}, {}
+    for name, job, args in (("flux", flux_job, (kind, first, False, 6)),
+                            ("flux_true_cfg", flux_job, (kind, "cp_first", True, 6)),
+                            ("flux_uneven", flux_job, (kind + "+anything", "cp_first", False, 5)),
+                            ("wan", wan_job, (kind, "cp_first"))):
+        start = time.perf_counter()
+        out[name] = job(rank, *args)
+        times[name] = time.perf_counter() - start
+    out["times"] = times
+    return out
+
+
+JOBS = {"suite": suite_job}
 
 
 # --------------------------------------------------------------------------------------------- the checks
@@ -152,21 +168,115 @@ def _check(results: list[dict]) -> None:
     assert not torch.allclose(r0["no_reduction"], ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode,order", [("ulysses", "cp_first"), ("ring", "sag_first")])
-def test_flux_distilled_under_context_parallelism_equals_single_process(mode, order):
-    _check(spawn("flux", mode, order, False, 6))
+@pytest.mark.parametrize("kind", ["ulysses", "ring"])
+def test_sag_under_context_parallelism_equals_single_process(kind):
+    """Flux (distilled, true CFG, uneven text under the anything mode) and Wan: rank 0's latents equal single-process
+    SAG to 1e-5, its masks equal the single-process masks at every step, the ranks agree, SAG has an effect, and
+    without the all-reduce the masks and latents differ."""
+    results = spawn("suite", kind)
+    print(f"{kind}: seconds per scenario (rank 0)", {k: round(v, 1) for k, v in results[0]["times"].items()})
+    for scenario in ("flux", "flux_true_cfg", "flux_uneven", "wan"):
+        try:
+            _check([r[scenario] for r in results])
+        except AssertionError as exc:
+            raise AssertionError(f"{kind}, {scenario}: {exc}") from exc
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "ring"])
-def test_flux_true_cfg_under_context_parallelism_equals_single_process(mode):
-    _check(spawn("flux", mode, "cp_first", True, 6))
+# ------------------------------------------------------------------------------------------ the refusals
+# What enable_parallelism records (the real config objects; the checks read the degrees, the processors and the heads,
+# not the device mesh, so no second process is needed to see them refused)
+def _record_cp(model, **degrees):
+    from diffusers import ContextParallelConfig
+    from diffusers.models._modeling_parallel import ParallelConfig
+
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(**degrees))
+    model._parallel_config = config
+    for module in model.modules():
+        if hasattr(getattr(module, "processor", None), "_parallel_config"):
+            module.processor._parallel_config = config
+    return config
 
 
-@pytest.mark.parametrize("mode", ["ulysses+anything", "ring+anything"])
-def test_flux_uneven_text_under_anything_modes_equals_single_process(mode):
-    _check(spawn("flux", mode, "cp_first", False, 5))  # 5 text tokens: 3 + 2 over the ranks
+def _flux(heads: int = 2):
+    from diffusers import FluxTransformer2DModel
+    from sag_fast.diffusers.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    if heads != 2:
+        torch.manual_seed(0)
+        pipe.register_modules(transformer=FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=3, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4)).eval())
+    return pipe
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "ring"])
-def test_wan_under_context_parallelism_equals_single_process(mode):
-    _check(spawn("wan", mode, "cp_first"))
+def _call(pipe):
+    g = torch.Generator().manual_seed(100)
+    return pipe(prompt_embeds=torch.randn(1, 6, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+                height=64, width=64, num_inference_steps=2, output_type="latent")
+
+
+def test_ulysses_degree_that_does_not_divide_the_heads_is_refused():
+    from sag_fast import enable_sag, sag_config
+
+    pipe = _flux(heads=3)
+    _record_cp(pipe.transformer, ulysses_degree=2)
+    with pytest.raises(ValueError, match=r"3 heads, which ulysses_degree=2 does not divide.*ulysses_anything"):
+        enable_sag(pipe)
+    assert sag_config(pipe) is None
+    pipe = _flux(heads=3)
+    _record_cp(pipe.transformer, ulysses_degree=2, ulysses_anything=True)  # uneven heads: diffusers pads them
+    enable_sag(pipe)
+
+
+def test_sag_layer_without_the_models_parallel_config_is_refused_at_enable_and_at_the_first_call():
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    from sag_fast import enable_sag
+
+    pipe = _flux()
+    _record_cp(pipe.transformer, ring_degree=2)
+    pipe.transformer.transformer_blocks[1].attn.set_processor(FluxAttnProcessor())  # set after enable_parallelism
+    with pytest.raises(ValueError, match=r"'transformer_blocks.1.attn' \(FluxAttnProcessor\) has no parallel config"):
+        enable_sag(pipe)
+    pipe = _flux()
+    enable_sag(pipe)
+    _record_cp(pipe.transformer, ring_degree=2)  # CP switched on after enable_sag ...
+    pipe.transformer.transformer_blocks[1].attn.set_processor(FluxAttnProcessor())
+    steps = []
+    with pytest.raises(ValueError, match="has no parallel config"):  # ... refused before the first step
+        pipe(prompt_embeds=torch.zeros(1, 6, 32), pooled_prompt_embeds=torch.zeros(1, 32), height=64, width=64,
+             num_inference_steps=2, output_type="latent", callback_on_step_end=lambda *a: steps.append(1) or {})
+    assert not steps
+
+
+@pytest.mark.parametrize("feature", ["unified", "compiled"])
+def test_cp_with_a_feature_sag_cannot_make_exact_is_refused(feature):
+    """Ring and Ulysses together (diffusers' unified attention): the forward op sees ring chunks of all-to-all'd
+    sequences, not read by the sharded capture. A torch.compile'd model under CP: the reader runs outside graphs."""
+    from sag_fast import enable_sag
+
+    pipe = _flux()
+    if feature == "unified":
+        _record_cp(pipe.transformer, ring_degree=2, ulysses_degree=2)
+        match = "ring and Ulysses together"
+    else:
+        _record_cp(pipe.transformer, ring_degree=2)
+        pipe.transformer = torch.compile(pipe.transformer)
+        match = "torch.compile'd model"
+    with pytest.raises(ValueError, match=match):
+        enable_sag(pipe)
+
+
+def test_without_context_parallelism_the_dispatch_is_untouched():
+    """The reader goes into diffusers' CP template only while a capture under CP exists, and comes out with it."""
+    from diffusers.models import attention_dispatch
+    from sag_fast import disable_sag, enable_sag, sharded
+
+    original = attention_dispatch._templated_context_parallel_attention
+    pipe = _flux()
+    enable_sag(pipe)
+    _call(pipe)
+    assert attention_dispatch._templated_context_parallel_attention is original
+    disable_sag(pipe)
+    assert sharded._INSTALLED["count"] == 0
