@@ -280,3 +280,41 @@ def test_without_context_parallelism_the_dispatch_is_untouched():
     assert attention_dispatch._templated_context_parallel_attention is original
     disable_sag(pipe)
     assert sharded._INSTALLED["count"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+@pytest.mark.parametrize("value,env,word", [
+    ("ulysses=1", {"WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "N >= 2"),
+    ("tp=2", {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "ulysses=N or ring=N"),
+    ("ring=two", {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "ulysses=N or ring=N"),
+    ("ring=2", {}, "run under torchrun"),
+    ("ulysses=2", {"WORLD_SIZE": "4", "LOCAL_RANK": "0"}, "torchrun started 4 processes"),
+])
+def test_cli_context_parallel_argument_is_checked(tmp_path, monkeypatch, value, env, word):
+    from sag_fast.__main__ import main
+
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, v in env.items():
+        monkeypatch.setenv(name, v)
+    with pytest.raises(SystemExit) as err:
+        main(["sample", "--model", str(tmp_path), "--context-parallel", value, "--output-dir", str(tmp_path)])
+    assert "--context-parallel" in str(err.value) and word in str(err.value)
+
+
+@pytest.mark.parametrize("extra,word", [
+    (["--model", "builtin"], "is a UNet"), (["--model", "tiny-sd"], "is a UNet"),
+    (["--device", "cuda:1"], "leave out --device"),
+    ([], "needs one CUDA GPU per process"),
+])
+def test_cli_context_parallel_refusals_before_loading(tmp_path, monkeypatch, extra, word):
+    from sag_fast.__main__ import main
+
+    if not extra and torch.cuda.is_available():
+        pytest.skip("the CPU refusal: this machine has a GPU")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit) as err:
+        main(["sample", "--model", str(tmp_path), *extra, "--context-parallel", "ring=2", "--output-dir",
+              str(tmp_path)])
+    assert word in str(err.value)
