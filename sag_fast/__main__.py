@@ -104,6 +104,9 @@ def _check_sample_args(a) -> None:
             raise SystemExit("--context-parallel and --cond-rows: the class-conditional rows use the built-in UNet")
         if a.device is not None:
             raise SystemExit("--context-parallel picks each rank's GPU from torchrun's LOCAL_RANK: leave out --device")
+        if a.context_parallel_spec[0] == "ring" and a.dtype == "fp32":
+            raise SystemExit("--context-parallel ring=N runs on the cuDNN attention backend (ring attention needs each "
+                             "chunk's log-sum-exp, which the default backend does not give): use --dtype bf16 or fp16")
 
 
 def _context_parallel_spec(value: str | None) -> tuple[str, int] | None:
@@ -136,6 +139,8 @@ def _enable_context_parallel(pipe, spec: tuple[str, int], device) -> None:
                          "context-parallel plan in diffusers (Flux and Wan transformers have one)")
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl", device_id=device)
+    if kind == "ring":  # ring attention needs each key chunk's log-sum-exp: the native backend does not give it
+        model.set_attention_backend("_native_cudnn")
     model.enable_parallelism(config=ContextParallelConfig(**{f"{kind}_degree": degree}))
 
 

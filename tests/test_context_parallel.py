@@ -304,7 +304,7 @@ def test_cli_context_parallel_argument_is_checked(tmp_path, monkeypatch, value, 
 
 @pytest.mark.parametrize("extra,word", [
     (["--model", "builtin"], "is a UNet"), (["--model", "tiny-sd"], "is a UNet"),
-    (["--device", "cuda:1"], "leave out --device"),
+    (["--device", "cuda:1"], "leave out --device"), (["--dtype", "fp32"], "cuDNN attention backend"),
     ([], "needs one CUDA GPU per process"),
 ])
 def test_cli_context_parallel_refusals_before_loading(tmp_path, monkeypatch, extra, word):
