@@ -101,6 +101,9 @@ def _runs(pipe, call, order: str, mode: str) -> dict:
     finally:
         sharded.all_reduce = reduce
     disable_sag(pipe)
+    from diffusers.models import attention_dispatch
+    out["dispatch_restored"] = attention_dispatch._templated_context_parallel_attention is not \
+        sharded._reading_template and sharded._INSTALLED["count"] == 0
     out["plain"] = call()
     return out
 
@@ -130,18 +133,19 @@ def wan_job(rank: int, mode: str, order: str) -> dict:
                                     generator=torch.Generator().manual_seed(0), **call).frames, order, mode)
 
 
-def suite_job(rank: int, kind: str) -> dict:
-    """Every scenario of one CP kind in one start-up: Flux distilled (CP on before enable_sag for Ulysses, after it
+def suite_job(rank: int, kinds: tuple) -> dict:
+    """Every scenario of each CP kind in one start-up: Flux distilled (CP on before enable_sag for Ulysses, after it
     for ring), Flux true CFG, Flux with 5 text tokens under the anything mode (3 + 2 over the ranks), Wan."""
-    first = "cp_first" if kind == "ulysses" else "sag_first"
     out, times = {}, {}
-    for name, job, args in (("flux", flux_job, (kind, first, False, 6)),
-                            ("flux_true_cfg", flux_job, (kind, "cp_first", True, 6)),
-                            ("flux_uneven", flux_job, (kind + "+anything", "cp_first", False, 5)),
-                            ("wan", wan_job, (kind, "cp_first"))):
-        start = time.perf_counter()
-        out[name] = job(rank, *args)
-        times[name] = time.perf_counter() - start
+    for kind in kinds:
+        first = "cp_first" if kind == "ulysses" else "sag_first"
+        for name, job, args in (("flux", flux_job, (kind, first, False, 6)),
+                                ("flux_true_cfg", flux_job, (kind, "cp_first", True, 6)),
+                                ("flux_uneven", flux_job, (kind + "+anything", "cp_first", False, 5)),
+                                ("wan", wan_job, (kind, "cp_first"))):
+            start = time.perf_counter()
+            out[kind, name] = job(rank, *args)
+            times[kind, name] = round(time.perf_counter() - start, 1)
     out["times"] = times
     return out
 
@@ -166,20 +170,67 @@ def _check(results: list[dict]) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(r0["no_reduction_masks"], r0["reference_masks"])
                if a is not None), "each rank's partial mask equals the global one: the test could not fail"
     assert not torch.allclose(r0["no_reduction"], ref, rtol=1e-5, atol=1e-6)
+    assert r0["dispatch_restored"] and r1["dispatch_restored"]  # disable_sag takes the reader out of the dispatch
 
 
+def test_sag_under_context_parallelism_equals_single_process():
+    """Ulysses 2 and ring 2 (one spawn for both: start-up is most of the cost), Flux (distilled, true CFG, uneven
+    text under the anything modes) and Wan: rank 0's latents equal single-process SAG to 1e-5, its masks equal the
+    single-process masks at every step, the ranks agree, SAG has an effect, and without the all-reduce the masks and
+    latents differ."""
+    kinds = ("ulysses", "ring")
+    results = spawn("suite", kinds)
+    print("seconds per scenario (rank 0):", results[0]["times"])
+    for kind in kinds:
+        for scenario in ("flux", "flux_true_cfg", "flux_uneven", "wan"):
+            try:
+                _check([r[kind, scenario] for r in results])
+            except AssertionError as exc:
+                raise AssertionError(f"{kind}, {scenario}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------- the reduction, in float64
 @pytest.mark.parametrize("kind", ["ulysses", "ring"])
-def test_sag_under_context_parallelism_equals_single_process(kind):
-    """Flux (distilled, true CFG, uneven text under the anything mode) and Wan: rank 0's latents equal single-process
-    SAG to 1e-5, its masks equal the single-process masks at every step, the ranks agree, SAG has an effect, and
-    without the all-reduce the masks and latents differ."""
-    results = spawn("suite", kind)
-    print(f"{kind}: seconds per scenario (rank 0)", {k: round(v, 1) for k, v in results[0]["times"].items()})
-    for scenario in ("flux", "flux_true_cfg", "flux_uneven", "wan"):
-        try:
-            _check([r[scenario] for r in results])
-        except AssertionError as exc:
-            raise AssertionError(f"{kind}, {scenario}: {exc}") from exc
+@pytest.mark.parametrize("degree,text,image,anything,joint", [
+    (2, 6, 16, False, "text_first"), (3, 5, 14, True, "text_first"), (2, 4, 10, False, "image_first"),
+    (2, 0, 12, False, None), (3, 0, 11, True, None)])
+def test_rank_parts_add_up_to_the_float64_reference_mass(kind, degree, text, image, anything, joint):
+    """Each rank's part of the mass as sharded.image_key_mass computes it from what the rank holds (Ulysses: the
+    gathered sequence of slices [text_r, image_r], heads / N; ring: its own slice against every rank's chunk), summed
+    as the all-reduce sums them, equals reference.joint_attention_mass (attention_mass without text) of the global
+    q, k, in float64; one rank's part alone does not."""
+    from sag_fast import reference, sharded
+
+    b, heads, d = 2, 2 * degree, 4
+    g = torch.Generator().manual_seed(degree * 100 + text + image)
+    glob_text = torch.randn(b, text, heads, d, 2, generator=g, dtype=torch.float64)
+    glob_image = torch.randn(b, image, heads, d, 2, generator=g, dtype=torch.float64)
+    split = (lambda t: list(t.tensor_split(degree, dim=1))) if anything else (lambda t: list(t.chunk(degree, dim=1)))
+    texts = split(glob_text) if text else [glob_text[:, :0]] * degree
+    images = split(glob_image)
+    order = (lambda t, i: (i, t)) if joint == "image_first" else (lambda t, i: (t, i))
+    local = [torch.cat(order(t, i), dim=1) for t, i in zip(texts, images)]  # rank r's sequence, (B, S_r, H, d, 2)
+    plan = lambda r: sharded.ShardPlan(kind, degree, r, None, anything)  # noqa: E731
+    scale = 0.7
+    parts = []
+    for r in range(degree):
+        if kind == "ulysses":
+            gathered = torch.cat(local, dim=1)[:, :, r * heads // degree:(r + 1) * heads // degree]
+            segments = sharded.rank_segments([t.shape[1] for t in local], image, plan(r), joint, list(range(degree)))
+            slices = sharded.positioned(segments)
+            parts.append(sharded.image_key_mass(gathered[..., 0], slices, [(gathered[..., 1], slices)], scale, image))
+        else:
+            owners = [(r + i) % degree for i in range(degree)]
+            segments = sharded.rank_segments([local[o].shape[1] for o in owners], image, plan(r), joint, owners)
+            chunks = [(local[o][..., 1], [(0, s)]) for o, s in zip(owners, segments)]
+            parts.append(sharded.image_key_mass(local[r][..., 0], [(0, segments[0])], chunks, scale, image))
+    mass = sum(parts) / heads
+    q, k = (torch.cat(order(glob_text[..., i], glob_image[..., i]), dim=1).transpose(1, 2) for i in (0, 1))
+    start = 0 if joint == "image_first" or not text else text
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    want = reference.joint_attention_mass(probs, (start, image)) if text else reference.attention_mass(probs)
+    torch.testing.assert_close(mass, want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(parts[0] * degree / heads, want, rtol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ the refusals
