@@ -191,20 +191,23 @@ def all_reduce(mass: torch.Tensor, group) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- the reading template
+@dataclass(frozen=True)
 class _Read:
-    """The armed forward's reader: gets the CP template's inputs, returns (B, image_total) mass to the capture."""
+    """The armed forward's reader: the capture the template's pairs go to, and the sharding they come from."""
 
-    def __init__(self, capture, plan: ShardPlan):
-        self.capture, self.plan = capture, plan
+    capture: object
+    plan: ShardPlan
 
 
 _ARMED = threading.local()
 _LOCK = threading.Lock()
-_INSTALLED = {"count": 0, "original": None, "wrapper": None}
+_INSTALLED = {"count": 0, "original": None}  # captures under CP that need the reader; diffusers' own template
 
 
 @dataclass
 class _Call:
+    """One call of the backend's forward op inside the CP template: what this rank attends with."""
+
     query: torch.Tensor
     key: torch.Tensor
     attn_mask: object
