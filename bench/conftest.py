@@ -169,7 +169,7 @@ def e2e_table_lines(rows: list[dict]) -> list[str]:
         diff = [b for b in same if b["variant"].startswith("diffusers SAG") and b.get("step_seconds")]
         if sec and diff and "SAG" in r["variant"] and not r["variant"].startswith("diffusers"):
             vs_diff = _speedup(diff[0]["step_seconds"] / sec)
-        ms = f"{sec * 1e3:.2f}" if sec else "skipped"
+        ms = f"{sec * 1e3:.2f}" if sec else ("on paper" if (r.get("extra") or {}).get("on_paper") else "skipped")
         lines.append(f"| {r['model']} | {r['variant']} | {ms} | {over} | {vs_diff} | {_mib(r.get('peak_bytes'))} | "
                      f"{r.get('mem_kind') or ''} | {r.get('note') or ''} |")
     return lines

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
     s.add_argument("--output-dir", default="outputs")
+    s.add_argument("--context-parallel", default=None, metavar="ulysses=N|ring=N",
+                   help="shard the transformer's sequence over N GPUs with diffusers' context parallelism; run under "
+                        "`torchrun --nproc-per-node N` (rank 0 writes the outputs)")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.add_argument("--cond-rows", type=int, default=None,
                    help=f"'{BUILTIN}' only: rows of the class-conditional built-in model (one shape class each, "
@@ -97,6 +100,53 @@ def _check_sample_args(a) -> None:
     if (a.height is None) != (a.width is None):
         given, missing = ("height", "width") if a.width is None else ("width", "height")
         raise SystemExit(f"--{given} was given without --{missing}: give both (or neither, for the model's size)")
+    a.context_parallel_spec = _context_parallel_spec(a.context_parallel)
+    if a.context_parallel_spec is not None:
+        if a.model in (BUILTIN, TINY_SD):
+            raise SystemExit(f"--context-parallel: --model {a.model} is a UNet, which diffusers cannot shard; use a "
+                             "Flux (or other transformer) pipeline folder")
+        if a.cond_rows:
+            raise SystemExit("--context-parallel and --cond-rows: the class-conditional rows use the built-in UNet")
+        if a.device is not None:
+            raise SystemExit("--context-parallel picks each rank's GPU from torchrun's LOCAL_RANK: leave out --device")
+        if a.context_parallel_spec[0] == "ring" and a.dtype == "fp32":
+            raise SystemExit("--context-parallel ring=N runs on the cuDNN attention backend (ring attention needs each "
+                             "chunk's log-sum-exp, which the default backend does not give): use --dtype bf16 or fp16")
+
+
+def _context_parallel_spec(value: str | None) -> tuple[str, int] | None:
+    """--context-parallel ulysses=N | ring=N -> (kind, N), checked against torchrun's environment."""
+    if value is None:
+        return None
+    kind, _, degree = value.partition("=")
+    if kind not in ("ulysses", "ring") or not degree.isdigit() or int(degree) < 2:
+        raise SystemExit(f"--context-parallel must be ulysses=N or ring=N with N >= 2, got {value!r}")
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or "LOCAL_RANK" not in os.environ:
+        raise SystemExit(f"--context-parallel {value}: run under torchrun (e.g. `torchrun --nproc-per-node {degree} "
+                         "-m sag_fast sample ...`), one process per GPU")
+    if int(world) != int(degree):
+        raise SystemExit(f"--context-parallel {value}: torchrun started {world} processes; the degree must be the "
+                         f"number of processes (`torchrun --nproc-per-node {degree}`)")
+    return kind, int(degree)
+
+
+def _enable_context_parallel(pipe, spec: tuple[str, int], device) -> None:
+    """The process group (NCCL) and `enable_parallelism` on the pipeline's transformer, before enable_sag."""
+    import torch
+    from diffusers import ContextParallelConfig
+
+    kind, degree = spec
+    model = getattr(pipe, "transformer", None)
+    if model is None or getattr(model, "_cp_plan", None) is None:
+        raise SystemExit(f"--context-parallel: {type(pipe).__name__}'s denoiser "
+                         f"({type(getattr(pipe, 'transformer', getattr(pipe, 'unet', None))).__name__}) has no "
+                         "context-parallel plan in diffusers (Flux and Wan transformers have one)")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl", device_id=device)
+    if kind == "ring":  # ring attention needs each key chunk's log-sum-exp: the native backend does not give it
+        model.set_attention_backend("_native_cudnn")
+    model.enable_parallelism(config=ContextParallelConfig(**{f"{kind}_degree": degree}))
 
 
 def _device(name: str | None):
@@ -429,7 +479,14 @@ def sample(a) -> int:
     import sag_fast
     from sag_fast.diffusers import last_mask
 
-    device = _device(a.device)
+    spec = a.context_parallel_spec
+    if spec is not None:
+        if not torch.cuda.is_available():
+            raise SystemExit("--context-parallel needs one CUDA GPU per process (diffusers' context parallelism)")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = _device(a.device)
     dtype = getattr(torch, DTYPES[a.dtype or ("fp16" if device.type == "cuda" else "fp32")])
     if a.batch is None:
         a.batch = 8 if a.model == BUILTIN else 1
@@ -443,6 +500,9 @@ def sample(a) -> int:
     pipe, source = _load_pipeline(a.model, device, dtype)
     _set_scheduler(pipe, a.scheduler)
     _check_size(pipe, a)
+    if spec is not None:  # before enable_sag: SAG reads the sharded attention (every rank runs every call below)
+        _enable_context_parallel(pipe, spec, device)
+        source += f" | context parallel {a.context_parallel} (rank {torch.distributed.get_rank()})"
     try:  # everything SAG refuses (model, layer, scheduler) is refused here, before any sampling
         sag_fast.enable_sag(pipe, **_sag_settings(a))
     except (ValueError, TypeError) as exc:
@@ -479,6 +539,9 @@ def sample(a) -> int:
     finally:
         sag_fast.disable_sag(pipe)
     mask = masks[0] if masks else None
+    if spec is not None and torch.distributed.get_rank() != 0:
+        torch.distributed.destroy_process_group()
+        return 0  # every rank ran the sharded calls; rank 0 writes the outputs
     if mask is None:
         print("no mask column: SAG computed no attention mask at the middle step (sag scale 0?)")
 
@@ -559,6 +622,8 @@ def sample(a) -> int:
     if videos:
         print(f"videos (without SAG, with SAG, side by side): {', '.join(v for v in videos if 'side' in v)}")
     print(f"settings and per-step timings: {json_path}")
+    if spec is not None:
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-from . import named_hooks
+from . import named_hooks, sharded
 from .ops._dispatch import check_nonnegative
 from .ops.mask import mask_from_probs, mask_from_qk
 
@@ -218,6 +218,9 @@ class _LayerHook(named_hooks.NamedHook):
             capture._layer_hw = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
         elif isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3:  # its own (image) tokens
             capture._layer_tokens = int(hidden_states.shape[1])
+        if capture._plan is not None:  # context parallel: read where the attention is sharded (sharded.py)
+            with sharded.reading(capture, capture._plan):
+                return self.fn_ref.original_forward(*args, **kwargs)
         with _AttentionProbe(capture):
             return self.fn_ref.original_forward(*args, **kwargs)
 
@@ -264,6 +267,9 @@ class AttentionCapture:
         self._armed = False
         self._done = False
         self._probing = False  # the construction-time dummy forward: stop at the first attention seen
+        self._plan: sharded.ShardPlan | None = None  # the armed forward's context-parallel sharding, if any
+        self._reads_sharded = False  # put the sharded reader in diffusers' dispatch (removed with the capture)
+        self._geometry: list = []
         self._rows: slice | None = None
         self._input_hw: tuple[int, int] | None = None
         self._layer_hw: tuple[int, int] | None = None
@@ -311,7 +317,10 @@ class AttentionCapture:
 
     def check_processor(self) -> None:
         """Refuses what the capture cannot read whole, at enable time and again before each pipeline call:
-        attention slicing computes the softmax one slice of heads at a time."""
+        attention slicing computes the softmax one slice of heads at a time; under context parallelism, what the
+        sharded capture cannot read exactly (sharded.check)."""
+        sharded.check(self.model, self.layer, self.layer_name,
+                      compiled=self._through_compiled or self._in_compiled_region())
         if _sliced(getattr(self.layer, "processor", None)):
             raise ValueError(f"layer {self.layer_name!r} uses attention slicing ({type(self.layer.processor).__name__}): "
                              "its softmax runs one slice of heads at a time, so SAG cannot read the layer's whole "
@@ -364,6 +373,8 @@ class AttentionCapture:
             return
         if any(type(p).__name__ == "FakeTensor" or p.is_cuda and not torch.cuda.is_available() for p in params):
             return
+        if sharded.cp_config(self.model) is not None:  # its attention is a collective: the sharded reader reads
+            return                                      # every CP backend (they all run diffusers' CP template)
         dummy = torch.zeros(1, 4, dim, device=params[0].device, dtype=params[0].dtype)
         self._armed, self._done, self._probing = True, False, True
         self._owner = threading.get_ident()
@@ -486,6 +497,63 @@ class AttentionCapture:
         self.mask = mask_from_qk(q, k, self._grid(n), self.threshold, scale, image_span=(start, n), key_bias=key_bias)
         self._done = True
 
+    def _from_sharded(self, plan: sharded.ShardPlan, query: torch.Tensor, calls: list, is_causal: bool) -> None:
+        """The mask from the layer's context-parallel attention (sharded.py): this rank's part of the image-key
+        mass from the (query, key) pairs the backend's forward op got, all-reduced over the CP group (N floats)."""
+        if self._done:
+            return
+        if is_causal or any(c.attn_mask is not None for c in calls):
+            raise RuntimeError(f"layer {self.layer_name!r} attends with an attention mask (or causally): the SAG mass "
+                               "would ignore it; choose another layer (layer=...)")
+        expected = 1 if plan.kind == "ulysses" else plan.degree
+        if len(calls) != expected:
+            raise RuntimeError(f"layer {self.layer_name!r}: {plan.kind} attention ran its forward op {len(calls)} "
+                               f"times (expected {expected}); SAG cannot place the key chunks")
+        rows = self._slice()
+        heads = int(query.shape[2])  # the template's query: this rank's tokens, every head
+        q = calls[0].query[rows]
+        scale = 1.0 / math.sqrt(q.shape[-1]) if calls[0].scale is None else float(calls[0].scale)
+        joint = self.joint
+        if plan.kind == "ulysses":  # one pair: the gathered sequence [slice_0, slice_1, ...], heads / N
+            n = int(q.shape[1])
+            image_total = self._sharded_image_tokens(plan, n)
+            texts = sharded.split_sizes(n - image_total, plan.degree, plan.anything, "text tokens") \
+                if joint is not None else [0] * plan.degree
+            images = sharded.split_sizes(image_total, plan.degree, plan.anything, "image tokens")
+            segments = sharded.rank_segments([t + i for t, i in zip(texts, images)], image_total, plan, joint,
+                                             list(range(plan.degree)))
+            q_slices = sharded.positioned(segments)
+            k_chunks = [(calls[0].key[rows], q_slices)]
+        else:  # ring: this rank's queries against every rank's key chunk, visited in the order r, r+1, ...
+            owners = [(plan.rank + i) % plan.degree for i in range(plan.degree)]
+            lengths = [int(c.key.shape[1]) for c in calls]
+            image_total = self._sharded_image_tokens(plan, sum(lengths))
+            segments = sharded.rank_segments(lengths, image_total, plan, joint, owners)
+            if int(q.shape[1]) != lengths[0]:
+                raise RuntimeError(f"layer {self.layer_name!r}: ring attention's first key chunk is not this "
+                                   "rank's own; SAG cannot place the key chunks")
+            q_slices = [(0, segments[0])]
+            k_chunks = [(c.key[rows], [(0, s)]) for c, s in zip(calls, segments)]
+        text_total = sum(s.text for s in segments) if plan.kind == "ring" else n - image_total
+        mass = sharded.image_key_mass(q, q_slices, k_chunks, scale, image_total)
+        mass = sharded.all_reduce(mass, plan.group) / heads  # every rank: the single-process mass
+        relative = text_total > 0  # as single-process: relative to the mean image-key mass only with text keys
+        bar = self.threshold * mass.mean(dim=-1, keepdim=True) if relative else self.threshold
+        self.mask = (mass > bar).view(mass.shape[0], *self._grid(image_total))
+        self._done = True
+
+    def _sharded_image_tokens(self, plan: sharded.ShardPlan, n_tokens: int) -> int:
+        """The model's image tokens in all (global): every token without joint attention, else the count the caller
+        gave (the packed latent's), else this rank's own image tokens times the degree (equal splits only)."""
+        if self.joint is None:
+            return n_tokens
+        if self.image_tokens is not None:
+            return self.image_tokens
+        if self._layer_tokens is not None and not plan.anything:
+            return self._layer_tokens * plan.degree
+        raise RuntimeError(f"layer {self.layer_name!r}: joint attention under context parallelism with an unknown "
+                           "number of image tokens; set the capture's image_tokens (the whole latent's token count)")
+
     def _from_probs(self, probs: torch.Tensor):
         if self._probing:
             raise _Seen
@@ -532,6 +600,10 @@ class AttentionCapture:
             raise RuntimeError(f"layer {self.layer_name!r}: the SAG capture is already armed by another call (one SAG "
                                "pipeline called from two threads at once?); use one pipeline per thread")
         self.check_processor()
+        self._plan = sharded.plan_of(self.model)  # the strategy, from the model's parallel config now
+        if self._plan is not None and not self._reads_sharded:
+            sharded.install()
+            self._reads_sharded = True
         self._owner = threading.get_ident()
         self._marker = _Marker() if compiled or self._through_compiled or self._in_compiled_region() else None
         self._armed, self._done, self._rows, self.mask = True, False, rows, None
@@ -568,6 +640,9 @@ class AttentionCapture:
         if self._hooked:
             named_hooks.unregister(self.layer, HOOK_NAME)
             self._hooked = False
+        if self._reads_sharded:
+            sharded.uninstall()
+            self._reads_sharded = False
         self._armed = False
 
     def __enter__(self):

@@ -134,6 +134,18 @@ def attach(outer: torch.nn.Module, handler, name: str = HOOK_NAME) -> None:
     named_hooks.register(outer, _Hook(handler), name)
 
 
+def keep_outermost(outer: torch.nn.Module, name: str = HOOK_NAME) -> None:
+    """Moves the hook `name` back outside every other diffusers hook on outer. A hook registered after it (diffusers'
+    context-parallel split of the inputs, when `enable_parallelism` follows enable_sag) would otherwise run first,
+    and the guided step would see one rank's slice of the latents instead of the whole batch."""
+    registry = vars(outer).get("_diffusers_hook") if not is_compiled(outer) else None
+    if registry is None or name not in registry.hooks or registry._hook_order[-1] == name:
+        return
+    handler = registry.hooks[name].handler
+    detach(outer, name)
+    attach(outer, handler, name)
+
+
 def detach(outer: torch.nn.Module, name: str = HOOK_NAME) -> None:
     """Takes the hook `name` off outer (a no-op without one); outer then computes exactly as before."""
     if is_compiled(outer):

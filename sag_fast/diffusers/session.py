@@ -134,6 +134,7 @@ class SAGSession:
         for expert in self.experts:
             outer = getattr(pipe, expert.attr, None)
             if outer is expert.hooked:
+                engine.keep_outermost(outer)  # outside hooks added since (enable_parallelism's input split)
                 continue
             if not isinstance(outer, torch.nn.Module) or unwrap_compiled(outer) is not expert.model:
                 raise RuntimeError(f"pipe.{expert.attr} was replaced by another model after enable_sag; call "
