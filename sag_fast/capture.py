@@ -135,7 +135,7 @@ def resolve_layer(model: torch.nn.Module, layer: str | None, joint: bool = False
     if _is_added_kv(module) and getattr(module, "only_cross_attention", False):
         raise ValueError(f"layer={name!r} is added-KV attention with only_cross_attention: its keys are the text "
                          "tokens alone, no image keys to build SAG's mask from; pick another layer with layer=...")
-    if _is_diffusers_attention(module) and getattr(module, "is_cross_attention", False):
+    if _is_diffusers_attention(module) and getattr(module, "is_cross_attention", False) and not _is_added_kv(module):
         raise ValueError(f"layer={name!r} is not self-attention (a cross-attention layer); SAG needs a self-attention "
                          "layer such as an attn1")
     if not _looks_like_attention(name, module):

@@ -116,6 +116,8 @@ _UNET = ("UNet2DConditionModel",)
 _UNET_MID = "mid_block.attentions.0.transformer_blocks.0.attn1"
 _MIDDLE_ATTN1 = "transformer_blocks.{middle}.attn1"
 _MIDDLE_ATTN = "transformer_blocks.{middle}.attn"
+# IF's and Kandinsky 2.2's real UNets: UNetMidBlock2DSimpleCrossAttn's added-KV attention (keys [text, image])
+_ADDED_KV_MID = (_UNET_MID, "mid_block.attentions.0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,24 +276,26 @@ FAMILIES: tuple[Family, ...] = (
            "noise_pred[:, : latents.size(1)]; size from max_area"),
     Family(name="DeepFloyd IF", pipelines=(
         "IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"), denoisers=_UNET, latent=in_channels,
-        per_row=_UNET_PER_ROW, layout_note="[uncond, cond]; pixel space, learned variance; the real UNets' attention is added-KV joint "
-        "attention, refused at the layer for now",
+        per_row=_UNET_PER_ROW, default_layer=_ADDED_KV_MID,
+        layout_note="[uncond, cond]; pixel space, learned variance; added-KV attention: image queries, keys "
+        "[text, image], mask from the image keys",
         source="deepfloyd_if/pipeline_if.py"),
     Family(name="DeepFloyd IF stage II", pipelines=(
         "IFSuperResolutionPipeline", "IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline"),
-        denoisers=_UNET, latent=half_in_channels, per_row=_UNET_PER_ROW,
-        layout_note="[uncond, cond]; [x_t, upscaled image] (6 ch), noise level in class_labels",
+        denoisers=_UNET, latent=half_in_channels, per_row=_UNET_PER_ROW, default_layer=_ADDED_KV_MID,
+        layout_note="[uncond, cond]; [x_t, upscaled image] (6 ch), noise level in class_labels; added-KV attention",
         source="deepfloyd_if/pipeline_if_superresolution.py"),
     Family(name="Kandinsky 2.2", pipelines=(
         "KandinskyV22Pipeline", "KandinskyV22Img2ImgPipeline", "KandinskyV22InpaintPipeline"), denoisers=_UNET,
-        cfg_on=cfg_property, latent=half_out_channels, per_row=_UNET_PER_ROW,
-        layout_note="[negative, positive] image embeds in added_cond_kwargs; learned variance; the real UNet's "
-        "attention is added-KV joint attention, refused at the layer for now",
+        cfg_on=cfg_property, latent=half_out_channels, per_row=_UNET_PER_ROW, default_layer=_ADDED_KV_MID,
+        layout_note="[negative, positive] image embeds in added_cond_kwargs; learned variance; added-KV attention: "
+        "image queries, keys [image-embedding tokens, image]",
         source="kandinsky2_2/pipeline_kandinsky2_2.py"),
     Family(name="Kandinsky 2.2 ControlNet", pipelines=(
         "KandinskyV22ControlnetPipeline", "KandinskyV22ControlnetImg2ImgPipeline"), denoisers=_UNET,
-        latent=half_out_channels, per_row=_UNET_PER_ROW,
-        layout_note="[negative, positive] image embeds and [hint, hint]; local CFG; learned variance",
+        latent=half_out_channels, per_row=_UNET_PER_ROW, default_layer=_ADDED_KV_MID,
+        layout_note="[negative, positive] image embeds and [hint, hint]; local CFG; learned variance; added-KV "
+        "attention",
         source="kandinsky2_2/pipeline_kandinsky2_2_controlnet.py"),
     Family(name="AnimateDiff", pipelines=("AnimateDiffPipeline",), denoisers=("UNetMotionModel",),
            cfg_on=cfg_property, video=True, frames_in_batch=True,
