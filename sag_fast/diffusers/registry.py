@@ -329,9 +329,9 @@ RULES = (
     ("other PAG pipelines", "PAG's batch layout and processor swap are known for StableDiffusionPAGPipeline and "
      "StableDiffusionXLPAGPipeline only; for the others use the pipeline without PAG for SAG (e.g. "
      "StableDiffusionPipeline.from_pipe(pipe)), or PAG without SAG"),
-    ("other packed-latent pipelines (Flux Fill/Control/Kontext, Chroma, QwenImage)", "packed-latent transformers "
-     "other than FluxPipeline / FluxImg2ImgPipeline are not supported yet; SAG needs to know how to unpack the "
-     "latent to blur it"),
+    ("other packed-latent pipelines (Flux Control img2img / inpaint, Kontext inpaint, Chroma, QwenImage)",
+     "packed-latent transformers without a record (Flux, Fill, Control and Kontext have one) are not supported yet; "
+     "SAG needs to know how to unpack the latent to blur it"),
     ("Sana and other linear-attention models", "linear attention has no softmax attention map to build SAG's "
      "mask from"),
 )
