@@ -321,3 +321,59 @@ def test_pag_guided_call_equals_the_float64_reference():
     model.set_attn_processor(plain_procs)
     assert 0 < int(mask.sum()) < mask.numel() and not torch.equal(out[2], out[1])   # PAG's way differs
     torch.testing.assert_close(rec["output"], expected, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------- the added-KV capture
+@pytest.mark.parametrize("processor", ["AttnAddedKVProcessor2_0", "AttnAddedKVProcessor"])
+def test_added_kv_capture_equals_the_reference_on_both_processors(processor):
+    """One added-KV Attention (as in UNetMidBlock2DSimpleCrossAttn) on a 4x4 grid with 5 text tokens: the mask the
+    capture reads from SDPA (image queries padded into the joint kernel) or from the eager processor's
+    softmax (probabilities) equals the float64 reference of the recorded q / k (keys [text, image])."""
+    import diffusers.models.attention_processor as ap
+
+    from sag_fast.capture import AttentionCapture
+
+    model = torch.nn.Module()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model.attn = ap.Attention(query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=12, norm_num_groups=4,
+                                  cross_attention_dim=16, bias=True, upcast_softmax=True,
+                                  processor=getattr(ap, processor)())
+        model.attn.to_q.weight.data *= 6   # peaked attention: a mask with both values
+    hs, text = torch.randn(3, 16, 4, 4, generator=gen(4)), torch.randn(3, 5, 12, generator=gen(5))
+    with torch.no_grad(), recorded_sdpa() as qk:
+        model.attn.set_processor(ap.AttnAddedKVProcessor2_0())
+        model.attn(hs, encoder_hidden_states=text)
+        model.attn.set_processor(getattr(ap, processor)())
+    q, k, _ = qk[0]
+    assert q.shape[2] == 16 and k.shape[2] == 21
+    rows = slice(1, 3)
+    mass = reference.joint_attention_mass_from_qk(q[rows].double(), k[rows].double(), (5, 16))
+    want = reference.joint_mass_to_mask(mass, (4, 4), 1.0)
+    assert want.any() and not want.all()
+    capture = AttentionCapture(model, "attn")
+    assert capture.joint == "text_first"
+    with torch.no_grad(), capture.capturing(rows):
+        model.attn(hs, encoder_hidden_states=text)
+    assert torch.equal(capture.mask, want)
+    capture.remove()
+    model.attn.set_processor(ap.JointAttnProcessor2_0() if hasattr(ap, "JointAttnProcessor2_0") else None)
+    with pytest.raises(ValueError, match="does not fix where the image tokens are"):
+        AttentionCapture(model, "attn")
+
+
+def test_cli_runs_a_pag_folder(tmp_path):
+    """`python -m sag_fast sample --model <folder>` on a saved PAG pipeline (its default pag_scale 3: three ways)."""
+    import json
+
+    from PIL import Image
+
+    from sag_fast.__main__ import main
+
+    tp.pag_pipeline().save_pretrained(tmp_path / "pag")
+    out = tmp_path / "run"
+    assert main(["sample", "--no-progress", "--output-dir", str(out), "--model", str(tmp_path / "pag"), "--steps", "2",
+                 "--height", "64", "--width", "64"]) == 0
+    assert 0 < json.loads((out / "run.json").read_text())["mask_fraction"] < 1
+    plain, guided = (np.asarray(Image.open(out / f"sample0_{k}.png"), dtype=np.int16) for k in ("nosag", "sag"))
+    assert plain.shape == (64, 64, 3) and np.abs(plain - guided).max() > 0
