@@ -90,6 +90,9 @@ FAMILIES = {
     "pag_sdxl": (lambda: tp.pag_pipeline(sdxl=True), _pag_call, 3, 1, lambda x: x,
                  _TEXT + ("added_cond_kwargs.text_embeds", "added_cond_kwargs.time_ids")),
     "if_added_kv": (lambda: tp.if_pipeline(added_kv=True), _if_call, 2, 1, lambda x: x, _TEXT),
+    "if_sr_added_kv": (lambda: tp.if_superresolution_pipeline(added_kv=True),
+                       lambda b: dict(_if_call(b), image=_rows(torch.rand(2, 3, 4, 4, generator=gen(11)), b)), 2, 1,
+                       lambda x: x[:, :3], _TEXT + ("class_labels",)),
     "kandinsky22_added_kv": (lambda: tp.kandinsky22_pipeline(added_kv=True), _kandinsky_call, 2, 1,
                              lambda x: x[:, :4], ("added_cond_kwargs.image_embeds",)),
 }
@@ -126,7 +129,7 @@ def test_scale_zero_disable_effect_and_batch_invariance(name):
     assert torch.equal(_run(pipe, name), plain)
 
 
-@pytest.mark.parametrize("name", ["flux_fill", "flux_kontext_cfg", "pag_sd", "if_added_kv"])
+@pytest.mark.parametrize("name", ["flux_fill", "flux_kontext_cfg", "pag_sd", "if_sr_added_kv"])
 def test_window_and_extra_forward_rows(name):
     """start=0.5 of 4 steps: the extra forward only in steps 2 and 3; each gets exactly the unconditional rows
     of the step's last model call: the latent part degraded, the conditioning channels / context tokens as

@@ -200,14 +200,15 @@ def if_pipeline(kind: str = "", added_kv: bool = False):
                       safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False))
 
 
-def if_superresolution_pipeline(kind: str = ""):
+def if_superresolution_pipeline(kind: str = "", added_kv: bool = False):
     """IF stage II (kind "", "Img2Img", "Inpainting"): [x_t (3), noised upscaled image (3)] in, 6 out, noise
-    level in class_labels."""
+    level in class_labels. added_kv: the real stage II UNet's block types."""
     import diffusers
     from diffusers import DDPMScheduler
 
     cls = getattr(diffusers, f"IF{kind}SuperResolutionPipeline")
-    unet = cond_unet(6, 6, class_embed_type="timestep")
+    unet = added_kv_unet(6, 6, class_embed_type="timestep", encoder_hid_dim=TEXT_HIDDEN, addition_embed_type="text",
+                         addition_embed_type_num_heads=2) if added_kv else cond_unet(6, 6, class_embed_type="timestep")
     return _place(cls(
         tokenizer=None, text_encoder=None, unet=unet, scheduler=_if_scheduler(),
         image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), safety_checker=None,
