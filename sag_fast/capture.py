@@ -46,6 +46,17 @@ def _is_diffusers_attention(module) -> bool:
         and isinstance(getattr(module, "heads", None), int)
 
 
+_ADDED_KV = ("AttnAddedKVProcessor", "AttnAddedKVProcessor2_0")
+
+
+def _is_added_kv(module) -> bool:
+    """diffusers' added-KV attention (DeepFloyd IF's and Kandinsky's UNets, AttnAddedKVProcessor(2_0)): the
+    queries are the image tokens, the keys [text keys from add_k_proj, image keys], one softmax over both. The
+    processor fixes that key order (SD3's and Flux's layers also have added K/V projections, with another)."""
+    return _is_diffusers_attention(module) and getattr(module, "added_kv_proj_dim", None) is not None \
+        and type(getattr(module, "processor", None)).__name__ in _ADDED_KV
+
+
 def _has_processor(module) -> bool:
     return hasattr(module, "processor") and callable(getattr(module, "set_processor", None))
 
@@ -114,12 +125,17 @@ def resolve_layer(model: torch.nn.Module, layer: str | None, joint: bool = False
                              f"it matches {len(hits)}" + (f": {some}" if hits else ""))
         name = hits[0]
     module = modules[name]
-    if _is_diffusers_attention(module) and getattr(module, "added_kv_proj_dim", None) is not None and not joint:
+    if _is_diffusers_attention(module) and getattr(module, "added_kv_proj_dim", None) is not None and not joint \
+            and not _is_added_kv(module) and not _sliced(getattr(module, "processor", None)):
         raise ValueError(f"layer={name!r} is joint attention (added key/value projections: its keys are the text "
-                         "tokens and the image tokens together, as in DeepFloyd IF's and Kandinsky's UNets); SAG reads "
-                         "joint attention only where it knows where the image tokens are (SD3, Flux: "
-                         "AttentionCapture(..., joint=...)); pick a pure self-attention layer with layer=...")
-    if _is_diffusers_attention(module) and getattr(module, "is_cross_attention", False):
+                         "tokens and the image tokens together) with a processor that does not fix where the image "
+                         f"tokens are ({type(getattr(module, 'processor', None)).__name__}); SAG reads joint attention "
+                         "where it knows that (SD3, Flux: AttentionCapture(..., joint=...); diffusers' "
+                         "AttnAddedKVProcessor2_0 of IF / Kandinsky); pick a pure self-attention layer with layer=...")
+    if _is_added_kv(module) and getattr(module, "only_cross_attention", False):
+        raise ValueError(f"layer={name!r} is added-KV attention with only_cross_attention: its keys are the text "
+                         "tokens alone, no image keys to build SAG's mask from; pick another layer with layer=...")
+    if _is_diffusers_attention(module) and getattr(module, "is_cross_attention", False) and not _is_added_kv(module):
         raise ValueError(f"layer={name!r} is not self-attention (a cross-attention layer); SAG needs a self-attention "
                          "layer such as an attn1")
     if not _looks_like_attention(name, module):
@@ -255,8 +271,12 @@ class AttentionCapture:
         self.grid_hw = grid_hw
         self.joint = joint            # where the image tokens sit in a joint attention's sequence
         self.image_tokens: int | None = None   # their count, when the layer's own input does not tell
+        self.trailing_tokens = 0               # tokens after them that are not the image's (Kontext's context)
         self._layer_tokens: int | None = None
         self.layer_name, self.layer = resolve_layer(self.model, layer, joint=joint is not None)
+        self._added_kv = _is_added_kv(self.layer)
+        if self._added_kv:  # keys [text, image], image queries: the layer itself says where they are
+            self.joint = "text_first"
         if _has_processor(self.layer):
             self.kind = "processor"
         elif isinstance(self.layer, torch.nn.MultiheadAttention):
@@ -317,8 +337,12 @@ class AttentionCapture:
 
     def check_processor(self) -> None:
         """Refuses what the capture cannot read whole, at enable time and again before each pipeline call:
-        attention slicing computes the softmax one slice of heads at a time; under context parallelism, what the
-        sharded capture cannot read exactly (sharded.check)."""
+        attention slicing computes the softmax one slice of heads at a time; an added-KV processor replaced since
+        enabling; under context parallelism, what the sharded capture cannot read exactly (sharded.check)."""
+        if getattr(self, "_added_kv", False) and not _is_added_kv(self.layer):
+            raise ValueError(f"layer {self.layer_name!r}: its AttnAddedKVProcessor was replaced by a "
+                             f"{type(self.layer.processor).__name__} since SAG was enabled; the key layout SAG reads "
+                             "may differ: enable SAG again")
         sharded.check(self.model, self.layer, self.layer_name,
                       compiled=self._through_compiled or self._in_compiled_region())
         if _sliced(getattr(self.layer, "processor", None)):
@@ -464,10 +488,9 @@ class AttentionCapture:
         if bias is None:
             raise RuntimeError(f"layer {self.layer_name!r}: an attention mask of shape {tuple(attn_mask.shape)} does "
                                f"not broadcast to the attention's (B, heads, Nq, Nk) = {(b, heads, nq, nk)}")
-        start, n = 0, nq
-        if self.joint is not None and self.image_tokens is not None and 0 < self.image_tokens <= nq:
-            n = self.image_tokens
-            start = 0 if self.joint == "image_first" else nq - n
+        start, n = 0, nq  # the query rows SAG reads: all, or joint attention's image queries
+        if self.joint is not None and nq == nk:
+            start, n = self._image_span(nq, nk)
         # SDPA aligns the mask's dims to the right: (..., heads, Nq, Nk); size 1 on both is a per-key mask
         per_key = attn_mask.shape[-2] == 1 and (attn_mask.dim() < 3 or attn_mask.shape[-3] == 1)
         first = bias[:, 0, start]
@@ -481,19 +504,30 @@ class AttentionCapture:
                                    "choose another layer (layer=...)")
         return first
 
+    def _image_span(self, n_q: int, n_k: int) -> tuple[int, int]:
+        """(start, n) of the image keys among n_k. Joint attention (n_q == n_k, SD3/Flux): the image tokens
+        (image_tokens, else the layer's own input) with `trailing_tokens` after them ([text, image, context]);
+        added-KV attention (n_q < n_k, IF/Kandinsky): the queries are the image tokens, the keys [text, image]."""
+        n = n_q if n_q != n_k else (self.image_tokens if self.image_tokens is not None else self._layer_tokens)
+        trailing = self.trailing_tokens or 0
+        if n is None or not 0 < n or n + trailing > n_k:
+            raise RuntimeError(f"layer {self.layer_name!r}: joint attention over {n_q} queries / {n_k} keys with {n} "
+                               f"image tokens (+{trailing} after them): the image tokens cannot be located")
+        return (0 if self.joint == "image_first" else n_k - n - trailing), n
+
     def _compute_joint(self, q: torch.Tensor, k: torch.Tensor, scale, key_bias=None) -> None:
         """Joint attention (image and text tokens in one softmax): the mass of the image keys from the image
-        queries, the row softmax over every key (text included); see reference.joint_attention_mass."""
-        n_all = q.shape[2]
-        n = self.image_tokens if self.image_tokens is not None else self._layer_tokens
-        if n is None or not 0 < n <= n_all or k.shape[2] != n_all:
-            raise RuntimeError(f"layer {self.layer_name!r}: joint attention over {n_all} queries / {k.shape[2]} keys "
-                               f"with {n} image tokens: the image tokens cannot be located")
-        start = 0 if self.joint == "image_first" else n_all - n
+        queries, the row softmax over every key (text and context tokens included); see
+        reference.joint_attention_mass. Image-only queries (added-KV) sit at their keys' places in a zero-padded
+        query block, so the one joint kernel reads them (the padding rows are outside the span: never summed)."""
+        n_q, n_k = q.shape[2], k.shape[2]
+        start, n = self._image_span(n_q, n_k)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        if n == n_all:  # no text tokens in this call: plain self-attention
+        if n == n_k:  # no text tokens in this call: plain self-attention
             self._compute(q, k, scale, key_bias)
             return
+        if n_q != n_k:
+            q = F.pad(q, (0, 0, start, n_k - start - n))
         self.mask = mask_from_qk(q, k, self._grid(n), self.threshold, scale, image_span=(start, n), key_bias=key_bias)
         self._done = True
 
@@ -557,7 +591,7 @@ class AttentionCapture:
     def _from_probs(self, probs: torch.Tensor):
         if self._probing:
             raise _Seen
-        if probs.shape[-1] != probs.shape[-2]:
+        if probs.shape[-1] != probs.shape[-2] and self.joint is None:
             raise ValueError(f"layer {self.layer_name!r} is not self-attention: {probs.shape[-2]} queries and "
                              f"{probs.shape[-1]} keys")
         heads = getattr(self.layer, "heads", None) or getattr(self.layer, "num_heads", None)
@@ -566,7 +600,17 @@ class AttentionCapture:
                 raise RuntimeError(f"layer {self.layer_name!r}: softmax over {tuple(probs.shape)} does not split into "
                                    f"{heads} heads")
             probs = probs.unflatten(0, (probs.shape[0] // heads, heads))
-        self.mask = mask_from_probs(probs[self._slice()], self._grid(probs.shape[-1]), self.threshold)
+        probs = probs[self._slice()]
+        if self.joint is not None:
+            start, n = self._image_span(probs.shape[-2], probs.shape[-1])
+            if n < probs.shape[-1]:  # joint: image keys, image queries (all of them when only they query)
+                q_rows = slice(None) if probs.shape[-2] != probs.shape[-1] else slice(start, start + n)
+                acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+                mass = probs[:, :, q_rows, start:start + n].to(acc).sum(-2).mean(1)
+                self.mask = (mass > self.threshold * mass.mean(-1, keepdim=True)).reshape(-1, *self._grid(n))
+                self._done = True
+                return
+        self.mask = mask_from_probs(probs, self._grid(probs.shape[-1]), self.threshold)
         self._done = True
 
     def _compute(self, q: torch.Tensor, k: torch.Tensor, scale, key_bias=None) -> None:

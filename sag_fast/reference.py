@@ -89,20 +89,27 @@ def joint_attention_mass(probs: torch.Tensor, image_span) -> torch.Tensor:
     image_span = (start, length): the image tokens are start .. start+length-1 (text before them, as in
     Flux, or after, as in SD3). mass[b, j] = mean over heads of the sum over the image queries i of
     probs[b, head, i, j], for the image keys j only: text queries are not image regions, and text keys
-    take their share of each row's mass without being part of the mask.
+    take their share of each row's mass without being part of the mask. Tokens after the span (Flux Kontext's
+    context image: [text, image, context]) are keys like the text's.
+
+    Added-KV attention (DeepFloyd IF, Kandinsky 2.2): probs (B, heads, length, N), the queries are the image
+    tokens alone (their keys are [text, image]): the sum runs over every query.
     """
-    if probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
-        raise ValueError(f"joint_attention_mass: probs must be (B, heads, N, N), got {tuple(probs.shape)}")
+    if probs.dim() != 4 or (probs.shape[-1] != probs.shape[-2] and probs.shape[-2] != image_span[1]):
+        raise ValueError(f"joint_attention_mass: probs must be (B, heads, N, N), or (B, heads, length, N) with image "
+                         f"queries only, got {tuple(probs.shape)} for image_span={tuple(image_span)}")
     start, length = check_image_span(image_span, probs.shape[-1])
     image = slice(start, start + length)
-    return attention_mass(probs[:, :, image, image])
+    queries = image if probs.shape[-2] == probs.shape[-1] else slice(None)
+    return attention_mass(probs[:, :, queries, image])
 
 
 def joint_attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, image_span,
                                  scale: float | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """joint_attention_mass of softmax(q k^T * scale) over all keys; q, k (B, heads, N, d), materialised.
-    key_bias (B, N): a per-key attention mask (masked_softmax), e.g. -inf on padded text tokens (Chroma)."""
-    if q.dim() != 4 or q.shape != k.shape:
+    """joint_attention_mass of softmax(q k^T * scale) over all keys; q, k (B, heads, N, d), materialised
+    (q (B, heads, length, d): image queries only, added-KV). key_bias (B, N): a per-key attention mask
+    (masked_softmax), e.g. -inf on padded text tokens (QwenImage, Chroma)."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"joint_attention_mass_from_qk: q {tuple(q.shape)} and k {tuple(k.shape)} must both be "
                          "(B, heads, N, d)")
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

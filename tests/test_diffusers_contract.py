@@ -21,8 +21,7 @@ from diffusers import DDIMPipeline, StableDiffusion3Img2ImgPipeline, StableDiffu
 from diffusers_checks import gen
 from sag_fast.diffusers.contract import BatchContract, CallLayout, SAGLayout, contract_for
 from sag_fast.diffusers.tiny import TEXT_HIDDEN, TEXT_MAX_LENGTH, tiny_dit_pipeline, tiny_sd3_pipeline, \
-    tiny_sd_pipeline, \
-    tiny_unet2d_pipeline
+    tiny_sd_components, tiny_sd_pipeline, tiny_unet2d_pipeline
 
 IMG = torch.linspace(0, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
 MASK = torch.zeros(1, 1, 64, 64)
@@ -297,11 +296,13 @@ def test_every_registry_pipeline_is_checked_against_its_pipeline():
 
     covered = {registry.pipeline_class(_pipe(name))[0].__name__ for name in CASES}
     supported = {p for f in registry.FAMILIES if f.refusal is None for p in f.pipelines}
-    # Flux's packed rows are checked through real calls in test_diffusers_transformers.py (its pipeline does not
-    # repeat given prompt embeddings for num_images_per_prompt, which the probe here relies on); the video
-    # records (5-D latents) through real calls in test_diffusers_video.py
-    assert covered == supported - {"FluxPipeline", "FluxImg2ImgPipeline", "AnimateDiffPipeline", "WanPipeline",
-                                  "WanImageToVideoPipeline"}
+    # the packed records (Flux and its variants) are checked through real calls in test_diffusers_transformers.py
+    # and test_diffusers_variants.py (Flux does not repeat given prompt embeddings for num_images_per_prompt,
+    # which the probe here relies on), PAG's extra way in test_diffusers_variants.py, the video records (5-D
+    # latents) in test_diffusers_video.py
+    elsewhere = {p for f in registry.FAMILIES if f.packed or f.video or f.extra_ways is not None for p in f.pipelines}
+    assert {"FluxPipeline", "FluxKontextPipeline", "StableDiffusionPAGPipeline", "WanPipeline"} <= elsewhere
+    assert covered == supported - elsewhere
 
 
 def test_lcm_unet_has_no_cfg_way():
@@ -443,19 +444,24 @@ def test_contract_for_argument_errors():
         contract_for(pipe, tiny_unet2d_pipeline().unet)
 
 
-def _flux_fill():
-    from diffusers import FluxFillPipeline
+def _flux_control_img2img():
+    from diffusers import FluxControlImg2ImgPipeline
 
     c = tp.flux_pipeline().components
-    return FluxFillPipeline(**{k: c[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2",
-                                                 "tokenizer_2", "transformer")})
+    return FluxControlImg2ImgPipeline(**{k: c[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                           "text_encoder_2", "tokenizer_2", "transformer")})
+
+
+def _pag_img2img():
+    from diffusers import StableDiffusionPAGImg2ImgPipeline
+
+    return StableDiffusionPAGImg2ImgPipeline(**tiny_sd_components(), pag_applied_layers="mid")
 
 
 REFUSED = {
-    "pag_sd": (tp.pag_pipeline, "PAG.*not supported"),
-    "pag_sdxl": (lambda: tp.pag_pipeline(sdxl=True), "PAG.*not supported"),
+    "pag_sd_img2img": (_pag_img2img, "PAG.*known for StableDiffusionPAGPipeline"),
     "animatediff_video2video": (lambda: _animatediff_v2v(), "video layout is not in the registry yet"),
-    "flux_fill": (lambda: _flux_fill(), "packed.*not supported yet"),
+    "flux_control_img2img": (lambda: _flux_control_img2img(), "packed.*not supported yet"),
     "latent_upscaler": (tp.latent_upscaler_pipeline, "Karras-preconditioned"),
     "gligen_text_image": (tp.gligen_text_image_pipeline, "calls the UNet twice per step"),
 }
@@ -569,10 +575,9 @@ def _cat(a, b):
     return {k: (torch.cat([a[k], b[k]]) if isinstance(a[k], torch.Tensor) else a[k]) for k in a}
 
 
-# -- item 5: PAG --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sdxl", [False, True])
-def test_item5_pag_is_refused_at_enable(sdxl):
-    pipe = tp.pag_pipeline(sdxl=sdxl)
+# -- item 5: PAG (StableDiffusionPAGPipeline / SDXL: tests/test_diffusers_variants.py) ---------------------
+def test_item5_pag_without_a_record_is_refused_at_enable():
+    pipe = _pag_img2img()
     with pytest.raises(ValueError, match=r"PAG.*StableDiffusionPipeline.from_pipe"):
         enable(pipe)
     assert not hasattr(pipe, "_sag_fast_state") or pipe._sag_fast_state is None
@@ -594,11 +599,11 @@ def test_item6_inpaint_9_channels(name):
 
 
 # -- item 7: packed latents ----------------------------------------------------------------------------
-def test_item7_packed_latents_other_than_flux_refused_at_enable():
-    """FluxPipeline/FluxImg2ImgPipeline are supported (test_diffusers_transformers.py); a packed-latent pipeline
-    the table does not know how to unpack is refused at enable time, never silently skipped."""
+def test_item7_packed_latents_without_a_record_refused_at_enable():
+    """Flux, Fill, Control and Kontext are supported (test_diffusers_transformers.py, test_diffusers_variants.py);
+    a packed-latent pipeline the registry does not know how to unpack is refused at enable time."""
     with pytest.raises(ValueError, match="packed.*not supported yet"):
-        enable(_flux_fill(), layer="transformer_blocks.0.attn")
+        enable(_flux_control_img2img(), layer="transformer_blocks.0.attn")
 
 
 # -- item 10: CFG kept in a local variable ---------------------------------------------------------------

@@ -200,6 +200,15 @@ FAKE_CASES = {
     "pixart": (lambda: tp.pixart_pipeline(), dict(**t5_text(mask=True), height=64, width=64), False),
     "flux": (lambda: tiny_flux_pipeline(), dict(prompt_embeds=torch.ones(1, 5, 32), pooled_prompt_embeds=torch.ones(1, 32),
                                                 height=64, width=64), False),
+    # issue 15: packed conditioning channels, context tokens after the latent's, PAG's third way, added-KV attention
+    "flux_fill": (lambda: tiny_flux_pipeline(__import__("diffusers").FluxFillPipeline, in_channels=384),
+                  dict(prompt_embeds=torch.ones(1, 5, 32), pooled_prompt_embeds=torch.ones(1, 32), height=64, width=64,
+                       image=torch.rand(1, 3, 64, 64), mask_image=torch.ones(1, 1, 64, 64)), False),
+    "flux_kontext": (lambda: tiny_flux_pipeline(__import__("diffusers").FluxKontextPipeline),
+                     dict(prompt_embeds=torch.ones(1, 5, 32), pooled_prompt_embeds=torch.ones(1, 32), height=64,
+                          width=64, image=torch.rand(1, 3, 64, 32), max_area=64 * 64, _auto_resize=False), False),
+    "pag_sd": (lambda: tp.pag_pipeline(), dict(prompt="a cat", pag_scale=2.0), False),
+    "if_added_kv": (lambda: tp.if_pipeline(added_kv=True), dict(**t5_text(), height=8, width=8), False),
     # video. (Wan T2V and I2V are not here: their rotary embedding indexes tensors in a way tests/fake_cuda.py's shim does not
     # replay on a CPU-only torch, inside the model's own forward, before anything of SAG's runs.)
     "animatediff": (lambda: tp.animatediff_pipeline(), dict(prompt="a cat", num_frames=3, height=64, width=64), False),

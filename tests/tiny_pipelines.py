@@ -37,6 +37,22 @@ def cond_unet(in_channels: int = LATENT_CHANNELS, out_channels: int = LATENT_CHA
         ).eval()
 
 
+def added_kv_unet(in_channels: int, out_channels: int, seed: int = 0, **extra):
+    """The block types of the real DeepFloyd IF and Kandinsky 2.2 UNets (ResnetDownsampleBlock2D,
+    SimpleCrossAttnDownBlock2D, UNetMidBlock2DSimpleCrossAttn, ...): their attention is added-KV
+    (AttnAddedKVProcessor2_0: image queries, keys [text from add_k_proj, image]); 4 heads of 8 in the mid block."""
+    from diffusers import UNet2DConditionModel
+
+    with _seeded(seed):
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=in_channels, out_channels=out_channels,
+            down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+            up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+            mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(16, 32), layers_per_block=1,
+            norm_num_groups=8, cross_attention_dim=16, attention_head_dim=8,
+            **{"resnet_time_scale_shift": "scale_shift", **extra}).eval()
+
+
 def _sd(cls, unet=None, **extra):
     c = tiny_sd_components()
     if unet is not None:
@@ -171,23 +187,28 @@ def _if_scheduler():
     return tiny_scheduler("ddpm", beta_schedule="squaredcos_cap_v2", variance_type="learned_range")
 
 
-def if_pipeline(kind: str = ""):
-    """IF stage I (kind "", "Img2Img", "Inpainting"): 3 pixel channels in, 6 out (learned variance), 8x8 images."""
+def if_pipeline(kind: str = "", added_kv: bool = False):
+    """IF stage I (kind "", "Img2Img", "Inpainting"): 3 pixel channels in, 6 out (learned variance), 8x8 images.
+    added_kv: the real IF UNet's block types (text projected by encoder_hid_proj, pooled by addition_embed_type
+    "text")."""
     import diffusers
 
     cls = getattr(diffusers, f"IF{kind}Pipeline")
-    return _place(cls(tokenizer=None, text_encoder=None, unet=cond_unet(3, 6), scheduler=_if_scheduler(),
+    unet = added_kv_unet(3, 6, encoder_hid_dim=TEXT_HIDDEN, addition_embed_type="text",
+                         addition_embed_type_num_heads=2) if added_kv else cond_unet(3, 6)
+    return _place(cls(tokenizer=None, text_encoder=None, unet=unet, scheduler=_if_scheduler(),
                       safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False))
 
 
-def if_superresolution_pipeline(kind: str = ""):
+def if_superresolution_pipeline(kind: str = "", added_kv: bool = False):
     """IF stage II (kind "", "Img2Img", "Inpainting"): [x_t (3), noised upscaled image (3)] in, 6 out, noise
-    level in class_labels."""
+    level in class_labels. added_kv: the real stage II UNet's block types."""
     import diffusers
     from diffusers import DDPMScheduler
 
     cls = getattr(diffusers, f"IF{kind}SuperResolutionPipeline")
-    unet = cond_unet(6, 6, class_embed_type="timestep")
+    unet = added_kv_unet(6, 6, class_embed_type="timestep", encoder_hid_dim=TEXT_HIDDEN, addition_embed_type="text",
+                         addition_embed_type_num_heads=2) if added_kv else cond_unet(6, 6, class_embed_type="timestep")
     return _place(cls(
         tokenizer=None, text_encoder=None, unet=unet, scheduler=_if_scheduler(),
         image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), safety_checker=None,
@@ -197,17 +218,18 @@ def if_superresolution_pipeline(kind: str = ""):
 IMAGE_EMBED = 16  # Kandinsky 2.2 image embedding size
 
 
-def kandinsky22_pipeline(controlnet: bool = False, kind: str = ""):
+def kandinsky22_pipeline(controlnet: bool = False, kind: str = "", added_kv: bool = False):
     """Kandinsky 2.2 decoder: a UNet with image-embedding conditioning (image_proj + addition_embed_type
     "image", or "image_hint" with a 64x64 hint for the ControlNet variant), learned variance (4 -> 8 channels),
-    a 2-level VQ movq (16x16 images, 8x8 latents)."""
+    a 2-level VQ movq (16x16 images, 8x8 latents). added_kv: the real decoder UNet's block types (the image
+    embedding projected to 32 tokens, the added-KV attention's "text" keys)."""
     import diffusers
     from diffusers import VQModel
 
     # image_hint: the UNet concatenates the 4-channel hint embedding to its input itself (in_channels 8);
     # inpaint: [x_t, masked image latents, mask] (9 channels)
     in_channels = 2 * LATENT_CHANNELS if controlnet else (9 if kind == "Inpaint" else LATENT_CHANNELS)
-    unet = cond_unet(in_channels, 2 * LATENT_CHANNELS,
+    unet = (added_kv_unet if added_kv else cond_unet)(in_channels, 2 * LATENT_CHANNELS,
                      encoder_hid_dim=IMAGE_EMBED,
                      encoder_hid_dim_type="image_proj", addition_embed_type="image_hint" if controlnet else "image",
                      resnet_time_scale_shift="scale_shift")

@@ -32,6 +32,7 @@ input re-injects undegraded signal through every skip connection). See `_Control
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import ChainMap
 from dataclasses import dataclass
@@ -184,6 +185,12 @@ class BatchContract:
         self.name = name
         self.family = family
         self.packed = family is not None and family.packed  # 2x2-packed (B, tokens, C*4) latents (Flux)
+        self.extra_tokens = family is not None and family.extra_tokens  # conditioning tokens after the latent's
+        self._image_size = family.image_size if family is not None else registry.call_image_size
+        self._extra_ways = family.extra_ways if family is not None else None
+        self._model = model
+        self._restore = family is not None and family.restore_processors
+        self._processors: dict | None = None   # restore_processors: the processors as the pipeline call began
         self.video = family is not None and family.video    # (B, C, F, H, W) latents (Wan, AnimateDiff)
         self.frames_in_batch = family is not None and family.frames_in_batch
         self.t_scale = family.t_scale if family is not None else 1.0  # scheduler t = model t * t_scale
@@ -213,10 +220,8 @@ class BatchContract:
 
     def latent_hw(self, pipe, call_args: dict) -> tuple[int, int]:
         """(H, W) of the unpacked latent of a packed-latent call (pipeline_flux.py's _unpack_latents rule)."""
-        call = self._with_defaults(call_args)
+        height, width = self._image_size(pipe, self._with_defaults(call_args))
         factor = int(getattr(pipe, "vae_scale_factor", 8))
-        size = int(getattr(pipe, "default_sample_size", 128)) * factor
-        height, width = call.get("height") or size, call.get("width") or size
         return 2 * (int(height) // (factor * 2)), 2 * (int(width) // (factor * 2))
 
     def __repr__(self):
@@ -231,9 +236,12 @@ class BatchContract:
         except Exception as e:  # a user cfg function that cannot read this call
             raise RuntimeError(f"{self.name}: the CFG condition of the batch layout failed on this call: {e!r}") from e
         ways, uncond = (self._ways, self._uncond_index) if cfg and not self._split else (1, 0)
+        extra = int(self._extra_ways(pipe, call)) if self._extra_ways is not None else 0
+        ways += extra   # after the CFG ways (PAG's perturbed copy of the conditional way)
         total = x.shape[0]
         if total % ways:
-            raise RuntimeError(f"{self.name}: the layout says {ways} guidance ways (CFG {'on' if cfg else 'off'}) but "
+            raise RuntimeError(f"{self.name}: the layout says {ways} guidance ways (CFG {'on' if cfg else 'off'}"
+                               f"{f', {extra} more' if extra else ''}) but "
                                f"the denoiser was called with a batch of {total}, not a multiple of {ways}")
         channels = x.shape[1] if x.dim() > 1 else 0
         latent = channels if self._latent_channels is None else self._latent_channels
@@ -266,10 +274,27 @@ class BatchContract:
     def begin_call(self, pipe) -> None:
         if self._controlnet is not None:
             self._controlnet.begin_call(pipe)
+        if self._restore:  # before the pipeline swaps any (PAG sets its processors inside its __call__)
+            self._processors = {m: m.processor for m in self._model.modules()
+                                if callable(getattr(m, "set_processor", None)) and hasattr(m, "processor")}
 
     def end_call(self) -> None:
         if self._controlnet is not None:
             self._controlnet.end_call()
+        self._processors = None
+
+    @contextlib.contextmanager
+    def call_processors(self):
+        """For the extra forward (restore_processors): the attention processors the pipeline swapped since the
+        call began are put back for its duration (PAG's would split the degraded rows into PAG's ways)."""
+        swapped = [(m, m.processor) for m, p in (self._processors or {}).items() if m.processor is not p]
+        for m, _ in swapped:
+            m.set_processor(self._processors[m])
+        try:
+            yield
+        finally:
+            for m, p in swapped:
+                m.set_processor(p)
 
     def remove(self) -> None:
         if self._controlnet is not None:

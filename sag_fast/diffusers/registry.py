@@ -68,8 +68,36 @@ def half_out_channels(model) -> int:  # learned variance: [eps (C), variance (C)
     return int(model.config.out_channels) // 2
 
 
-def packed_channels(model) -> int:   # Flux: 2x2 patches packed on channels
-    return int(model.config.in_channels) // 4
+def packed_channels(model) -> int:
+    """Flux: 2x2 patches packed on channels. The output is the latent alone (64 = 16 x 4); the input may carry
+    packed conditioning channels after it (Fill: masked image + mask, 384; Control: control image, 128)."""
+    return int(getattr(model, "out_channels", None) or model.config.in_channels) // 4
+
+
+def call_image_size(pipe, call) -> tuple[int, int]:
+    """pipeline_flux.py: (height, width) in pixels, `height or default_sample_size * vae_scale_factor`."""
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    size = int(getattr(pipe, "default_sample_size", 128)) * factor
+    return int(call.get("height") or size), int(call.get("width") or size)
+
+
+def kontext_image_size(pipe, call) -> tuple[int, int]:
+    """pipeline_flux_kontext.py: the requested size's aspect ratio at `max_area` pixels, rounded down to a
+    multiple of 2 * vae_scale_factor (the output's size, whatever the context image's)."""
+    height, width = call_image_size(pipe, call)
+    area, multiple = call.get("max_area") or 1024 ** 2, 2 * int(getattr(pipe, "vae_scale_factor", 8))
+    ratio = width / height
+    width, height = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
+    return height // multiple * multiple, width // multiple * multiple
+
+
+def pag_ways(pipe, call) -> int:
+    """pag_utils.py: PAG stacks a perturbed copy of the conditional way after the CFG ways (read live, as
+    `do_classifier_free_guidance`)."""
+    try:
+        return int(bool(pipe.do_perturbed_attention_guidance))
+    except Exception:  # noqa: BLE001 - read outside a call: the call's scale
+        return int(call.get("pag_scale", 0.0) > 0)
 
 
 def skip_layer_call(model_kwargs: dict) -> bool:
@@ -88,6 +116,8 @@ _UNET = ("UNet2DConditionModel",)
 _UNET_MID = "mid_block.attentions.0.transformer_blocks.0.attn1"
 _MIDDLE_ATTN1 = "transformer_blocks.{middle}.attn1"
 _MIDDLE_ATTN = "transformer_blocks.{middle}.attn"
+# IF's and Kandinsky 2.2's real UNets: UNetMidBlock2DSimpleCrossAttn's added-KV attention (keys [text, image])
+_ADDED_KV_MID = (_UNET_MID, "mid_block.attentions.0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +134,18 @@ class Family:
     denoiser attributes the pipeline may call instead in some steps (Wan 2.2's `transformer_2`): each gets the
     hook and a capture on the same layer path, and SAG guides with whichever is called. `refused_configs`: (pipeline
     config key, why) pairs: a pipeline whose `config[key]` is truthy is refused at enable_sag with that reason (a
-    variant of a supported pipeline class, such as Wan 2.2 TI2V-5B's `expand_timesteps`, that SAG cannot guide)."""
+    variant of a supported pipeline class, such as Wan 2.2 TI2V-5B's `expand_timesteps`, that SAG cannot guide).
+
+    Packed latents (`packed`, Flux): (B, tokens, C*4), unpacked to (B, C, H, W) for the blur, H and W from
+    `image_size(pipe, call)` (pixels; the call's height/width by default). `latent(model)` counts the latent
+    channels; packed channels after them are conditioning that passes through (Fill, Control). `extra_tokens`:
+    the sequence may go on after the latent tokens with conditioning tokens (Kontext's context image): they
+    pass through the extra forward undegraded, the guidance leaves their outputs alone, and in the joint
+    attention the image span is the latent tokens only ([text, image, extra] for "text_first").
+    `extra_ways(pipe, call)`: ways stacked after the CFG ways (PAG's perturbed copy of the conditional way),
+    each shifted like the others. `restore_processors`: the pipeline swaps attention processors during its
+    call (PAG's, which split the batch into its ways): the extra forward runs with the processors the
+    denoiser had when the call began. `default_layer` may be a tuple of paths: the first the model has."""
 
     name: str
     pipelines: tuple[str, ...]
@@ -115,6 +156,10 @@ class Family:
     uncond_index: int = 0
     latent: Callable[[torch.nn.Module], int] = out_channels
     packed: bool = False
+    image_size: Callable[[Any, dict], tuple[int, int]] = call_image_size
+    extra_tokens: bool = False
+    extra_ways: Callable[[Any, dict], int] | None = None
+    restore_processors: bool = False
     video: bool = False
     frames_in_batch: bool = False
     experts: tuple[str, ...] = ()
@@ -122,7 +167,7 @@ class Family:
     t_scale: float = 1.0
     per_row: tuple[str, ...] = ("encoder_hidden_states",)
     per_frame_row: tuple[str, ...] = ()
-    default_layer: str = _UNET_MID
+    default_layer: str | tuple[str, ...] = _UNET_MID
     controlnet: bool = False
     shifted_calls: Callable[[dict], bool] | None = None
     refused_configs: tuple[tuple[str, str], ...] = ()
@@ -135,13 +180,26 @@ class Family:
             raise ValueError(f"Family {self.name}: cfg must be 'batched', 'split' or 'none', got {self.cfg!r}")
         if self.joint not in (None, "image_first", "text_first"):
             raise ValueError(f"Family {self.name}: joint must be None, 'image_first' or 'text_first'")
+        if self.extra_tokens and not self.packed:
+            raise ValueError(f"Family {self.name}: extra_tokens is a packed-latent (token sequence) field")
         if self.refusal is None and not self.denoisers:
             raise ValueError(f"Family {self.name}: a supported family names its denoiser classes")
 
     def layer_for(self, model: torch.nn.Module) -> str:
-        blocks = getattr(model, self.default_layer.split(".")[0], None)
-        middle = len(blocks) // 2 if isinstance(blocks, torch.nn.ModuleList) else 0
-        return self.default_layer.format(middle=middle)
+        paths = (self.default_layer,) if isinstance(self.default_layer, str) else self.default_layer
+        formatted = []
+        for path in paths:
+            blocks = getattr(model, path.split(".")[0], None)
+            formatted.append(path.format(middle=len(blocks) // 2 if isinstance(blocks, torch.nn.ModuleList) else 0))
+        if len(formatted) > 1:
+            names = {n for n, _ in model.named_modules()}
+            return next((p for p in formatted if p in names), formatted[0])
+        return formatted[0]   # absent: resolve_layer names it in its error
+
+    @property
+    def layer_text(self) -> str:
+        paths = (self.default_layer,) if isinstance(self.default_layer, str) else self.default_layer
+        return " or ".join(f"`{p.replace('{middle}', 'n//2')}`" for p in paths)
 
 
 _WAN_EXPAND = (
@@ -178,6 +236,12 @@ FAMILIES: tuple[Family, ...] = (
     Family(name="GLIGEN (text boxes)", pipelines=("StableDiffusionGLIGENPipeline",), denoisers=_UNET,
            per_row=_UNET_PER_ROW, layout_note="[uncond, cond]; per-row boxes in cross_attention_kwargs cut",
            source="deprecated/stable_diffusion_gligen/pipeline_stable_diffusion_gligen.py"),
+    Family(name="PAG (SD, SDXL)", pipelines=("StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline"),
+           denoisers=_UNET, cfg_on=cfg_property, extra_ways=pag_ways, restore_processors=True,
+           per_row=_UNET_PER_ROW,
+           layout_note="[uncond, cond, cond perturbed] (PAG's way after CFG's; [cond, perturbed] without CFG), every "
+           "way shifted; the extra forward runs with the processors PAG swapped out",
+           source="pag/pag_utils.py: _prepare_perturbed_attention_guidance, noise_pred.chunk(3)"),
     Family(name="DiT", pipelines=("DiTPipeline",), denoisers=("DiTTransformer2DModel", "Transformer2DModel"),
            uncond_index=1, latent=in_channels, per_row=("class_labels",), default_layer=_MIDDLE_ATTN1,
            layout_note="[cond, null class]; learned variance kept",
@@ -203,26 +267,43 @@ FAMILIES: tuple[Family, ...] = (
            default_layer=_MIDDLE_ATTN,
            layout_note="packed latents; distilled (one way) or true CFG (cond call, then uncond call)",
            source="flux/pipeline_flux.py: noise_pred, then neg_noise_pred; timestep / 1000"),
+    Family(name="Flux.1 Fill / Control", pipelines=("FluxFillPipeline", "FluxControlPipeline"),
+           denoisers=("FluxTransformer2DModel",), cfg="none", cfg_on=never, ways=1, latent=packed_channels,
+           packed=True, joint="text_first", t_scale=1000.0,
+           per_row=("encoder_hidden_states", "pooled_projections", "guidance"), default_layer=_MIDDLE_ATTN,
+           layout_note="distilled (one way); packed [latent, condition] channels: only the latent's are degraded",
+           source="flux/pipeline_flux_fill.py: cat((latents, masked_image_latents), dim=2); "
+           "pipeline_flux_control.py: cat([latents, control_image], dim=2)"),
+    Family(name="Flux.1 Kontext", pipelines=("FluxKontextPipeline",), denoisers=("FluxTransformer2DModel",),
+           cfg="split", cfg_on=flux_true_cfg, ways=1, latent=packed_channels, packed=True,
+           image_size=kontext_image_size, extra_tokens=True, joint="text_first", t_scale=1000.0,
+           per_row=("encoder_hidden_states", "pooled_projections", "guidance"), default_layer=_MIDDLE_ATTN,
+           layout_note="packed latent tokens, then the context image's (passed through); joint attention "
+           "[text, image, context], mask over the image; distilled or true CFG (cond call, then uncond call)",
+           source="flux/pipeline_flux_kontext.py: cat([latents, image_latents], dim=1), "
+           "noise_pred[:, : latents.size(1)]; size from max_area"),
     Family(name="DeepFloyd IF", pipelines=(
         "IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"), denoisers=_UNET, latent=in_channels,
-        per_row=_UNET_PER_ROW, layout_note="[uncond, cond]; pixel space, learned variance; the real UNets' attention is added-KV joint "
-        "attention, refused at the layer for now",
+        per_row=_UNET_PER_ROW, default_layer=_ADDED_KV_MID,
+        layout_note="[uncond, cond]; pixel space, learned variance; added-KV attention: image queries, keys "
+        "[text, image], mask from the image keys",
         source="deepfloyd_if/pipeline_if.py"),
     Family(name="DeepFloyd IF stage II", pipelines=(
         "IFSuperResolutionPipeline", "IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline"),
-        denoisers=_UNET, latent=half_in_channels, per_row=_UNET_PER_ROW,
-        layout_note="[uncond, cond]; [x_t, upscaled image] (6 ch), noise level in class_labels",
+        denoisers=_UNET, latent=half_in_channels, per_row=_UNET_PER_ROW, default_layer=_ADDED_KV_MID,
+        layout_note="[uncond, cond]; [x_t, upscaled image] (6 ch), noise level in class_labels; added-KV attention",
         source="deepfloyd_if/pipeline_if_superresolution.py"),
     Family(name="Kandinsky 2.2", pipelines=(
         "KandinskyV22Pipeline", "KandinskyV22Img2ImgPipeline", "KandinskyV22InpaintPipeline"), denoisers=_UNET,
-        cfg_on=cfg_property, latent=half_out_channels, per_row=_UNET_PER_ROW,
-        layout_note="[negative, positive] image embeds in added_cond_kwargs; learned variance; the real UNet's "
-        "attention is added-KV joint attention, refused at the layer for now",
+        cfg_on=cfg_property, latent=half_out_channels, per_row=_UNET_PER_ROW, default_layer=_ADDED_KV_MID,
+        layout_note="[negative, positive] image embeds in added_cond_kwargs; learned variance; added-KV attention: "
+        "image queries, keys [image-embedding tokens, image]",
         source="kandinsky2_2/pipeline_kandinsky2_2.py"),
     Family(name="Kandinsky 2.2 ControlNet", pipelines=(
         "KandinskyV22ControlnetPipeline", "KandinskyV22ControlnetImg2ImgPipeline"), denoisers=_UNET,
-        latent=half_out_channels, per_row=_UNET_PER_ROW,
-        layout_note="[negative, positive] image embeds and [hint, hint]; local CFG; learned variance",
+        latent=half_out_channels, per_row=_UNET_PER_ROW, default_layer=_ADDED_KV_MID,
+        layout_note="[negative, positive] image embeds and [hint, hint]; local CFG; learned variance; added-KV "
+        "attention",
         source="kandinsky2_2/pipeline_kandinsky2_2_controlnet.py"),
     Family(name="AnimateDiff", pipelines=("AnimateDiffPipeline",), denoisers=("UNetMotionModel",),
            cfg_on=cfg_property, video=True, frames_in_batch=True,
@@ -276,13 +357,12 @@ RULES = (
     ("5-D video denoisers without a record (AnimateDiff video-to-video, Stable Video Diffusion, I2VGen-XL, ...)",
      "their video layout is not in the registry yet (Wan T2V and I2V and AnimateDiff text-to-video are); use a "
      "supported pipeline"),
-    ("PAG pipelines", "PAG's attention processors split every batch into [uncond, cond, perturbed] ways inside "
-     "the model, which SAG's extra forward on the unconditional rows cannot go through; PAG and SAG together are "
-     "not supported: use the pipeline without PAG for SAG (e.g. StableDiffusionPipeline.from_pipe(pipe)), or PAG "
-     "without SAG"),
-    ("other packed-latent pipelines (Flux Fill/Control/Kontext, Chroma, QwenImage)", "packed-latent transformers "
-     "other than FluxPipeline / FluxImg2ImgPipeline are not supported yet; SAG needs to know how to unpack the "
-     "latent to blur it"),
+    ("other PAG pipelines", "PAG's batch layout and processor swap are known for StableDiffusionPAGPipeline and "
+     "StableDiffusionXLPAGPipeline only; for the others use the pipeline without PAG for SAG (e.g. "
+     "StableDiffusionPipeline.from_pipe(pipe)), or PAG without SAG"),
+    ("other packed-latent pipelines (Flux Control img2img / inpaint, Kontext inpaint, Chroma, QwenImage)",
+     "packed-latent transformers without a record (Flux, Fill, Control and Kontext have one) are not supported yet; "
+     "SAG needs to know how to unpack the latent to blur it"),
     ("Sana and other linear-attention models", "linear attention has no softmax attention map to build SAG's "
      "mask from"),
 )
@@ -296,7 +376,7 @@ def rule_refusal(pipe, model) -> str | None:
     video_record = record is not None and record.video
     if not video_record and (any(m in model_name for m in _VIDEO_MARKERS) or "AnimateDiff" in name or "Video" in name):
         return f"{name} denoises 5-D video latents with {model_name}: {RULES[0][1]}"
-    if "PAGMixin" in mro:
+    if "PAGMixin" in mro and record is None:
         return f"{name} is a PAG (perturbed-attention guidance) pipeline: {RULES[1][1]}"
     if not (record is not None and record.packed) and (
             hasattr(type(pipe), "_pack_latents") or model_name.startswith(("Flux", "Chroma", "QwenImage"))):
@@ -342,7 +422,7 @@ def markdown_tables() -> str:
             cfg = {"batched": f"{f.ways} ways in one call" if f.ways > 1 else "one way", "split": "separate calls",
                    "none": "none"}[f.cfg]
             lines.append(f"| {f.name} | {', '.join(f'`{p}`' for p in f.pipelines)} | {cfg}: {f.layout_note} | "
-                         f"`{f.default_layer.replace('{middle}', 'n//2')}` |")
+                         f"{f.layer_text} |")
     lines += ["", "| refused at `enable_sag` | why |", "|---|---|"]
     for f in FAMILIES:
         if f.refusal is not None:

@@ -232,8 +232,15 @@ class SAGSession:
             call.pending = engine.split_output(result)[0]
             return result
 
+        tail = None  # packed: conditioning tokens after the latent's (Kontext's context image), passed through
         if packed:
             h, w = contract.latent_hw(pipe, call.args)
+            n = (h // 2) * (w // 2)
+            if x.shape[1] < n or (x.shape[1] > n and not contract.extra_tokens):
+                raise RuntimeError(f"SAG: pipe.{expert.attr} got {x.shape[1]} tokens for a {h}x{w} latent ({n} "
+                                   "tokens with 2x2 patches); SAG stops rather than blur the wrong tokens")
+            if x.shape[1] > n:
+                x, tail = x[:, :n], x[:, n:]
             x4 = unpack_latents(x, h, w)
         else:
             x4 = x
@@ -241,33 +248,42 @@ class SAGSession:
         t_sched = t * contract.t_scale if contract.t_scale != 1.0 and isinstance(t, torch.Tensor) else t
         c1, c2 = step_coefficients(scheduler, t_sched, device=x.device)
         return_dict = arguments.pop("return_dict", True) if b.has_return_dict else None
+        total, per_way = x.shape[0], x.shape[0] // layout.ways
+        rows = slice(layout.uncond_index * per_way, (layout.uncond_index + 1) * per_way)
         first: list = []
 
         def model(x_in, t_in, **kw):
-            call_kw = {b.x_name: pack_latents(x_in) if packed else x_in, **kw}
+            x_call = x_in
+            if packed:
+                x_call = pack_latents(x_in)
+                if tail is not None:
+                    x_call = torch.cat([x_call, tail if x_in.shape[0] == total else tail[rows]], dim=1)
+            call_kw = {b.x_name: x_call, **kw}
             if b.t_name is not None:
                 call_kw[b.t_name] = t_in
             if b.has_return_dict:
                 call_kw["return_dict"] = return_dict
-            tensor, rebuild = engine.split_output(original(**call_kw))
+            # the extra forward (after the first) with the attention processors of the call's start (PAG's off)
+            with contract.call_processors() if first else contextlib.nullcontext():
+                tensor, rebuild = engine.split_output(original(**call_kw))
             if not first:
-                first.append(rebuild)
-            return unpack_latents(tensor, h, w) if packed else tensor
+                first.append((rebuild, tensor))
+            if not packed:
+                return tensor
+            return unpack_latents(tensor[:, :n] if tail is not None else tensor, h, w)
 
         pending, call.pending = call.pending, None
 
         def on_shift(delta):
             call.step_shift = pack_latents(delta) if packed else delta
             if pending is not None:  # split CFG: the conditional way, returned by the step's first call
-                if packed:
-                    pending.add_(call.step_shift.to(pending.dtype))
-                else:
-                    pending[:, :delta.shape[1]].add_(delta.to(pending.dtype))
+                _add_leading(pending, call.step_shift)
 
         capture = self.capture = expert.capture
         if capture is not None:
             capture.threshold = config.threshold
             capture.image_tokens = x.shape[1] if packed else None
+            capture.trailing_tokens = tail.shape[1] if tail is not None else 0
         facts = engine.StepFacts(c1=c1, c2=c2, ways=layout.ways, uncond_index=layout.uncond_index,
                                  latent_channels=layout.latent_channels, guided_channels=layout.latent_channels,
                                  degraded_kwargs=contract.degraded_kwargs, compiled=engine.is_compiled(expert.hooked),
@@ -276,7 +292,12 @@ class SAGSession:
         wants_shift = pending is not None or contract.shifted_calls is not None  # else skip computing it
         out = engine.guided_forward(model, x4, t, arguments, config=config, capture=capture, facts=facts,
                                     on_shift=on_shift if wants_shift else None)
-        return first[0](pack_latents(out) if packed else out)
+        rebuild, full = first[0]
+        if not packed:
+            return rebuild(out)
+        if tail is not None:  # the context tokens' outputs as the model gave them (the pipeline drops them)
+            return rebuild(torch.cat([pack_latents(out), full[:, n:]], dim=1))
+        return rebuild(pack_latents(out))
 
     @staticmethod
     def _token_grid(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
@@ -296,8 +317,14 @@ class SAGSession:
         if tensor.shape[0] != shift.shape[0]:
             raise RuntimeError(f"SAG: the step's other prediction has {tensor.shape[0]} rows, its shift "
                                f"{shift.shape[0]}; SAG stops rather than add the shift to the wrong rows")
-        tensor[:, :shift.shape[1]].add_(shift.to(tensor.dtype))
+        _add_leading(tensor, shift)
         return result
+
+
+def _add_leading(target: torch.Tensor, shift: torch.Tensor) -> None:
+    """target's leading block of shift's shape += shift: the latent channels (conditioning channels after them)
+    or, packed, the latent tokens (context tokens after them) of another prediction of the step."""
+    target[(slice(None),) + tuple(slice(0, s) for s in shift.shape[1:])].add_(shift.to(target.dtype))
 
 
 # ------------------------------------------------------------------------------ copies and pickles

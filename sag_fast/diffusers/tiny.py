@@ -296,19 +296,20 @@ def tiny_umt5_encoder(seed: int = 0):
 
 
 def tiny_flux_pipeline(cls=None, seed: int = 0, guidance_embeds: bool = True, text_encoders: bool = False,
-                       device=None, dtype=None):
+                       device=None, dtype=None, in_channels: int = 64):
     """A tiny Flux.1 pipeline: FluxTransformer2DModel (3 double-stream + 2 single-stream blocks, rotary
     embeddings, 16 latent channels packed 2x2 into 64), flow matching with dynamic shifting, a 16-channel VAE.
     Without text_encoders: call it with prompt_embeds (B, T, 32) and pooled_prompt_embeds (B, 32); with them
     (a tiny CLIP and a tiny T5), with prompts (and max_sequence_length <= 77). height=width=64: 8x8 latents,
-    16 image tokens."""
+    16 image tokens. in_channels: 64 + the packed conditioning channels (FluxFillPipeline: 384, FluxControlPipeline:
+    128); the output stays 64."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     if cls is None:
         from diffusers import FluxPipeline as cls
 
     with _seeded(seed):
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=3, num_single_layers=2, attention_head_dim=8,
+            patch_size=1, in_channels=in_channels, out_channels=64, num_layers=3, num_single_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN, pooled_projection_dim=TEXT_HIDDEN,
             guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
         ).eval()
