@@ -122,10 +122,12 @@ class SelfAttentionGuidance(BaseGuidance):
             pipeline's scheduler). The first SAG step refuses a missing scheduler, and one whose timesteps are
             not the loop's (a stale scheduler), before any denoiser call of that step.
 
-    The denoiser must take (B, C, H, W) latents and show the SAG layer's attention to torch (see
+    The denoiser must take (B, C, H, W) image or (B, C, F, H, W) video latents (the mask over the (f, h, w) token
+    grid of the model's patch size, `sag_fast.engine.token_grid`; each frame blurred: the modular Wan pipelines,
+    Wan 2.2's `guider_2` too) and show the SAG layer's attention to torch (see
     `sag_fast.capture`; SD3's joint attention is read with its image tokens first, as by enable_sag); a layer
     the capture cannot read (e.g. the joint attention of a model whose token layout sag_fast does not know) is
-    refused at the first `prepare_models`, before the denoiser runs; packed or video latents at the first
+    refused at the first `prepare_models`, before the denoiser runs; packed latents at the first
     guided call. ControlNet loops are refused (their residuals come from the undegraded latents).
     """
 
