@@ -301,7 +301,7 @@ def test_every_registry_pipeline_is_checked_against_its_pipeline():
     # repeat given prompt embeddings for num_images_per_prompt, which the probe here relies on); the video
     # records (5-D latents) through real calls in test_diffusers_video.py
     assert covered == supported - {"FluxPipeline", "FluxImg2ImgPipeline", "AnimateDiffPipeline", "WanPipeline",
-                                  "WanImageToVideoPipeline"}
+                                  "WanImageToVideoPipeline", "HunyuanVideoPipeline"}
 
 
 def test_lcm_unet_has_no_cfg_way():
