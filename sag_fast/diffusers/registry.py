@@ -281,8 +281,7 @@ _VIDEO_MARKERS = ("3D", "Motion", "SpatioTemporal", "Video", "I2VGenXL", "Tempor
 RULES = (
     ("5-D video denoisers without a record (AnimateDiff video-to-video, Stable Video Diffusion, I2VGen-XL, ...)",
      "their video layout is not in the registry yet (Wan T2V and I2V, HunyuanVideo and AnimateDiff text-to-video "
-     "are); use a "
-     "supported pipeline"),
+     "are); use a supported pipeline"),
     ("PAG pipelines", "PAG's attention processors split every batch into [uncond, cond, perturbed] ways inside "
      "the model, which SAG's extra forward on the unconditional rows cannot go through; PAG and SAG together are "
      "not supported: use the pipeline without PAG for SAG (e.g. StableDiffusionPipeline.from_pipe(pipe)), or PAG "
