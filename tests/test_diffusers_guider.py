@@ -1,6 +1,7 @@
 """sag_fast.SelfAttentionGuidance, the guider for diffusers' modular pipelines, on the modular SDXL and SD3 pipelines
 built offline from tiny random models (sag_fast.diffusers.tiny): parity with enable_sag on the classic
-StableDiffusionXLPipeline (txt2img, img2img) and StableDiffusion3Pipeline, sag_scale=0 against diffusers'
+StableDiffusionXLPipeline (txt2img, img2img), StableDiffusion3Pipeline and WanPipeline (5-D video latents, Wan
+2.2's two experts), sag_scale=0 against diffusers'
 ClassifierFreeGuidance, windows, the config round trip, the denoiser left exactly as it was, what each denoiser
 call receives (against the float64 reference degrade), the refusals, a torch.compile'd denoiser."""
 from __future__ import annotations
@@ -580,6 +581,144 @@ def test_token_latents_refused_with_the_hooks_removed(bare):
     model(torch.randn(1, 16, 8), scheduler.timesteps[0])  # the conditional batch: no hook
     guider.cleanup_models(model)
     guider.prepare_models(model)
-    with pytest.raises(ValueError, match=r"got a \(1, 16, 8\) hidden_states; SAG guides \(B, C, H, W\) latents"):
+    with pytest.raises(ValueError, match=r"got a \(1, 16, 8\) hidden_states; SAG guides \(B, C, H, W\) image or "
+                                         r"\(B, C, F, H, W\) video latents"):
         model(torch.randn(1, 16, 8), scheduler.timesteps[0])
     assert len(batches) == 3 and hook_state(model) == before
+
+
+# ----------------------------------------------------------------------------------------------- Wan video
+@pytest.mark.parametrize("two_experts", [False, True], ids=["wan2.1", "wan2.2"])
+def test_wan_modular_video_matches_enable_sag_on_classic_wan(_one_thread, two_experts):
+    """5-D video latents: the modular Wan core denoise loop (Wan 2.2's: two experts, each with its guider, switched
+    at boundary_ratio) with SelfAttentionGuidance gives the latents of enable_sag on WanPipeline (same tiny
+    transformers rebuilt from their seeds, same noise and embeddings): the mask over the (f, h, w) = (2, 4, 4)
+    token grid of the model's (1, 2, 2) patches, each frame blurred. sag_scale=0 is ClassifierFreeGuidance bit for
+    bit; both experts run SAG's three calls per step; the transformers are left exactly as they were."""
+    from diffusers.modular_pipelines.wan.modular_blocks_wan import WanCoreDenoiseStep
+    from diffusers.modular_pipelines.wan.modular_blocks_wan22 import Wan22CoreDenoiseStep
+    from sag_fast.diffusers.tiny import tiny_wan_pipeline
+
+    g = torch.Generator().manual_seed(1)
+    embeds = dict(prompt_embeds=torch.randn(1, 6, 32, generator=g), negative_prompt_embeds=torch.randn(1, 6, 32,
+                                                                                                       generator=g))
+    noise = torch.randn(1, 4, 2, 8, 8, generator=g)
+    call = dict(**embeds, height=64, width=64, num_frames=5, num_inference_steps=3)
+    classic = tiny_wan_pipeline(two_experts=two_experts)
+
+    def classic_run():
+        return classic(**call, guidance_scale=5.0, latents=noise.clone(), output_type="latent").frames
+
+    plain = classic_run()
+    enable_sag(classic, 1.0)
+    expected = classic_run()
+    disable_sag(classic)
+
+    parts = tiny_wan_pipeline(two_experts=two_experts)  # its own modules, the same weights
+    pipe = (Wan22CoreDenoiseStep if two_experts else WanCoreDenoiseStep)().init_pipeline()
+    pipe.update_components(transformer=parts.transformer, scheduler=parts.scheduler,
+                           **dict(transformer_2=parts.transformer_2, boundary_ratio=0.7) if two_experts else {})
+    pipe.set_progress_bar_config(disable=True)
+    experts = [pipe.transformer] + ([pipe.transformer_2] if two_experts else [])
+    before = [hook_state(m) for m in experts]
+
+    def modular_run(guider):
+        guiders = dict(guider=guider, guider_2=guider.new()) if two_experts else dict(guider=guider)
+        pipe.update_components(**guiders)
+        return pipe(**call, latents=noise.clone(), output="latents")
+
+    cfg = modular_run(ClassifierFreeGuidance(guidance_scale=5.0))
+    assert torch.equal(modular_run(SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.0)), cfg)
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda *a, i=i: calls.append(i)) for i, m in enumerate(experts)]
+    try:
+        got = modular_run(SelfAttentionGuidance(guidance_scale=5.0, sag_scale=1.0, scheduler=pipe.scheduler))
+    finally:
+        for h in handles:
+            h.remove()
+    # boundary 0.7 of 1000: steps 0 and 1 on the high-noise expert, step 2 on the low-noise one
+    assert calls == ([0] * 6 + [1] * 3 if two_experts else [0] * 9)
+    effect, diff = (expected - plain).abs().max().item(), (got - expected).abs().max().item()
+    baseline = (cfg - plain).abs().max().item()
+    print(f"\nWan two_experts={two_experts}: |guider - enable_sag| = {diff:.3g}, plain CFG {baseline:.3g}, "
+          f"SAG effect {effect:.3g}")
+    assert got.shape == expected.shape == (1, 4, 2, 8, 8) and effect > 1e-2
+    assert diff <= 1e-5  # fp32: the guider's fused u + w (c - u) + s (u - d) against the session's shifted ways
+    assert [hook_state(m) for m in experts] == before
+
+
+class _PatchVideoDenoiser(torch.nn.Module):
+    """A video denoiser that is not Wan: (B, 8, F, H, W) latents patchified (1, 2, 2) inside the model into
+    frame-major tokens, one self-attention over them, unpatchified. `config` as diffusers models carry it (a 3-tuple
+    patch_size, or a spatial one with patch_size_t), or none."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config is not None:
+            self.config = config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states=None):
+        b, c, f, h, w = hidden_states.shape
+        tokens = torch.nn.functional.avg_pool3d(hidden_states, (1, 2, 2)).flatten(2).transpose(1, 2)
+        out = self.attn(tokens, tokens, tokens, need_weights=False)[0] + encoder_hidden_states.mean()
+        out = out.transpose(1, 2).reshape(b, c, f, h // 2, w // 2)
+        return (out.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4) - 0.1 * hidden_states,)
+
+
+@pytest.mark.parametrize("config", [dict(patch_size=(1, 2, 2)), dict(patch_size=2, patch_size_t=1), None],
+                         ids=["patch_3tuple", "patch_and_patch_t", "no_patch_size"])
+def test_video_latents_of_any_denoiser_with_a_patch_size(bare, config):
+    """5-D latents in general, no family record: the capture's (f, h, w) grid comes from the model's patch size
+    (both diffusers spellings), each frame is blurred (the degraded batch's latents against reference.degrade at
+    the scheduler's sigma), and the step differs from sag_scale=0. A model whose patching the config does not tell
+    is refused (its 32 keys are not the latent's 2x8x8 grid), with the hooks taken off."""
+    from types import SimpleNamespace
+
+    _, scheduler, _ = bare
+    model = _PatchVideoDenoiser(None if config is None else SimpleNamespace(**config)).eval()
+    x = torch.randn(1, 8, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+    before = hook_state(model)
+    guider = SelfAttentionGuidance(guidance_scale=5.0, layer="attn", scheduler=scheduler)
+    text = (torch.ones(1, 3, 8), torch.zeros(1, 3, 8))
+
+    def step(g):
+        t = scheduler.timesteps[1]
+        g.set_state(step=1, num_inference_steps=3, timestep=t)
+        batches, seen = g.prepare_inputs({"encoder_hidden_states": text}), []
+        for batch in batches:
+            g.prepare_models(model)
+            handle = model.attn.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+            try:
+                batch.noise_pred = model(x, t, encoder_hidden_states=batch.encoder_hidden_states)[0]
+            finally:
+                handle.remove()
+                g.cleanup_models(model)
+        return g(batches).pred, seen
+
+    if config is None:
+        with pytest.raises(ValueError, match=r"layer 'attn' attends over 32 keys, but the token grid of this call is "
+                                             r"\(2, 8, 8\)"):
+            step(guider)
+        assert hook_state(model) == before
+        return
+    with torch.no_grad():
+        guided, seen = step(guider)
+        plain, _ = step(guider.new(sag_scale=0.0))
+    assert len(seen) == 3 and (guided - plain).abs().max() > 1e-3
+    tokens = seen[1].double()  # the unconditional call's tokens: the mask, float64, materialised probabilities
+    attn = model.attn.double()
+    probs = attn(tokens, tokens, tokens, need_weights=True, average_attn_weights=False)[1]
+    mask = reference.mass_to_mask(reference.attention_mass(probs), (2, 4, 4))
+    model.float()
+    assert mask.any() and not mask.all()
+    with torch.no_grad():
+        out = model(x, scheduler.timesteps[1], encoder_hidden_states=text[1])[0]
+    alpha, sigma = vp_input_alpha_sigma_from_sigma(scheduler.sigmas[1])
+    c1, c2 = reference.signal_coefficients(alpha, sigma, "epsilon")
+    x_deg = reference.degrade(x.double(), out.double(), mask, c1, c2)  # each frame blurred, the 3-D mask upsampled
+    want = torch.nn.functional.avg_pool3d(x_deg, (1, 2, 2)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(seen[2].double(), want, rtol=0, atol=1e-5)  # what the degraded call got
+    assert hook_state(model) == before

@@ -1,4 +1,4 @@
-"""SAG on video (issue 16): Wan 2.1 text-to-video through its registry record. The latents are (B, C, F, H, W);
+"""SAG on video (issue 16): Wan 2.1 text-to-video, AnimateDiff and HunyuanVideo through their registry records. The latents are (B, C, F, H, W);
 the mask comes from the middle block's self-attention over the (f, h, w) token grid; the degrade blurs each frame.
 Wan's CFG is two calls per step (conditional, then unconditional): the second runs the degraded forward and both
 predictions get the same shift. Tested as the image families are: scale 0 and disable_sag bit-exact, SAG's effect,
@@ -404,10 +404,6 @@ def _bare(pipeline: str, transformer: str, config: dict, scheduler):
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
         text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
         max_text_seq_length=16), "CogVideoXDDIMScheduler", "frames before channels"),
-    ("HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel", dict(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
-        rope_axes_dim=(2, 4, 4)), "FlowMatchEulerDiscreteScheduler", "attention mask over the text padding"),
 ])
 def test_video_families_refused_with_their_reason(pipeline, transformer, config, scheduler, why):
     """Each refusal record's own reason reaches the user at enable_sag (before the video rule's generic one and
@@ -422,3 +418,141 @@ def test_video_families_refused_with_their_reason(pipeline, transformer, config,
     registry = vars(pipe.transformer).get("_diffusers_hook")
     assert registry is None or not registry.hooks
     assert type(pipe).__name__ == pipeline and "_sag_base_class" not in vars(type(pipe))
+
+
+# ------------------------------------------------------------------------------------------ HunyuanVideo
+def _hunyuan_embeds(batch=1, seed=1, valid=(4,), negative=True):
+    """Prompt embeddings (B, 6, 32) with their attention masks (row b: valid[b] tokens, the rest right padding,
+    as the Llama tokenizer pads) and pooled embeddings (B, 8); the negative ones too (true CFG)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for prefix in ("", "negative_") if negative else ("",):
+        mask = torch.zeros(batch, 6)
+        for b in range(batch):
+            mask[b, :valid[b % len(valid)]] = 1
+        out.update({f"{prefix}prompt_embeds": torch.randn(batch, 6, 32, generator=g),
+                    f"{prefix}prompt_attention_mask": mask,
+                    f"{prefix}pooled_prompt_embeds": torch.randn(batch, 8, generator=g)})
+    return out
+
+
+def hunyuan_frames(pipe, embeds=None, seed=0, **kw):
+    call = dict(height=64, width=64, num_frames=5, num_inference_steps=3, true_cfg_scale=4.0, output_type="latent")
+    embeds = _hunyuan_embeds() if embeds is None else embeds
+    return pipe(**embeds, generator=torch.Generator().manual_seed(seed), **{**call, **kw}).frames
+
+
+def test_hunyuan_video_scale_zero_and_disable_are_exact_and_sag_changes_the_video():
+    """True CFG (a negative prompt, true_cfg_scale > 1: cond call, then uncond call) and the guidance-distilled
+    default (one call per step, the `guidance` embedding): scale 0 and disable_sag are bit-exact, SAG changes the
+    video, the mask lies on the (2, 4, 4) video-token grid of the middle double-stream block's joint attention."""
+    from sag_fast.diffusers.tiny import tiny_hunyuan_video_pipeline
+
+    pipe = tiny_hunyuan_video_pipeline()
+    distilled = dict(embeds=_hunyuan_embeds(negative=False), true_cfg_scale=1.0)
+    plain, plain_distilled = hunyuan_frames(pipe), hunyuan_frames(pipe, **distilled)
+    assert (plain - plain_distilled).abs().max() > 1e-3  # true CFG really ran
+    enable_sag(pipe, 1.0)
+    assert vars(pipe)["_sag_fast_state"].joint_layout == "image_first"
+    guided = hunyuan_frames(pipe)
+    assert guided.shape == plain.shape == (1, 4, 2, 8, 8) and (guided - plain).abs().max() > 1e-2
+    mask = last_mask(pipe)
+    assert mask.shape == (1, *GRID) and mask.any() and not mask.all()
+    assert (hunyuan_frames(pipe, **distilled) - plain_distilled).abs().max() > 1e-2
+    enable_sag(pipe, 0.0)
+    assert torch.equal(hunyuan_frames(pipe), plain)
+    disable_sag(pipe)
+    assert torch.equal(hunyuan_frames(pipe), plain)
+    assert torch.equal(hunyuan_frames(pipe, **distilled), plain_distilled)
+
+
+def test_hunyuan_video_batch_invariance_with_different_text_padding():
+    """Two prompts with different padding lengths in one batch: each row's key mask is its own, so the row guided
+    alone and in the batch agree."""
+    from sag_fast.diffusers.tiny import tiny_hunyuan_video_pipeline
+
+    pipe = tiny_hunyuan_video_pipeline()
+    enable_sag(pipe, 1.0)
+    both = _hunyuan_embeds(batch=2, seed=5, valid=(2, 5))
+    one = {k: v[1:] for k, v in both.items()}
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 4, 2, 8, 8, generator=g)
+    alone = hunyuan_frames(pipe, embeds=one, latents=noise[1:])
+    batched = hunyuan_frames(pipe, embeds=both, latents=noise)
+    torch.testing.assert_close(batched[1:], alone, rtol=0, atol=1e-5)
+
+
+def test_hunyuan_video_extra_forward_gets_exactly_the_unconditional_arguments():
+    """Per step: the conditional call, the unconditional call (guided) and the degraded one, which gets the
+    unconditional call's embeddings, text mask, pooled embeddings, guidance and timestep, and a degraded video."""
+    from sag_fast.diffusers.tiny import tiny_hunyuan_video_pipeline
+
+    pipe = tiny_hunyuan_video_pipeline()
+    embeds = _hunyuan_embeds(batch=2, valid=(3, 5))
+    seen = []
+    cls = type(pipe.transformer)
+    original = cls.forward
+
+    @functools.wraps(original)
+    def spy(self, *args, **kwargs):
+        seen.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+        return original(self, *args, **kwargs)
+
+    cls.forward = spy
+    try:
+        enable_sag(pipe, 1.0)  # the hook wraps the spy
+        hunyuan_frames(pipe, embeds=embeds, num_inference_steps=2)
+    finally:
+        cls.forward = original
+    assert len(seen) == 6
+    names = ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections")
+    fields = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
+    for step in range(2):
+        cond, uncond, degraded = seen[3 * step: 3 * step + 3]
+        for name, field in zip(names, fields):
+            assert torch.equal(cond[name], embeds[field])
+            assert torch.equal(uncond[name], embeds[f"negative_{field}"])
+            assert torch.equal(degraded[name], uncond[name])
+        for name in ("guidance", "timestep"):
+            assert torch.equal(degraded[name], uncond[name])
+        assert degraded["hidden_states"].shape == uncond["hidden_states"].shape == (2, 4, 2, 8, 8)
+        if step:  # at the first step sigma = 1: x0's estimate, so the degrade, is 0
+            assert not torch.equal(degraded["hidden_states"], uncond["hidden_states"])
+
+
+def test_hunyuan_video_guided_call_equals_the_float64_reference_with_the_text_mask():
+    """The unconditional call of the second step, float64: the mask from the middle double-stream block's joint
+    attention (video tokens first, then the 6 text tokens of which 4 are padding, dropped from the softmax by the
+    key bias built here from the prompt's attention mask), reference.degrade per frame with flow (c1, c2) at the
+    step's sigma, the degraded forward, reference.guidance_shift. Ignoring the padding gives another mask."""
+    from sag_fast.diffusers.tiny import tiny_hunyuan_video_pipeline
+
+    pipe = tiny_hunyuan_video_pipeline(dtype=torch.float64)
+    enable_sag(pipe, 0.9)
+    model = pipe.transformer
+    seen = recorded_calls(model)
+    embeds = {k: v.double() for k, v in _hunyuan_embeds(seed=5, valid=(2,)).items()}
+    hunyuan_frames(pipe, embeds=embeds)
+    kwargs, x, guided, out, qk = plain_replay(pipe, seen, 3)  # step 1: [cond, uncond]; uncond is guided
+    n = 2 * 4 * 4
+    joint = [(q, k, scale) for q, k, scale in qk if q.shape[2] == n + 6]  # the blocks' joint attention, in order
+    assert len(joint) == 4  # 3 double-stream blocks, 1 single-stream block
+    q, k, scale = joint[1]  # transformer_blocks.1, the middle one
+    text = embeds["negative_prompt_attention_mask"]  # (1, 6): 2 tokens, 4 padding
+    bias = torch.zeros(1, n + 6, dtype=torch.float64)
+    bias[:, n:] = torch.where(text > 0, 0.0, float("-inf"))
+    mass = reference.joint_attention_mass_from_qk(q, k, (0, n), scale, key_bias=bias)
+    mask = reference.joint_mass_to_mask(mass, GRID)
+    assert mask.any() and not mask.all()
+    unmasked = reference.joint_mass_to_mask(reference.joint_attention_mass_from_qk(q, k, (0, n), scale), GRID)
+    assert not torch.equal(unmasked, mask), "the padding does not change the mask: the test would not see it"
+    sigma = float(pipe.scheduler.sigmas[1])
+    c1, c2 = (c.float().double() for c in flow_coefficients(sigma))  # the step's coefficients are fp32 values
+    x_deg = reference.degrade(x, out, mask, c1, c2)
+    with torch.no_grad():
+        degraded = model(hidden_states=x_deg, return_dict=False, **kwargs)[0]
+    want = reference.guidance_shift(out, degraded, 0.9)
+    torch.testing.assert_close(guided, want, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # a capture that ignored the padding would give this instead
+        ignored = model(hidden_states=reference.degrade(x, out, unmasked, c1, c2), return_dict=False, **kwargs)[0]
+    assert (reference.guidance_shift(out, ignored, 0.9) - guided).abs().max() > 1e-6

@@ -61,6 +61,15 @@ def _same_tensor(a, b) -> bool:
     return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
 
 
+def _same_timestep(a, b) -> bool:
+    """The same timestep: the same tensor (no device read), or equal values where the loop builds a new tensor per
+    batch (Wan's modular loop casts `t.expand(B)` to the model dtype for each call: one device read per step)."""
+    if _same_tensor(a, b):
+        return True
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+        and a.device == b.device and a.dtype == b.dtype and torch.equal(a, b)
+
+
 class _Saved:
     """What the guide batch leaves for the degraded one."""
 
@@ -73,7 +82,7 @@ class _Role:
     the degrade needs; `degraded` runs it on x~ instead of x."""
 
     def __init__(self, guider: "SelfAttentionGuidance", role: str, model: torch.nn.Module, compiled: bool):
-        self.guider, self.role, self.compiled = guider, role, compiled
+        self.guider, self.role, self.compiled, self.model = guider, role, compiled, model
         self.binding = engine.ForwardBinding(model)
 
     def __call__(self, original, args, kwargs):
@@ -113,10 +122,12 @@ class SelfAttentionGuidance(BaseGuidance):
             pipeline's scheduler). The first SAG step refuses a missing scheduler, and one whose timesteps are
             not the loop's (a stale scheduler), before any denoiser call of that step.
 
-    The denoiser must take (B, C, H, W) latents and show the SAG layer's attention to torch (see
+    The denoiser must take (B, C, H, W) image or (B, C, F, H, W) video latents (the mask over the (f, h, w) token
+    grid of the model's patch size, `sag_fast.engine.token_grid`; each frame blurred: the modular Wan pipelines,
+    Wan 2.2's `guider_2` too) and show the SAG layer's attention to torch (see
     `sag_fast.capture`; SD3's joint attention is read with its image tokens first, as by enable_sag); a layer
     the capture cannot read (e.g. the joint attention of a model whose token layout sag_fast does not know) is
-    refused at the first `prepare_models`, before the denoiser runs; packed or video latents at the first
+    refused at the first `prepare_models`, before the denoiser runs; packed latents at the first
     guided call. ControlNet loops are refused (their residuals come from the undegraded latents).
     """
 
@@ -386,9 +397,10 @@ class SelfAttentionGuidance(BaseGuidance):
             return original(*args, **kwargs)  # the model reports the bad call itself
         x = arguments.get(b.x_name)
         t = arguments.get(b.t_name) if b.t_name is not None else None
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
             raise ValueError(f"{_WHERE}: the denoiser got a {tuple(getattr(x, 'shape', ()))} {b.x_name}; SAG "
-                             "guides (B, C, H, W) latents (packed or video latents are not supported)")
+                             "guides (B, C, H, W) image or (B, C, F, H, W) video latents (packed latents are not "
+                             "supported)")
         extra = {k: v for k, v in arguments.items() if v is not None and k in _EXTERNAL_FEATURES}
         if extra:
             raise ValueError(f"{_WHERE}: the denoiser gets {sorted(extra)} (ControlNet) computed from the "
@@ -396,22 +408,24 @@ class SelfAttentionGuidance(BaseGuidance):
                              "pipelines are not supported; use enable_sag on the classic ControlNet pipelines")
         if hook.role == _GUIDE:
             if self._capture is not None:
+                # video: the (f, h, w) token grid of the model's patches, which the capture cannot infer
+                grid = engine.token_grid(hook.model, x) if x.dim() == 5 else None
                 with self._capture.capturing(None, input_hw=(int(x.shape[-2]), int(x.shape[-1])),
-                                             compiled=hook.compiled):
+                                             compiled=hook.compiled, grid=grid):
                     result = original(*args, **kwargs)
                 mask = self._capture.mask
             else:
                 result, mask = original(*args, **kwargs), None
             out = engine.split_output(result)[0]
-            if out.dim() != 4 or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
+            if out.dim() != x.dim() or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
                 raise ValueError(f"{_WHERE}: the denoiser output {tuple(out.shape)} does not match its input "
-                                 f"{tuple(x.shape)} (expected (B, C', H, W))")
+                                 f"{tuple(x.shape)} (expected (B, C', {', '.join(map(str, x.shape[2:]))}))")
             # an inpainting UNet takes mask and image channels after the latents and predicts the latents only
             self._channels = min(x.shape[1], out.shape[1])
             self._saved = _Saved(x, t, out, mask)
             return result
         saved = self._saved
-        if not (_same_tensor(x, saved.x) and _same_tensor(t, saved.t)):
+        if not (_same_tensor(x, saved.x) and _same_timestep(t, saved.t)):
             raise RuntimeError(f"{_WHERE}: the degraded batch got other latents than the batch that guides it; "
                                "the denoise loop must give every guider batch the same latents and timestep")
         c1, c2 = step_coefficients(self.scheduler, t, device=x.device)

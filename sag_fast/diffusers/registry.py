@@ -44,8 +44,9 @@ def never(pipe, call) -> bool:
     return False
 
 
-def flux_true_cfg(pipe, call) -> bool:
-    """pipeline_flux.py: do_true_cfg = true_cfg_scale > 1 and a negative prompt is given."""
+def true_cfg(pipe, call) -> bool:
+    """pipeline_flux.py, pipeline_hunyuan_video.py: do_true_cfg = true_cfg_scale > 1 and a negative prompt is
+    given (as text, or as embeddings and pooled embeddings)."""
     has_neg = call.get("negative_prompt") is not None or (
         call.get("negative_prompt_embeds") is not None and call.get("negative_pooled_prompt_embeds") is not None)
     return call.get("true_cfg_scale", 1.0) > 1 and has_neg
@@ -262,7 +263,7 @@ FAMILIES: tuple[Family, ...] = (
            layout_note="[uncond, cond]; joint attention, image tokens first; the skip-layer call gets the shift",
            source="stable_diffusion_3/pipeline_stable_diffusion_3.py"),
     Family(name="Flux.1", pipelines=("FluxPipeline", "FluxImg2ImgPipeline"), denoisers=("FluxTransformer2DModel",),
-           cfg="split", cfg_on=flux_true_cfg, ways=1, latent=packed_channels, packed=True, joint="text_first",
+           cfg="split", cfg_on=true_cfg, ways=1, latent=packed_channels, packed=True, joint="text_first",
            t_scale=1000.0, per_row=("encoder_hidden_states", "pooled_projections", "guidance"),
            default_layer=_MIDDLE_ATTN,
            layout_note="packed latents; distilled (one way) or true CFG (cond call, then uncond call)",
@@ -326,6 +327,15 @@ FAMILIES: tuple[Family, ...] = (
            layout_note="as T2V; input [x_t (16), mask (4), image latent (16)] = 36 ch: the conditioning channels "
            "pass through undegraded; CLIP image tokens (2.1) the same in both calls; Wan 2.2 A14B's two experts",
            source="wan/pipeline_wan_i2v.py: torch.cat([latents, condition], dim=1); image_embeds in both calls"),
+    Family(name="HunyuanVideo", pipelines=("HunyuanVideoPipeline",), denoisers=("HunyuanVideoTransformer3DModel",),
+           cfg="split", cfg_on=true_cfg, ways=1, latent=out_channels, video=True, joint="image_first",
+           per_row=("encoder_hidden_states", "encoder_attention_mask", "pooled_projections", "guidance"),
+           default_layer=_MIDDLE_ATTN,
+           layout_note="5-D video latents, blurred per frame, patch (1, 2, 2); guidance-distilled (one way, "
+           "`guidance` embedded) or true CFG (true_cfg_scale > 1 and a negative prompt: cond call, then uncond "
+           "call); joint attention, video tokens first, text padding masked out of the softmax (a key bias)",
+           source="hunyuan_video/pipeline_hunyuan_video.py: noise_pred, then neg_noise_pred; "
+           "transformer_hunyuan_video.py: cat([video, text]) keys, attention_mask (B, 1, 1, N)"),
     # --------------------------------------------------------------------------------------- refused
     Family(name="latent upscaler", pipelines=("StableDiffusionLatentUpscalePipeline",), refusal=(
         "its UNet output is Karras-preconditioned (the pipeline turns it into a noise prediction after the call, and "
@@ -345,18 +355,14 @@ FAMILIES: tuple[Family, ...] = (
         "attention with the text tokens first over a grid patched by patch_size (and patch_size_t in CogVideoX 1.5); "
         "SAG's video layout is (batch, channels, frames, height, width) with a 3-D patch_size, so it would blur and "
         "mask the wrong axes")),
-    Family(name="HunyuanVideo", pipelines=("HunyuanVideoPipeline",), refusal=(
-        "every block's attention is joint attention (video tokens, then text tokens) with an attention mask over "
-        "the text padding; SAG's attention mass does not apply an attention mask, so its mask would count padding "
-        "keys (its true CFG, a conditional then an unconditional call, would fit the split layout)")),
 )
 
 # the refusals by rule (checked before the records): what a whole class of models cannot do
 _VIDEO_MARKERS = ("3D", "Motion", "SpatioTemporal", "Video", "I2VGenXL", "Temporal")
 RULES = (
     ("5-D video denoisers without a record (AnimateDiff video-to-video, Stable Video Diffusion, I2VGen-XL, ...)",
-     "their video layout is not in the registry yet (Wan T2V and I2V and AnimateDiff text-to-video are); use a "
-     "supported pipeline"),
+     "their video layout is not in the registry yet (Wan T2V and I2V, HunyuanVideo and AnimateDiff text-to-video "
+     "are); use a supported pipeline"),
     ("other PAG pipelines", "PAG's batch layout and processor swap are known for StableDiffusionPAGPipeline and "
      "StableDiffusionXLPAGPipeline only; for the others use the pipeline without PAG for SAG (e.g. "
      "StableDiffusionPipeline.from_pipe(pipe)), or PAG without SAG"),

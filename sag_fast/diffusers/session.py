@@ -287,7 +287,7 @@ class SAGSession:
         facts = engine.StepFacts(c1=c1, c2=c2, ways=layout.ways, uncond_index=layout.uncond_index,
                                  latent_channels=layout.latent_channels, guided_channels=layout.latent_channels,
                                  degraded_kwargs=contract.degraded_kwargs, compiled=engine.is_compiled(expert.hooked),
-                                 grid=self._token_grid(expert.model, x4) if video and not contract.frames_in_batch
+                                 grid=engine.token_grid(expert.model, x4) if video and not contract.frames_in_batch
                                  else None, frames=x4.shape[2] if video and contract.frames_in_batch else None)
         wants_shift = pending is not None or contract.shifted_calls is not None  # else skip computing it
         out = engine.guided_forward(model, x4, t, arguments, config=config, capture=capture, facts=facts,
@@ -298,13 +298,6 @@ class SAGSession:
         if tail is not None:  # the context tokens' outputs as the model gave them (the pipeline drops them)
             return rebuild(torch.cat([pack_latents(out), full[:, n:]], dim=1))
         return rebuild(pack_latents(out))
-
-    @staticmethod
-    def _token_grid(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
-        """(f, h, w) tokens of a (B, C, F, H, W) latent under the model's (pt, ph, pw) patches."""
-        patch = getattr(getattr(model, "config", None), "patch_size", None)
-        pt, ph, pw = tuple(patch) if isinstance(patch, (tuple, list)) and len(patch) == 3 else (1, 1, 1)
-        return x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
 
     @staticmethod
     def _shifted(call: engine.ActiveCall, result):

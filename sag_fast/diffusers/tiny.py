@@ -402,3 +402,23 @@ def tiny_wan_i2v_pipeline(seed: int = 0, image_embeds: bool = True, two_experts:
     return _place(WanImageToVideoPipeline(
         tokenizer=None, text_encoder=None, vae=tiny_wan_vae(seed + 1), scheduler=scheduler,
         image_processor=processor, image_encoder=vision, transformer=transformer(0), **extra), device, dtype)
+
+
+def tiny_hunyuan_video_pipeline(seed: int = 0, device=None, dtype=None):
+    """A tiny HunyuanVideo text-to-video pipeline: HunyuanVideoTransformer3DModel (3 double-stream blocks, joint
+    attention with the video tokens first and the text tokens after, a key mask over the text padding; 1
+    single-stream block; patch 2, patch_size_t 1; guidance embedding), flow matching, no VAE and no text encoders:
+    call it with prompt_embeds (B, T, 32), prompt_attention_mask (B, T), pooled_prompt_embeds (B, 8) (and the
+    negative ones with true_cfg_scale > 1) and output_type="latent". height=width=64, num_frames=5: (2, 8, 8)
+    latents, a (2, 4, 4) grid of 32 video tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+
+    with _seeded(seed):
+        transformer = HunyuanVideoTransformer3DModel(
+            in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_attention_heads=2, attention_head_dim=8,
+            num_layers=3, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+            qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=TEXT_HIDDEN, pooled_projection_dim=8,
+            rope_axes_dim=(2, 2, 4)).eval()
+    return _place(HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
+                                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
+                                       tokenizer_2=None), device, dtype)
