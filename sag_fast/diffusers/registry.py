@@ -276,7 +276,7 @@ FAMILIES: tuple[Family, ...] = (
            source="flux/pipeline_flux_fill.py: cat((latents, masked_image_latents), dim=2); "
            "pipeline_flux_control.py: cat([latents, control_image], dim=2)"),
     Family(name="Flux.1 Kontext", pipelines=("FluxKontextPipeline",), denoisers=("FluxTransformer2DModel",),
-           cfg="split", cfg_on=flux_true_cfg, ways=1, latent=packed_channels, packed=True,
+           cfg="split", cfg_on=true_cfg, ways=1, latent=packed_channels, packed=True,
            image_size=kontext_image_size, extra_tokens=True, joint="text_first", t_scale=1000.0,
            per_row=("encoder_hidden_states", "pooled_projections", "guidance"), default_layer=_MIDDLE_ATTN,
            layout_note="packed latent tokens, then the context image's (passed through); joint attention "
