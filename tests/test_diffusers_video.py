@@ -5,6 +5,7 @@ predictions get the same shift. Tested as the image families are: scale 0 and di
 batch invariance, the window, what the extra forward receives, one guided call against the float64 reference."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -16,6 +17,24 @@ from sag_fast.diffusers.tiny import tiny_wan_pipeline
 from test_diffusers_transformers import flow_coefficients, plain_replay, recorded_calls
 
 GRID = (2, 4, 4)  # tokens of 5 frames (2 latent frames) at 64x64 (8x8 latents, 2x2 patches)
+
+
+@contextlib.contextmanager
+def spied_forward(cls):
+    """Records the keyword arguments (tensors cloned) of every forward of model class `cls` while inside."""
+    seen = []
+    original = cls.forward
+
+    @functools.wraps(original)
+    def spy(self, *args, **kwargs):
+        seen.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+        return original(self, *args, **kwargs)
+
+    cls.forward = spy
+    try:
+        yield seen
+    finally:
+        cls.forward = original
 
 
 @pytest.fixture(autouse=True)
@@ -291,21 +310,9 @@ def test_wan_i2v_extra_forward_degrades_only_the_latent_channels(i2v):
     the unconditional text, the same CLIP image tokens and timestep, the conditioning channels (mask + image
     latent) unchanged, and a degraded x_t."""
     pe, ne = _embeds(2)
-    seen = []
-    cls = type(i2v.transformer)
-    original = cls.forward
-
-    @functools.wraps(original)
-    def spy(self, *args, **kwargs):
-        seen.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
-        return original(self, *args, **kwargs)
-
-    cls.forward = spy
-    try:
+    with spied_forward(type(i2v.transformer)) as seen:
         enable_sag(i2v, 1.0)  # the hook wraps the spy
         _i2v(i2v, embeds=(pe, ne))
-    finally:
-        cls.forward = original
     assert len(seen) == 6
     for step in range(2):
         cond, uncond, degraded = seen[3 * step: 3 * step + 3]
@@ -489,21 +496,9 @@ def test_hunyuan_video_extra_forward_gets_exactly_the_unconditional_arguments():
 
     pipe = tiny_hunyuan_video_pipeline()
     embeds = _hunyuan_embeds(batch=2, valid=(3, 5))
-    seen = []
-    cls = type(pipe.transformer)
-    original = cls.forward
-
-    @functools.wraps(original)
-    def spy(self, *args, **kwargs):
-        seen.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
-        return original(self, *args, **kwargs)
-
-    cls.forward = spy
-    try:
+    with spied_forward(type(pipe.transformer)) as seen:
         enable_sag(pipe, 1.0)  # the hook wraps the spy
         hunyuan_frames(pipe, embeds=embeds, num_inference_steps=2)
-    finally:
-        cls.forward = original
     assert len(seen) == 6
     names = ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections")
     fields = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
