@@ -86,7 +86,8 @@ def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def resolve_layer(model: torch.nn.Module, layer: str | None, joint: bool = False) -> tuple[str, torch.nn.Module]:
+def resolve_layer(model: torch.nn.Module, layer: str | None, joint: bool = False,
+                  self_context: bool = False) -> tuple[str, torch.nn.Module]:
     """(name, module) of the self-attention layer: an exact module path, else a regex over module names
     (searched). When the matches include attention modules, only their self-attention ones count, else
     a full match beats partial ones; exactly one module must remain, and it must be an attention layer."""
@@ -119,7 +120,9 @@ def resolve_layer(model: torch.nn.Module, layer: str | None, joint: bool = False
                          "tokens and the image tokens together, as in DeepFloyd IF's and Kandinsky's UNets); SAG reads "
                          "joint attention only where it knows where the image tokens are (SD3, Flux: "
                          "AttentionCapture(..., joint=...)); pick a pure self-attention layer with layer=...")
-    if _is_diffusers_attention(module) and getattr(module, "is_cross_attention", False):
+    # self_context: a layer flagged as cross-attention that the model calls with its own input as the context
+    # (Kandinsky 3); the layer hook checks that at every guided forward
+    if _is_diffusers_attention(module) and getattr(module, "is_cross_attention", False) and not self_context:
         raise ValueError(f"layer={name!r} is not self-attention (a cross-attention layer); SAG needs a self-attention "
                          "layer such as an attn1")
     if not _looks_like_attention(name, module):
@@ -214,6 +217,12 @@ class _LayerHook(named_hooks.NamedHook):
         if not capture._live():
             return self.fn_ref.original_forward(*args, **kwargs)
         hidden_states = args[0] if args else kwargs.get("hidden_states")
+        if capture.self_context:
+            context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+            if context is not None and context is not hidden_states:
+                raise RuntimeError(f"layer {capture.layer_name!r} was called with a context other than its own "
+                                   "input: it is cross-attention here, not the self-attention SAG reads; choose "
+                                   "another layer (layer=...)")
         if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4:  # spatial attention: its grid
             capture._layer_hw = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
         elif isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3:  # its own (image) tokens
@@ -236,7 +245,8 @@ class AttentionCapture:
     """
 
     def __init__(self, model: torch.nn.Module, layer: str | None = None, threshold: float = 1.0,
-                 grid_hw: tuple[int, int] | None = None, probe: bool = True, joint: str | None = None):
+                 grid_hw: tuple[int, int] | None = None, probe: bool = True, joint: str | None = None,
+                 self_context: bool = False):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_nonnegative(threshold, "threshold")
@@ -253,7 +263,9 @@ class AttentionCapture:
         self.joint = joint            # where the image tokens sit in a joint attention's sequence
         self.image_tokens: int | None = None   # their count, when the layer's own input does not tell
         self._layer_tokens: int | None = None
-        self.layer_name, self.layer = resolve_layer(self.model, layer, joint=joint is not None)
+        self.self_context = bool(self_context)  # the layer's context must be its own input (registry.Family)
+        self.layer_name, self.layer = resolve_layer(self.model, layer, joint=joint is not None,
+                                                    self_context=self.self_context)
         if _has_processor(self.layer):
             self.kind = "processor"
         elif isinstance(self.layer, torch.nn.MultiheadAttention):
@@ -483,6 +495,8 @@ class AttentionCapture:
         if n == n_all:  # no text tokens in this call: plain self-attention
             self._compute(q, k, scale, key_bias)
             return
+        if key_bias is not None and self.joint == "text_first":
+            q, k, key_bias = _end_at_last_kept_key(q, k, key_bias)
         self.mask = mask_from_qk(q, k, self._grid(n), self.threshold, scale, image_span=(start, n), key_bias=key_bias)
         self._done = True
 
@@ -578,6 +592,21 @@ class AttentionCapture:
 
     def __repr__(self) -> str:
         return f"AttentionCapture(layer={self.layer_name!r}, kind={self.kind!r}, threshold={self.threshold})"
+
+
+def _end_at_last_kept_key(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor):
+    """[text, image, padding] rows (Lumina 2 packs each row's own text length, then pads at the end) rotated to
+    [padding, text, image]: each row's tokens turned so its last kept key ends the sequence, on the device (no
+    host read). The softmax over keys does not depend on their order, so the image tokens' mass is unchanged;
+    rows without trailing padding (Chroma, QwenImage: image last) are left as they are."""
+    n_all = key_bias.shape[-1]
+    position = torch.arange(1, n_all + 1, device=key_bias.device)
+    end = torch.where(key_bias > float("-inf"), position, torch.zeros_like(position)).amax(-1)   # (B,)
+    index = (torch.arange(n_all, device=key_bias.device)[None] + end[:, None]) % n_all            # (B, N)
+    gather = index[:, None, :, None]
+    q = q.gather(2, gather.expand(-1, q.shape[1], -1, q.shape[3]))
+    k = k.gather(2, gather.expand(-1, k.shape[1], -1, k.shape[3]))
+    return q, k, key_bias.gather(1, index)
 
 
 class _Seen(Exception):

@@ -101,7 +101,8 @@ class SAGSession:
             for expert in self.experts:
                 if config.mask == "attention":
                     layer = config.layer if config.layer is not None or family is None else family.layer_for(expert.model)
-                    expert.capture = AttentionCapture(expert.outer, layer, config.threshold, joint=self.contract.joint)
+                    expert.capture = AttentionCapture(expert.outer, layer, config.threshold, joint=self.contract.joint,
+                                                      self_context=self.contract.self_context)
                 self._attach(expert, expert.outer)
             self.capture = self.experts[0].capture
         except BaseException:
@@ -157,6 +158,7 @@ class SAGSession:
             call_args.update(call_args.pop("kwargs", None) or {})
         except TypeError:
             call_args = dict(kwargs)  # let the pipeline itself report the bad call
+        self.contract.check_call(call_args)
         active = engine.ActiveCall(owner=self, args=call_args, config=config or self.config, pipe=pipe,
                                    split=self.contract.split_cfg(pipe, call_args))
         token = engine.open_call(active)
@@ -237,8 +239,12 @@ class SAGSession:
         else:
             x4 = x
         layout = contract.layout(pipe, call.args, x4, arguments)
-        t_sched = t * contract.t_scale if contract.t_scale != 1.0 and isinstance(t, torch.Tensor) else t
+        t_sched = t
+        if (contract.t_scale, contract.t_offset) != (1.0, 0.0) and isinstance(t, torch.Tensor):
+            t_sched = contract.t_offset + t * contract.t_scale
         c1, c2 = step_coefficients(scheduler, t_sched, device=x.device)
+        if contract.output_sign != 1.0:  # x0's estimate from the prediction the scheduler is given: sign * output
+            c2 = c2 * contract.output_sign
         return_dict = arguments.pop("return_dict", True) if b.has_return_dict else None
         first: list = []
 
@@ -266,7 +272,9 @@ class SAGSession:
         capture = self.capture = expert.capture
         if capture is not None:
             capture.threshold = config.threshold
-            capture.image_tokens = x.shape[1] if packed else None
+            # joint attention: the image tokens' count, when the layer's own input may be the joint sequence
+            capture.image_tokens = x.shape[1] if packed else (
+                self._image_tokens(expert.model, x4) if contract.joint is not None and x4.dim() == 4 else None)
         facts = engine.StepFacts(c1=c1, c2=c2, ways=layout.ways, uncond_index=layout.uncond_index,
                                  latent_channels=layout.latent_channels, guided_channels=layout.latent_channels,
                                  degraded_kwargs=contract.degraded_kwargs, compiled=engine.is_compiled(expert.hooked),
@@ -276,6 +284,13 @@ class SAGSession:
         out = engine.guided_forward(model, x4, t, arguments, config=config, capture=capture, facts=facts,
                                     on_shift=on_shift if wants_shift else None)
         return first[0](pack_latents(out) if packed else out)
+
+    @staticmethod
+    def _image_tokens(model: torch.nn.Module, x: torch.Tensor) -> int:
+        """Tokens of a (B, C, H, W) latent under the model's square `patch_size` (1 when it has none)."""
+        patch = getattr(getattr(model, "config", None), "patch_size", None)
+        p = patch if isinstance(patch, int) and patch > 0 else 1
+        return (x.shape[-2] // p) * (x.shape[-1] // p)
 
     @staticmethod
     def _token_grid(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
