@@ -450,8 +450,8 @@ class AttentionCapture:
         of joint attention): padded text keys (QwenImage, Chroma) are dropped from their softmax. A mask that
         differs between those queries (or heads) is not a per-key mask: refused, as the mass would ignore it."""
         if attn_mask.dtype == torch.bool:
-            bias = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device)
-            bias = bias.masked_fill(~attn_mask, float("-inf"))
+            # where, not masked_fill with a Python -inf: the scalar fill does not replay on fake CUDA tensors
+            bias = torch.where(attn_mask, 0.0, float("-inf")).float()
         elif attn_mask.is_floating_point():
             bias = attn_mask
         else:
@@ -474,7 +474,8 @@ class AttentionCapture:
         first = bias[:, 0, start]
         if not per_key:  # e.g. Chroma's outer product of the token mask: per key for the (unpadded) image queries
             same = bias[:, :, start:start + n] == first[:, None, None]
-            if torch.compiler.is_compiling():
+            # compiled, or fake tensors (no value to read): the check runs on the device
+            if torch.compiler.is_compiling() or type(same).__name__ == "FakeTensor":
                 torch._assert_async(same.all(), "SAG: the attention mask is not the same for every image query")
             elif not bool(same.all()):
                 raise RuntimeError(f"layer {self.layer_name!r} attends with a mask that differs between its image "

@@ -77,6 +77,11 @@ CASES = {
                 flow=False),
 }
 FAMILIES = list(CASES)
+# replayed on a fake CUDA device by tests/test_diffusers_session.py. Not Lumina 2 (its rotary embedding reads the
+# text lengths to the host, .tolist()) nor CogView4 (its rotary embedding indexes beyond tests/fake_cuda.py's shim):
+# both fail inside the model's own forward, before anything of SAG's runs. Not Kandinsky 3 and LCM: UNets whose SAG
+# path the SD cases already replay (Kandinsky 3's many small convs take ~13 s under fake tensors).
+FAKE_CUDA = ("chroma", "auraflow", "hunyuandit")
 
 
 def _row(call: dict, i: int) -> dict:
@@ -272,3 +277,49 @@ def test_guided_call_equals_the_float64_reference_and_the_extra_forward_gets_the
     want = reference.guidance_shift(out4.double(), degraded.double(), scale, c, family.uncond_index).float()
     torch.testing.assert_close(unpack_latents(guided, 8, 8) if packed else guided, want, rtol=0, atol=2e-4)
     assert (want - out4).abs().max() > 1e-3 * out4.abs().max()
+
+
+# ------------------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("bad, word", [(dict(cfg_normalization=True), "cfg_normalization=False"),
+                                       (dict(cfg_trunc_ratio=0.5), "cfg_trunc_ratio=1.0")])
+def test_lumina2_calls_whose_cfg_would_change_the_shift_are_refused_before_sampling(bad, word):
+    """Lumina 2 rescales CFG's result to the conditional prediction's norm (its default) or drops the
+    unconditional call in the last steps: refused at the call, before the transformer runs; without CFG the same
+    arguments are harmless and run."""
+    pipe = tp.lumina2_pipeline()
+    enable_sag(pipe, 1.0)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    with pytest.raises(ValueError, match=f"Lumina2Pipeline with SAG: .*{word}"):
+        _latents(pipe, {**CASES["lumina2"].call(1), **bad})
+    assert calls == []
+    _latents(pipe, {**CASES["lumina2"].call(1), **bad, "guidance_scale": 1.0})
+
+
+def test_kandinsky3_layer_used_as_cross_attention_is_refused():
+    """Kandinsky 3's self-attention blocks are diffusers Attention layers built with a context (flagged as
+    cross-attention) and called with their own input as the context; a block given the text is refused."""
+    pipe = tp.kandinsky3_pipeline()
+    enable_sag(pipe, 1.0, layer="down_blocks.1.attentions.1.attention")
+    with pytest.raises(RuntimeError, match="context other than its own input"):
+        _latents(pipe, CASES["kandinsky3"].call(1))
+
+
+def test_cli_samples_a_saved_lcm_folder(tmp_path):
+    """`python -m sag_fast sample --model <folder>` on a saved LCM pipeline (one way: SAG is its only guidance)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from sag_fast.__main__ import main
+
+    folder = tmp_path / "lcm"
+    tp.lcm_pipeline().save_pretrained(folder)
+    out = tmp_path / "run"
+    assert main(["sample", "--no-progress", "--output-dir", str(out), "--model", str(folder), "--steps", "2",
+                 "--height", "64", "--width", "64", "--prompt", "a red square"]) == 0
+    report = json.loads((out / "run.json").read_text())
+    plain = np.asarray(Image.open(out / "sample0_nosag.png"), dtype=np.int16)
+    guided = np.asarray(Image.open(out / "sample0_sag.png"), dtype=np.int16)
+    assert plain.shape == (64, 64, 3) and np.abs(plain - guided).max() > 0 and report["settings"]["sag_scale"] > 0

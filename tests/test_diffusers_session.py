@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
+import test_diffusers_families as fam
 import tiny_pipelines as tp
 from diffusers_checks import hook_state, images
 from fake_cuda import fake_cuda, to_fake_cuda
@@ -200,6 +201,8 @@ FAKE_CASES = {
     "pixart": (lambda: tp.pixart_pipeline(), dict(**t5_text(mask=True), height=64, width=64), False),
     "flux": (lambda: tiny_flux_pipeline(), dict(prompt_embeds=torch.ones(1, 5, 32), pooled_prompt_embeds=torch.ones(1, 32),
                                                 height=64, width=64), False),
+    # issue 15's families (tests/test_diffusers_families.py): padded text masks, split CFG, 0-dim timesteps
+    **{name: (fam.CASES[name].build, fam.CASES[name].call(1), False) for name in fam.FAKE_CUDA},
     # video. (Wan is not here: its rotary embedding indexes tensors in a way tests/fake_cuda.py's shim does not
     # replay on a CPU-only torch, inside the model's own forward, before anything of SAG's runs.)
     "animatediff": (lambda: tp.animatediff_pipeline(), dict(prompt="a cat", num_frames=3, height=64, width=64), False),
