@@ -77,6 +77,8 @@ CASES = {
                 flow=False),
 }
 FAMILIES = list(CASES)
+PIPELINES = ("ChromaPipeline", "ChromaImg2ImgPipeline", "Lumina2Pipeline", "CogView4Pipeline", "AuraFlowPipeline",
+             "HunyuanDiTPipeline", "Kandinsky3Pipeline", "LatentConsistencyModelPipeline")  # the records tested here
 # replayed on a fake CUDA device by tests/test_diffusers_session.py. Not Lumina 2 (its rotary embedding reads the
 # text lengths to the host, .tolist()) nor CogView4 (its rotary embedding indexes beyond tests/fake_cuda.py's shim):
 # both fail inside the model's own forward, before anything of SAG's runs. Not Kandinsky 3 and LCM: UNets whose SAG
@@ -323,3 +325,18 @@ def test_cli_samples_a_saved_lcm_folder(tmp_path):
     plain = np.asarray(Image.open(out / "sample0_nosag.png"), dtype=np.int16)
     guided = np.asarray(Image.open(out / "sample0_sag.png"), dtype=np.int16)
     assert plain.shape == (64, 64, 3) and np.abs(plain - guided).max() > 0 and report["settings"]["sag_scale"] > 0
+
+
+def test_chroma_img2img():
+    """ChromaImg2ImgPipeline: the text-to-image loop from part-way into the schedule (strength)."""
+    from diffusers import ChromaImg2ImgPipeline
+
+    pipe = tp.chroma_pipeline(ChromaImg2ImgPipeline)
+    call = dict(CASES["chroma"].call(1), image=torch.linspace(0, 1, 3 * 64 * 64).reshape(1, 3, 64, 64),
+                strength=0.8)
+    plain = _latents(pipe, call, steps=4)
+    enable_sag(pipe, 1.0)
+    guided = _latents(pipe, call, steps=4)
+    assert (guided - plain).abs().max() > 1e-3
+    disable_sag(pipe)
+    assert torch.equal(_latents(pipe, call, steps=4), plain)

@@ -307,7 +307,8 @@ def chroma_pipeline(cls=None):
             patch_size=1, in_channels=64, num_layers=3, num_single_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(2, 2, 4),
             approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1).eval()
-    return _place(cls(scheduler=_flow(), vae=tiny_vae(1, latent_channels=16), text_encoder=None, tokenizer=None,
+    return _place(cls(scheduler=_flow(), vae=tiny_vae(1, latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611),
+                      text_encoder=None, tokenizer=None,
                       transformer=transformer))
 
 
