@@ -38,10 +38,10 @@ def _mask(n: int, kept=(8, 5)) -> torch.Tensor:
     return torch.stack([torch.arange(tp.EMBED_LEN) < kept[i % 2] for i in range(n)])
 
 
-def _text(n: int, masks: tuple[str, ...] = (), neg_kept=(6, 3)) -> dict:
+def _text(n: int, masks: tuple[str, ...] = (), neg_kept=(6, 3), dtype=torch.bool) -> dict:
     out = dict(prompt_embeds=_embeds(n, 1), negative_prompt_embeds=_embeds(n, 2))
     for name in masks:  # the negative (unconditional) rows get their own padding
-        out[name] = _mask(n, neg_kept if name.startswith("negative") else (8, 5))
+        out[name] = _mask(n, neg_kept if name.startswith("negative") else (8, 5)).to(dtype)
     return out
 
 
@@ -55,9 +55,10 @@ class Case:
 
 _SIZE = dict(height=64, width=64)
 CASES = {
+    # Chroma's own text encoding gives a float 0/1 token mask, whose outer product SDPA adds to the scores
     "chroma": Case(tp.chroma_pipeline, lambda n: dict(**_text(n, ("prompt_attention_mask",
-                                                                   "negative_prompt_attention_mask")),
-                                                       guidance_scale=4.0, **_SIZE)),
+                                                                   "negative_prompt_attention_mask"),
+                                                               dtype=torch.float32), guidance_scale=4.0, **_SIZE)),
     "lumina2": Case(tp.lumina2_pipeline, lambda n: dict(**_text(n, ("prompt_attention_mask",
                                                                      "negative_prompt_attention_mask")),
                                                          guidance_scale=4.0, cfg_normalization=False, **_SIZE),
@@ -230,7 +231,8 @@ def test_guided_call_equals_the_float64_reference_and_the_extra_forward_gets_the
         session = vars(pipe)["_sag_fast_state"]
         contract, capture = session.contract, session.capture
         watch(capture.layer)
-        _latents(pipe, case.call(2), seed=[0, 1])
+        call = case.call(2)
+        _latents(pipe, call, seed=[0, 1])
     # the second step (at the first, flow matching's sigma = 1 leaves SAG's x0 estimate 0): its guided call's
     # own forward, then SAG's extra forward; the guided call is the pipeline's last model call
     guided_entry, extra_entry = seen[-2], seen[-1]
@@ -242,15 +244,18 @@ def test_guided_call_equals_the_float64_reference_and_the_extra_forward_gets_the
     ways = family.ways if family.cfg == "batched" else 1
     b = x.shape[0] // ways
     rows = slice(family.uncond_index * b, (family.uncond_index + 1) * b)
-    # the extra forward: exactly the unconditional rows' per-row arguments, everything else as in the call
+    # the extra forward: exactly the unconditional rows of every argument with a row per batch row (whatever the
+    # record says), everything else as in the call; and those rows are the negative prompt's (from the inputs)
     assert torch.equal(extra_args[t_name], t if t.dim() == 0 else t[rows])  # a 0-dim timestep serves every row
     for key, value in args.items():
         if key in (x_name, t_name):
             continue
-        if key in family.per_row and isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == x.shape[0]:
             assert torch.equal(extra_args[key], value[rows]), key
         else:
             assert extra_args.get(key) is value or extra_args.get(key) == value, key
+    negative = call.get("negative_prompt_embeds", call["prompt_embeds"])  # LCM: one way, its only prompt
+    assert torch.equal(extra_args["encoder_hidden_states"], negative)
     # the reference step
     c = family.latent(model)
     packed = x.dim() == 3
