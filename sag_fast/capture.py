@@ -97,7 +97,8 @@ def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def resolve_layer(model: torch.nn.Module, layer: str | None, joint: bool = False) -> tuple[str, torch.nn.Module]:
+def resolve_layer(model: torch.nn.Module, layer: str | None, joint: bool = False,
+                  self_context: bool = False) -> tuple[str, torch.nn.Module]:
     """(name, module) of the self-attention layer: an exact module path, else a regex over module names
     (searched). When the matches include attention modules, only their self-attention ones count, else
     a full match beats partial ones; exactly one module must remain, and it must be an attention layer."""
@@ -135,7 +136,10 @@ def resolve_layer(model: torch.nn.Module, layer: str | None, joint: bool = False
     if _is_added_kv(module) and getattr(module, "only_cross_attention", False):
         raise ValueError(f"layer={name!r} is added-KV attention with only_cross_attention: its keys are the text "
                          "tokens alone, no image keys to build SAG's mask from; pick another layer with layer=...")
-    if _is_diffusers_attention(module) and getattr(module, "is_cross_attention", False) and not _is_added_kv(module):
+    # self_context: a layer flagged as cross-attention that the model calls with its own input as the context
+    # (Kandinsky 3); the layer hook checks that at every guided forward
+    if _is_diffusers_attention(module) and getattr(module, "is_cross_attention", False) and not _is_added_kv(module) \
+            and not self_context:
         raise ValueError(f"layer={name!r} is not self-attention (a cross-attention layer); SAG needs a self-attention "
                          "layer such as an attn1")
     if not _looks_like_attention(name, module):
@@ -230,6 +234,12 @@ class _LayerHook(named_hooks.NamedHook):
         if not capture._live():
             return self.fn_ref.original_forward(*args, **kwargs)
         hidden_states = args[0] if args else kwargs.get("hidden_states")
+        if capture.self_context:
+            context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+            if context is not None and context is not hidden_states:
+                raise RuntimeError(f"layer {capture.layer_name!r} was called with a context other than its own "
+                                   "input: it is cross-attention here, not the self-attention SAG reads; choose "
+                                   "another layer (layer=...)")
         if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4:  # spatial attention: its grid
             capture._layer_hw = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
         elif isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3:  # its own (image) tokens
@@ -255,7 +265,8 @@ class AttentionCapture:
     """
 
     def __init__(self, model: torch.nn.Module, layer: str | None = None, threshold: float = 1.0,
-                 grid_hw: tuple[int, int] | None = None, probe: bool = True, joint: str | None = None):
+                 grid_hw: tuple[int, int] | None = None, probe: bool = True, joint: str | None = None,
+                 self_context: bool = False):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_nonnegative(threshold, "threshold")
@@ -273,7 +284,9 @@ class AttentionCapture:
         self.image_tokens: int | None = None   # their count, when the layer's own input does not tell
         self.trailing_tokens = 0               # tokens after them that are not the image's (Kontext's context)
         self._layer_tokens: int | None = None
-        self.layer_name, self.layer = resolve_layer(self.model, layer, joint=joint is not None)
+        self.self_context = bool(self_context)  # the layer's context must be its own input (registry.Family)
+        self.layer_name, self.layer = resolve_layer(self.model, layer, joint=joint is not None,
+                                                    self_context=self.self_context)
         self._added_kv = _is_added_kv(self.layer)
         if self._added_kv:  # keys [text, image], image queries: the layer itself says where they are
             self.joint = "text_first"
@@ -473,8 +486,8 @@ class AttentionCapture:
         of joint attention): padded text keys (QwenImage, Chroma) are dropped from their softmax. A mask that
         differs between those queries (or heads) is not a per-key mask: refused, as the mass would ignore it."""
         if attn_mask.dtype == torch.bool:
-            bias = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device)
-            bias = bias.masked_fill(~attn_mask, float("-inf"))
+            # where, not masked_fill with a Python -inf: the scalar fill does not replay on fake CUDA tensors
+            bias = torch.where(attn_mask, 0.0, float("-inf")).float()
         elif attn_mask.is_floating_point():
             bias = attn_mask
         else:
@@ -496,7 +509,8 @@ class AttentionCapture:
         first = bias[:, 0, start]
         if not per_key:  # e.g. Chroma's outer product of the token mask: per key for the (unpadded) image queries
             same = bias[:, :, start:start + n] == first[:, None, None]
-            if torch.compiler.is_compiling():
+            # compiled, or fake tensors (no value to read): the check runs on the device
+            if torch.compiler.is_compiling() or type(same).__name__ == "FakeTensor":
                 torch._assert_async(same.all(), "SAG: the attention mask is not the same for every image query")
             elif not bool(same.all()):
                 raise RuntimeError(f"layer {self.layer_name!r} attends with a mask that differs between its image "
@@ -528,6 +542,8 @@ class AttentionCapture:
             return
         if n_q != n_k:
             q = F.pad(q, (0, 0, start, n_k - start - n))
+        if key_bias is not None and self.joint == "text_first":
+            q, k, key_bias = _end_at_last_kept_key(q, k, key_bias)
         self.mask = mask_from_qk(q, k, self._grid(n), self.threshold, scale, image_span=(start, n), key_bias=key_bias)
         self._done = True
 
@@ -697,6 +713,21 @@ class AttentionCapture:
 
     def __repr__(self) -> str:
         return f"AttentionCapture(layer={self.layer_name!r}, kind={self.kind!r}, threshold={self.threshold})"
+
+
+def _end_at_last_kept_key(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor):
+    """[text, image, padding] rows (Lumina 2 packs each row's own text length, then pads at the end) rotated to
+    [padding, text, image]: each row's tokens turned so its last kept key ends the sequence, on the device (no
+    host read). The softmax over keys does not depend on their order, so the image tokens' mass is unchanged;
+    rows without trailing padding (Chroma, QwenImage: image last) are left as they are."""
+    n_all = key_bias.shape[-1]
+    position = torch.arange(1, n_all + 1, device=key_bias.device)
+    end = torch.where(key_bias > float("-inf"), position, torch.zeros_like(position)).amax(-1)   # (B,)
+    index = (torch.arange(n_all, device=key_bias.device)[None] + end[:, None]) % n_all            # (B, N)
+    gather = index[:, None, :, None]
+    q = q.gather(2, gather.expand(-1, q.shape[1], -1, q.shape[3]))
+    k = k.gather(2, gather.expand(-1, k.shape[1], -1, k.shape[3]))
+    return q, k, key_bias.gather(1, index)
 
 
 class _Seen(Exception):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
+import test_diffusers_families as fam
 import tiny_pipelines as tp
 from diffusers_checks import hook_state, images
 from fake_cuda import fake_cuda, to_fake_cuda
@@ -209,6 +210,8 @@ FAKE_CASES = {
                           width=64, image=torch.rand(1, 3, 64, 32), max_area=64 * 64, _auto_resize=False), False),
     "pag_sd": (lambda: tp.pag_pipeline(), dict(prompt="a cat", pag_scale=2.0), False),
     "if_added_kv": (lambda: tp.if_pipeline(added_kv=True), dict(**t5_text(), height=8, width=8), False),
+    # issue 15's families (tests/test_diffusers_families.py): padded text masks, split CFG, 0-dim timesteps
+    **{name: (fam.CASES[name].build, fam.CASES[name].call(1), False) for name in fam.FAKE_CUDA},
     # video. (Wan T2V and I2V are not here: their rotary embedding indexes tensors in a way tests/fake_cuda.py's shim does not
     # replay on a CPU-only torch, inside the model's own forward, before anything of SAG's runs.)
     "animatediff": (lambda: tp.animatediff_pipeline(), dict(prompt="a cat", num_frames=3, height=64, width=64), False),

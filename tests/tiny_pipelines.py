@@ -308,3 +308,106 @@ def text_tokenizer():
 
 def text_encoder():
     return tiny_text_encoder(2)
+
+
+# ------------------------------------------------- Chroma, Lumina 2, CogView4, AuraFlow, HunyuanDiT, Kandinsky 3, LCM
+# No text encoders (T5, Gemma 2, GLM, BERT): their tests pass prompt embeddings (and masks). Each calls
+# height=width=64 -> 8x8 latents (16 image tokens under 2x2 patches), TEXT_HIDDEN-wide embeddings.
+def _flow(**config):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**config)
+
+
+def chroma_pipeline(cls=None):
+    from diffusers import ChromaTransformer2DModel
+    if cls is None:
+        from diffusers import ChromaPipeline as cls
+
+    with _seeded(0):
+        transformer = ChromaTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=3, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(2, 2, 4),
+            approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1).eval()
+    return _place(cls(scheduler=_flow(), vae=tiny_vae(1, latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611),
+                      text_encoder=None, tokenizer=None,
+                      transformer=transformer))
+
+
+def lumina2_pipeline():
+    from diffusers import Lumina2Pipeline, Lumina2Transformer2DModel
+
+    with _seeded(0):
+        transformer = Lumina2Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=3, num_refiner_layers=1,
+            num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(64, 16, 16),
+            cap_feat_dim=TEXT_HIDDEN).eval()
+    return _place(Lumina2Pipeline(transformer=transformer, scheduler=_flow(), vae=tiny_vae(1), text_encoder=None,
+                                  tokenizer=None))
+
+
+def cogview4_pipeline():
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel
+
+    with _seeded(0):
+        transformer = CogView4Transformer2DModel(
+            patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+            text_embed_dim=TEXT_HIDDEN, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8,
+            rope_axes_dim=(4, 4)).eval()
+    return _place(CogView4Pipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(1), transformer=transformer,
+                                   scheduler=_flow(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                   use_dynamic_shifting=True, time_shift_type="linear")))
+
+
+def auraflow_pipeline():
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel
+
+    with _seeded(0):
+        transformer = AuraFlowTransformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=3,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN, caption_projection_dim=16,
+            out_channels=4, pos_embed_max_size=16).eval()
+    return _place(AuraFlowPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(1), transformer=transformer,
+                                   scheduler=_flow()))
+
+
+def hunyuandit_pipeline():
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    with _seeded(0):
+        transformer = HunyuanDiT2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8, hidden_size=16,
+            num_layers=4, cross_attention_dim=TEXT_HIDDEN, cross_attention_dim_t5=TEXT_HIDDEN,
+            pooled_projection_dim=16, text_len=EMBED_LEN, text_len_t5=EMBED_LEN).eval()
+    return _place(HunyuanDiTPipeline(
+        vae=tiny_vae(1), text_encoder=None, tokenizer=None, transformer=transformer,
+        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.03),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+
+
+def kandinsky3_pipeline(cls=None):
+    from diffusers import DDPMScheduler, Kandinsky3UNet, VQModel
+    if cls is None:
+        from diffusers import Kandinsky3Pipeline as cls
+
+    with _seeded(0):
+        unet = Kandinsky3UNet(in_channels=4, time_embedding_dim=8, groups=4, attention_head_dim=8,
+                              layers_per_block=2, block_out_channels=(16, 32), cross_attention_dim=16,
+                              encoder_hid_dim=TEXT_HIDDEN).eval()
+        movq = VQModel(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                       down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                       layers_per_block=1, norm_num_groups=4, num_vq_embeddings=16, vq_embed_dim=4).eval()
+    return _place(cls(tokenizer=None, text_encoder=None, unet=unet, movq=movq, scheduler=DDPMScheduler(
+        beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, thresholding=False)))
+
+
+def lcm_pipeline(cls=None):
+    from diffusers import LCMScheduler
+    if cls is None:
+        from diffusers import LatentConsistencyModelPipeline as cls
+
+    c = tiny_sd_components()
+    return _place(cls(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+                      unet=cond_unet(time_cond_proj_dim=8), scheduler=LCMScheduler(
+                          beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+                      safety_checker=None, feature_extractor=None, requires_safety_checker=False))

@@ -193,7 +193,11 @@ class BatchContract:
         self._processors: dict | None = None   # restore_processors: the processors as the pipeline call began
         self.video = family is not None and family.video    # (B, C, F, H, W) latents (Wan, AnimateDiff)
         self.frames_in_batch = family is not None and family.frames_in_batch
-        self.t_scale = family.t_scale if family is not None else 1.0  # scheduler t = model t * t_scale
+        self.t_scale = family.t_scale if family is not None else 1.0  # scheduler t = t_offset + model t * t_scale
+        self.t_offset = family.t_offset if family is not None else 0.0
+        self.output_sign = family.output_sign if family is not None else 1.0  # the scheduler gets sign * output
+        self.self_context = family is not None and family.self_context
+        self._call_refusal = family.call_refusal if family is not None else None
         self.joint = family.joint if family is not None else joint    # where joint attention puts image tokens
         self.shifted_calls = family.shifted_calls if family is not None else None
         self._split = family is not None and family.cfg == "split"
@@ -211,6 +215,13 @@ class BatchContract:
     def _with_defaults(self, call_args: dict):
         """The call's arguments, with the pipeline __call__'s defaults under them."""
         return ChainMap(call_args, self._defaults) if self._defaults else call_args
+
+    def check_call(self, call_args: dict) -> None:
+        """Refuses a pipeline call whose arguments would make the pipeline's combination of the ways change SAG's
+        term (the record's call_refusal), before it samples."""
+        why = self._call_refusal(self._with_defaults(call_args)) if self._call_refusal is not None else None
+        if why is not None:
+            raise ValueError(f"{self.name} with SAG: {why}")
 
     def split_cfg(self, pipe, call_args: dict) -> bool:
         """Whether this call does CFG as two denoiser calls per step (cond first, then uncond)."""

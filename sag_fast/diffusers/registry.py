@@ -44,6 +44,19 @@ def never(pipe, call) -> bool:
     return False
 
 
+def lumina2_exact_cfg(call) -> str | None:
+    """pipeline_lumina2.py: with CFG, `cfg_trunc_ratio < 1` drops the unconditional call in the last steps (the
+    split-CFG call order changes mid-run, so SAG could not tell a step's calls apart). Its `cfg_normalization`
+    (the guided prediction rescaled to the conditional one's norm) is applied to the SAG-shifted predictions, as
+    QwenImage's renormalisation and SD's guidance_rescale are: the pipeline's own combination of the guided ways."""
+    if not call.get("guidance_scale", 4.0) > 1:
+        return None
+    if call.get("cfg_trunc_ratio", 1.0) < 1:
+        return ("cfg_trunc_ratio<1 stops the unconditional call in the last steps, so SAG cannot tell the calls of a "
+                "step apart; pass cfg_trunc_ratio=1.0")
+    return None
+
+
 def true_cfg(pipe, call) -> bool:
     """pipeline_flux.py, pipeline_hunyuan_video.py: do_true_cfg = true_cfg_scale > 1 and a negative prompt is
     given (as text, or as embeddings and pooled embeddings)."""
@@ -146,7 +159,18 @@ class Family:
     `extra_ways(pipe, call)`: ways stacked after the CFG ways (PAG's perturbed copy of the conditional way),
     each shifted like the others. `restore_processors`: the pipeline swaps attention processors during its
     call (PAG's, which split the batch into its ways): the extra forward runs with the processors the
-    denoiser had when the call began. `default_layer` may be a tuple of paths: the first the model has."""
+    denoiser had when the call began. `default_layer` may be a tuple of paths: the first the model has.
+
+    `t_scale`, `t_offset`:
+    the scheduler's timestep is `t_offset + t_scale * t` of the model's (Flux t/1000: 1000, 0; Lumina 2's
+    reversed 1 - t/1000: -1000, 1000). `output_sign`: the scheduler is given `output_sign *` the model output
+    (Lumina 2 negates it), so x0's estimate uses that sign. `call_refusal(call)`: a reason to refuse this pipeline
+    call before it samples (arguments under which the pipeline's combination of the ways would not keep SAG's
+    term exact), else None. `self_context`: the SAG layer is a diffusers Attention built with a context dimension
+    (so flagged as cross-attention) that the model calls with its own input as the context (Kandinsky 3); the
+    capture checks at each guided forward that the context is the input itself. Joint attention with padded text
+    (`joint="text_first"` and an attention mask) may pad each row at its end (Lumina 2): the image tokens are the
+    last `n` before the padding, which the capture finds from the mask."""
 
     name: str
     pipelines: tuple[str, ...]
@@ -166,6 +190,10 @@ class Family:
     experts: tuple[str, ...] = ()
     joint: str | None = None
     t_scale: float = 1.0
+    t_offset: float = 0.0
+    output_sign: float = 1.0
+    call_refusal: Callable[[dict], str | None] | None = None
+    self_context: bool = False
     per_row: tuple[str, ...] = ("encoder_hidden_states",)
     per_frame_row: tuple[str, ...] = ()
     default_layer: str | tuple[str, ...] = _UNET_MID
@@ -336,6 +364,46 @@ FAMILIES: tuple[Family, ...] = (
            "call); joint attention, video tokens first, text padding masked out of the softmax (a key bias)",
            source="hunyuan_video/pipeline_hunyuan_video.py: noise_pred, then neg_noise_pred; "
            "transformer_hunyuan_video.py: cat([video, text]) keys, attention_mask (B, 1, 1, N)"),
+    Family(name="Chroma", pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline"),
+           denoisers=("ChromaTransformer2DModel",), cfg="split", cfg_on=cfg_property, ways=1, latent=packed_channels,
+           packed=True, joint="text_first", t_scale=1000.0, per_row=("encoder_hidden_states", "attention_mask"),
+           default_layer=_MIDDLE_ATTN,
+           layout_note="packed latents; cond call, then uncond call; [text, image] joint attention, padded text "
+           "masked out (attention_mask)",
+           source="chroma/pipeline_chroma.py: noise_pred, then neg_noise_pred; timestep / 1000"),
+    Family(name="Lumina 2", pipelines=("Lumina2Pipeline",), denoisers=("Lumina2Transformer2DModel",), cfg="split",
+           cfg_on=cfg_property, ways=1, latent=in_channels, joint="text_first", t_scale=-1000.0, t_offset=1000.0,
+           output_sign=-1.0, per_row=("encoder_hidden_states", "encoder_attention_mask"),
+           default_layer="layers.{middle}.attn", call_refusal=lumina2_exact_cfg,
+           layout_note="cond call, then uncond call; [text, image, padding] per row; model t = 1 - t/1000, output "
+           "negated; cfg_normalization rescales the SAG-guided prediction; needs cfg_trunc_ratio=1 with CFG",
+           source="lumina2/pipeline_lumina2.py: noise_pred_cond, then noise_pred_uncond; noise_pred = -noise_pred"),
+    Family(name="CogView4", pipelines=("CogView4Pipeline",), denoisers=("CogView4Transformer2DModel",), cfg="split",
+           cfg_on=cfg_property, ways=1, joint="text_first",
+           per_row=("encoder_hidden_states", "original_size", "target_size", "crop_coords"),
+           default_layer=_MIDDLE_ATTN1, layout_note="cond call, then uncond call; [text, image] joint attention",
+           source="cogview4/pipeline_cogview4.py: noise_pred_cond, then noise_pred_uncond"),
+    Family(name="AuraFlow", pipelines=("AuraFlowPipeline",), denoisers=("AuraFlowTransformer2DModel",),
+           joint="text_first", t_scale=1000.0, default_layer="single_transformer_blocks.{middle}.attn",
+           layout_note="[uncond, cond] (local CFG); [registers, text, image] joint attention",
+           source="aura_flow/pipeline_aura_flow.py: torch.cat([latents] * 2); timestep = t / 1000"),
+    Family(name="HunyuanDiT", pipelines=("HunyuanDiTPipeline",), denoisers=("HunyuanDiT2DModel",),
+           cfg_on=cfg_property, latent=in_channels,
+           per_row=("encoder_hidden_states", "text_embedding_mask", "encoder_hidden_states_t5",
+                    "text_embedding_mask_t5", "image_meta_size", "style"),
+           default_layer="blocks.{middle}.attn1",
+           layout_note="[uncond, cond]; two text encoders, size and style per row; learned variance kept",
+           source="hunyuandit/pipeline_hunyuandit.py: torch.cat([negative_prompt_embeds, prompt_embeds])"),
+    Family(name="Kandinsky 3", pipelines=("Kandinsky3Pipeline",),
+           denoisers=("Kandinsky3UNet",), cfg_on=cfg_property, latent=in_channels,
+           per_row=("encoder_hidden_states", "encoder_attention_mask"),
+           default_layer="up_blocks.0.attentions.0.attention", self_context=True,
+           layout_note="[uncond, cond], (w+1) c - w u; the bottleneck's self-attention (first of the up path)",
+           source="kandinsky3/pipeline_kandinsky3.py: torch.cat([negative_prompt_embeds, prompt_embeds])"),
+    Family(name="LCM", pipelines=("LatentConsistencyModelPipeline",),
+           denoisers=_UNET, cfg="none", cfg_on=never, ways=1, per_row=_UNET_PER_ROW,
+           layout_note="one way (guidance-distilled: w in timestep_cond)",
+           source="latent_consistency_models/pipeline_latent_consistency_text2img.py"),
     # --------------------------------------------------------------------------------------- refused
     Family(name="latent upscaler", pipelines=("StableDiffusionLatentUpscalePipeline",), refusal=(
         "its UNet output is Karras-preconditioned (the pipeline turns it into a noise prediction after the call, and "
@@ -366,8 +434,8 @@ RULES = (
     ("other PAG pipelines", "PAG's batch layout and processor swap are known for StableDiffusionPAGPipeline and "
      "StableDiffusionXLPAGPipeline only; for the others use the pipeline without PAG for SAG (e.g. "
      "StableDiffusionPipeline.from_pipe(pipe)), or PAG without SAG"),
-    ("other packed-latent pipelines (Flux Control img2img / inpaint, Kontext inpaint, Chroma, QwenImage)",
-     "packed-latent transformers without a record (Flux, Fill, Control and Kontext have one) are not supported yet; "
+    ("other packed-latent pipelines (Flux Control img2img / inpaint, Kontext inpaint, QwenImage)",
+     "packed-latent transformers without a record (Flux, Fill, Control, Kontext and Chroma have one) are not supported yet; "
      "SAG needs to know how to unpack the latent to blur it"),
     ("Sana and other linear-attention models", "linear attention has no softmax attention map to build SAG's "
      "mask from"),
@@ -385,7 +453,7 @@ def rule_refusal(pipe, model) -> str | None:
     if "PAGMixin" in mro and record is None:
         return f"{name} is a PAG (perturbed-attention guidance) pipeline: {RULES[1][1]}"
     if not (record is not None and record.packed) and (
-            hasattr(type(pipe), "_pack_latents") or model_name.startswith(("Flux", "Chroma", "QwenImage"))):
+            hasattr(type(pipe), "_pack_latents") or model_name.startswith(("Flux", "QwenImage"))):
         return f"{name} feeds {model_name} packed 3-D latents (batch, tokens, channels): {RULES[2][1]}"
     for module in model.modules():
         proc = getattr(module, "processor", None)

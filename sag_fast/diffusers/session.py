@@ -101,7 +101,8 @@ class SAGSession:
             for expert in self.experts:
                 if config.mask == "attention":
                     layer = config.layer if config.layer is not None or family is None else family.layer_for(expert.model)
-                    expert.capture = AttentionCapture(expert.outer, layer, config.threshold, joint=self.contract.joint)
+                    expert.capture = AttentionCapture(expert.outer, layer, config.threshold, joint=self.contract.joint,
+                                                      self_context=self.contract.self_context)
                 self._attach(expert, expert.outer)
             self.capture = self.experts[0].capture
         except BaseException:
@@ -158,6 +159,7 @@ class SAGSession:
             call_args.update(call_args.pop("kwargs", None) or {})
         except TypeError:
             call_args = dict(kwargs)  # let the pipeline itself report the bad call
+        self.contract.check_call(call_args)
         active = engine.ActiveCall(owner=self, args=call_args, config=config or self.config, pipe=pipe,
                                    split=self.contract.split_cfg(pipe, call_args))
         token = engine.open_call(active)
@@ -245,8 +247,12 @@ class SAGSession:
         else:
             x4 = x
         layout = contract.layout(pipe, call.args, x4, arguments)
-        t_sched = t * contract.t_scale if contract.t_scale != 1.0 and isinstance(t, torch.Tensor) else t
+        t_sched = t
+        if (contract.t_scale, contract.t_offset) != (1.0, 0.0) and isinstance(t, torch.Tensor):
+            t_sched = contract.t_offset + t * contract.t_scale
         c1, c2 = step_coefficients(scheduler, t_sched, device=x.device)
+        if contract.output_sign != 1.0:  # x0's estimate from the prediction the scheduler is given: sign * output
+            c2 = c2 * contract.output_sign
         return_dict = arguments.pop("return_dict", True) if b.has_return_dict else None
         total, per_way = x.shape[0], x.shape[0] // layout.ways
         rows = slice(layout.uncond_index * per_way, (layout.uncond_index + 1) * per_way)
@@ -282,7 +288,9 @@ class SAGSession:
         capture = self.capture = expert.capture
         if capture is not None:
             capture.threshold = config.threshold
-            capture.image_tokens = x.shape[1] if packed else None
+            # joint attention: the image tokens' count, when the layer's own input may be the joint sequence
+            capture.image_tokens = x.shape[1] if packed else (
+                self._image_tokens(expert.model, x4) if contract.joint is not None and x4.dim() == 4 else None)
             capture.trailing_tokens = tail.shape[1] if tail is not None else 0
         facts = engine.StepFacts(c1=c1, c2=c2, ways=layout.ways, uncond_index=layout.uncond_index,
                                  latent_channels=layout.latent_channels, guided_channels=layout.latent_channels,
@@ -298,6 +306,13 @@ class SAGSession:
         if tail is not None:  # the context tokens' outputs as the model gave them (the pipeline drops them)
             return rebuild(torch.cat([pack_latents(out), full[:, n:]], dim=1))
         return rebuild(pack_latents(out))
+
+    @staticmethod
+    def _image_tokens(model: torch.nn.Module, x: torch.Tensor) -> int:
+        """Tokens of a (B, C, H, W) latent under the model's square `patch_size` (1 when it has none)."""
+        patch = getattr(getattr(model, "config", None), "patch_size", None)
+        p = patch if isinstance(patch, int) and patch > 0 else 1
+        return (x.shape[-2] // p) * (x.shape[-1] // p)
 
     @staticmethod
     def _shifted(call: engine.ActiveCall, result):
