@@ -51,6 +51,12 @@ def flux_true_cfg(pipe, call) -> bool:
     return call.get("true_cfg_scale", 1.0) > 1 and has_neg
 
 
+def negative_true_cfg(pipe, call) -> bool:
+    """pipeline_qwenimage*.py: do_true_cfg = true_cfg_scale > 1 and (negative_prompt or negative_prompt_embeds)."""
+    has_neg = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
+    return call.get("true_cfg_scale", 1.0) > 1 and has_neg
+
+
 # ---------------------------------------------------------------------------- latent channels (per model)
 def out_channels(model) -> int:     # epsilon/v predictors of the latent: output channels = latent channels
     return int(model.config.out_channels)
@@ -195,6 +201,14 @@ FAMILIES: tuple[Family, ...] = (
            default_layer=_MIDDLE_ATTN,
            layout_note="packed latents; distilled (one way) or true CFG (cond call, then uncond call)",
            source="flux/pipeline_flux.py: noise_pred, then neg_noise_pred; timestep / 1000"),
+    Family(name="QwenImage", pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
+           denoisers=("QwenImageTransformer2DModel",), cfg="split", cfg_on=negative_true_cfg, ways=1,
+           latent=packed_channels, packed=True, joint="text_first", t_scale=1000.0,
+           per_row=("encoder_hidden_states", "encoder_hidden_states_mask", "guidance"), default_layer=_MIDDLE_ATTN,
+           layout_note="packed latents; true CFG (cond call, then uncond call): both get SAG's shift, then the "
+           "pipeline's CFG and its norm rescaling act on the shifted predictions; padded text keys masked",
+           source="qwenimage/pipeline_qwenimage.py: noise_pred, then neg_noise_pred, comb_pred * (cond_norm / "
+           "noise_norm); timestep / 1000"),
     Family(name="DeepFloyd IF", pipelines=(
         "IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"), denoisers=_UNET, latent=in_channels,
         per_row=_UNET_PER_ROW, layout_note="[uncond, cond]; pixel space, learned variance; the real UNets' attention is added-KV joint "
@@ -234,6 +248,12 @@ FAMILIES: tuple[Family, ...] = (
         "its UNet output is Karras-preconditioned (the pipeline turns it into a noise prediction after the call, and "
         "drops a variance channel), not the scheduler's parameterisation, so SAG's estimate of x0 from the raw "
         "output would be wrong")),
+    Family(name="QwenImage Edit", pipelines=(
+        "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"), refusal=(
+        "its transformer input is the packed latent tokens followed by the reference images' tokens "
+        "(torch.cat([latents, image_latents], dim=1)), its output cut back to the latent tokens, and its size comes "
+        "from the reference image; SAG would have to unpack and blur the latent tokens only and locate them in the "
+        "joint sequence: not supported yet (QwenImagePipeline, Img2Img and Inpaint are)")),
     Family(name="GLIGEN text-image", pipelines=("StableDiffusionGLIGENTextImagePipeline",), refusal=(
         "it calls the UNet twice per step (with and without grounding) and takes the conditional way from the first "
         "call and the unconditional way from the second, so a SAG shift added inside each call would not cancel in "
@@ -249,9 +269,9 @@ RULES = (
      "the model, which SAG's extra forward on the unconditional rows cannot go through; PAG and SAG together are "
      "not supported: use the pipeline without PAG for SAG (e.g. StableDiffusionPipeline.from_pipe(pipe)), or PAG "
      "without SAG"),
-    ("other packed-latent pipelines (Flux Fill/Control/Kontext, Chroma, QwenImage)", "packed-latent transformers "
-     "other than FluxPipeline / FluxImg2ImgPipeline are not supported yet; SAG needs to know how to unpack the "
-     "latent to blur it"),
+    ("other packed-latent pipelines (Flux Fill/Control/Kontext, Chroma, QwenImage ControlNet/Layered)",
+     "packed-latent pipelines without a record (Flux.1 and QwenImage have one) are not supported yet; SAG needs to "
+     "know how to unpack the latent to blur it"),
     ("Sana and other linear-attention models", "linear attention has no softmax attention map to build SAG's "
      "mask from"),
 )
@@ -267,7 +287,7 @@ def rule_refusal(pipe, model) -> str | None:
         return f"{name} denoises 5-D video latents with {model_name}: {RULES[0][1]}"
     if "PAGMixin" in mro:
         return f"{name} is a PAG (perturbed-attention guidance) pipeline: {RULES[1][1]}"
-    if not (record is not None and record.packed) and (
+    if record is None and (
             hasattr(type(pipe), "_pack_latents") or model_name.startswith(("Flux", "Chroma", "QwenImage"))):
         return f"{name} feeds {model_name} packed 3-D latents (batch, tokens, channels): {RULES[2][1]}"
     for module in model.modules():
