@@ -230,3 +230,41 @@ def test_edit_and_other_qwenimage_pipelines_are_refused_with_the_reason():
         with pytest.raises(ValueError, match=match):
             enable_sag(pipe)
         assert sag_config(pipe) is None and hook_state(transformer) == state
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_modular_guider_matches_enable_sag_on_classic_qwenimage(dtype):
+    """sag_fast's SelfAttentionGuidance as the guider of diffusers' modular QwenImage pipeline (QwenImageAutoBlocks:
+    packed latents unpacked with the record's packed_hw, t / 1000 recomputed per batch, the loop's norm rescaling
+    against the guider's pred_cond, which is the shifted c') gives the latents of enable_sag on QwenImagePipeline
+    (same tiny components, rebuilt from their seeds; same embeddings, padding masks and seed); the transformer is
+    left as it was."""
+    from diffusers.modular_pipelines import QwenImageAutoBlocks
+
+    from sag_fast.diffusers.guider import SelfAttentionGuidance
+
+    classic = tiny_qwenimage_pipeline(dtype=dtype)
+    pipe = QwenImageAutoBlocks().init_pipeline()
+    twin = tiny_qwenimage_pipeline(dtype=dtype)
+    pipe.update_components(transformer=twin.transformer, vae=twin.vae, scheduler=twin.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    kw = qwen_inputs(steps=3)
+    embeds = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kw.items() if "embeds" in k}
+    call = dict(**embeds, height=32, width=32, num_inference_steps=3)
+
+    def classic_run():
+        out = classic(**call, true_cfg_scale=4.0, generator=gen(0), output_type="latent").images
+        return classic._unpack_latents(out, 32, 32, classic.vae_scale_factor)
+
+    plain = classic_run()
+    enable_sag(classic, 0.75)
+    expected = classic_run()
+    disable_sag(classic)
+    before = hook_state(pipe.transformer)
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=4.0, sag_scale=0.75, scheduler=pipe.scheduler))
+    got = pipe(**call, generator=gen(0), output="latents")
+    effect, diff = (expected - plain).abs().max().item(), (got - expected).abs().max().item()
+    print(f"\nQwenImage {dtype}: |guider - enable_sag| = {diff:.3g}, SAG effect {effect:.3g}")
+    assert got.shape == expected.shape == (1, 16, 1, 8, 8) and effect > 1e-2
+    assert diff <= (1e-12 if dtype == torch.float64 else 1e-4)
+    assert hook_state(pipe.transformer) == before

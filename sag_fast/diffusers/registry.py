@@ -78,6 +78,15 @@ def packed_channels(model) -> int:   # Flux: 2x2 patches packed on channels
     return int(model.config.in_channels) // 4
 
 
+def img_shapes_hw(model_kwargs: dict) -> tuple[int, int] | None:
+    """QwenImage: img_shapes[0][0] = (1, H/2, W/2), the packed token grid its rotary embedding is built for."""
+    try:
+        frames, h, w = model_kwargs["img_shapes"][0][0]
+    except (KeyError, TypeError, IndexError, ValueError):
+        return None
+    return (2 * int(h), 2 * int(w)) if frames == 1 else None
+
+
 def skip_layer_call(model_kwargs: dict) -> bool:
     """SD3's skip-layer-guidance call: pred += slg * (c' - skip), so skip gets the step's shift too."""
     return model_kwargs.get("skip_layers") is not None
@@ -108,7 +117,9 @@ class Family:
     model folds the frames into its attention batch; `per_frame_row`: arguments with one entry per (row, frame) (b-major, as AnimateDiff's UNet), so the SAG layer's spatial
     self-attention gives one (h, w) mask per frame. `experts`: other
     denoiser attributes the pipeline may call instead in some steps (Wan 2.2's `transformer_2`): each gets the
-    hook and a capture on the same layer path, and SAG guides with whichever is called."""
+    hook and a capture on the same layer path, and SAG guides with whichever is called. `packed_hw(model_kwargs)`:
+    the (H, W) of a packed latent read off the denoiser call's own arguments, for the modular guider, which does not
+    see the pipeline call's height and width (enable_sag reads those); None: the guider refuses packed latents."""
 
     name: str
     pipelines: tuple[str, ...]
@@ -119,6 +130,7 @@ class Family:
     uncond_index: int = 0
     latent: Callable[[torch.nn.Module], int] = out_channels
     packed: bool = False
+    packed_hw: Callable[[dict], tuple[int, int] | None] | None = None
     video: bool = False
     frames_in_batch: bool = False
     experts: tuple[str, ...] = ()
@@ -203,7 +215,7 @@ FAMILIES: tuple[Family, ...] = (
            source="flux/pipeline_flux.py: noise_pred, then neg_noise_pred; timestep / 1000"),
     Family(name="QwenImage", pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
            denoisers=("QwenImageTransformer2DModel",), cfg="split", cfg_on=negative_true_cfg, ways=1,
-           latent=packed_channels, packed=True, joint="text_first", t_scale=1000.0,
+           latent=packed_channels, packed=True, packed_hw=img_shapes_hw, joint="text_first", t_scale=1000.0,
            per_row=("encoder_hidden_states", "encoder_hidden_states_mask", "guidance"), default_layer=_MIDDLE_ATTN,
            layout_note="packed latents; true CFG (cond call, then uncond call): both get SAG's shift, then the "
            "pipeline's CFG and its norm rescaling act on the shifted predictions; padded text keys masked",
