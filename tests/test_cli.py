@@ -220,3 +220,18 @@ def test_flux_folder(tmp_path, negative):
     guided = np.asarray(Image.open(out / "sample0_sag.png"), dtype=np.int16)
     assert plain.shape == (64, 64, 3) and np.abs(plain - guided).max() > 0
     assert report["grid_columns"][-1] == "SAG mask at the middle step"
+
+
+def test_qwenimage_folder(tmp_path):
+    """A QwenImage pipeline folder (the tiny one, saved with its Qwen2.5-VL text encoder and tokenizer), true CFG
+    (a negative prompt; --guidance-scale is the true-CFG scale): packed latents and padded prompts through the CLI."""
+    from sag_fast.diffusers.tiny import tiny_qwenimage_pipeline
+
+    folder = tmp_path / "qwenimage"
+    tiny_qwenimage_pipeline(text_encoder=True).save_pretrained(folder)
+    out, report = _run(tmp_path, "--model", str(folder), "--steps", "2", "--height", "32", "--width", "32",
+                       "--guidance-scale", "4", "--negative-prompt", "blurry")
+    plain = np.asarray(Image.open(out / "sample0_nosag.png"), dtype=np.int16)
+    guided = np.asarray(Image.open(out / "sample0_sag.png"), dtype=np.int16)
+    assert plain.shape == (32, 32, 3) and np.abs(plain - guided).max() > 0
+    assert report["grid_columns"][-1] == "SAG mask at the middle step"
