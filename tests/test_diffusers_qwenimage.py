@@ -22,6 +22,15 @@ from test_diffusers_transformers import flow_coefficients, recorded_calls, recor
 STATE = "_sag_fast_state"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models on a shared 2-core machine: one thread each is several times faster than two fighting
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def qwen_inputs(seed=0, batch=1, negative=True, text=(6, 5), pad=(2, 3), steps=2):
     """Prompt embeddings with padded tails (masked out by prompt_embeds_mask), 32x32 images: 8x8 latents, 16
     image tokens. The padding holds large random values: a model that attended to it would change visibly."""
@@ -230,6 +239,12 @@ def test_edit_and_other_qwenimage_pipelines_are_refused_with_the_reason():
         with pytest.raises(ValueError, match=match):
             enable_sag(pipe)
         assert sag_config(pipe) is None and hook_state(transformer) == state
+    # the modular guider reads the latent's (H, W) off img_shapes: only a single (1, H/2, W/2) grid is a plain one
+    from sag_fast.diffusers.registry import img_shapes_hw
+
+    assert img_shapes_hw({"img_shapes": [[(1, 4, 6)]] * 2}) == (8, 12)
+    assert img_shapes_hw({"img_shapes": [[(1, 4, 4), (1, 4, 4)]]}) is None  # Edit: reference-image tokens appended
+    assert img_shapes_hw({"img_shapes": None}) is None and img_shapes_hw({}) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])

@@ -79,9 +79,10 @@ def packed_channels(model) -> int:   # Flux: 2x2 patches packed on channels
 
 
 def img_shapes_hw(model_kwargs: dict) -> tuple[int, int] | None:
-    """QwenImage: img_shapes[0][0] = (1, H/2, W/2), the packed token grid its rotary embedding is built for."""
+    """QwenImage: img_shapes[0] = [(1, H/2, W/2)], the packed token grid its rotary embedding is built for. More
+    than one shape (Edit's reference images appended to the latent tokens) is not a plain packed latent: None."""
     try:
-        frames, h, w = model_kwargs["img_shapes"][0][0]
+        (frames, h, w), = model_kwargs["img_shapes"][0]
     except (KeyError, TypeError, IndexError, ValueError):
         return None
     return (2 * int(h), 2 * int(w)) if frames == 1 else None
