@@ -299,8 +299,10 @@ def test_every_registry_pipeline_is_checked_against_its_pipeline():
     supported = {p for f in registry.FAMILIES if f.refusal is None for p in f.pipelines}
     # Flux's packed rows are checked through real calls in test_diffusers_transformers.py (its pipeline does not
     # repeat given prompt embeddings for num_images_per_prompt, which the probe here relies on); the video
-    # records (5-D latents) through real calls in test_diffusers_video.py
-    assert covered == supported - {"FluxPipeline", "FluxImg2ImgPipeline", "AnimateDiffPipeline", "WanPipeline"}
+    # records (5-D latents) through real calls in test_diffusers_video.py; QwenImage's (packed, split CFG) through
+    # real calls in test_diffusers_qwenimage.py
+    assert covered == supported - {"FluxPipeline", "FluxImg2ImgPipeline", "AnimateDiffPipeline", "WanPipeline",
+                                   "QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"}
 
 
 def test_lcm_unet_has_no_cfg_way():
