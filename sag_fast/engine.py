@@ -286,8 +286,8 @@ def guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t, mod
     """One guided model evaluation (docs/design.md). forward(x, t, **kwargs) -> (ways*B, C', H, W).
 
     Returns the first forward's output with +scale*(u - d) added in place to every way; the caller's CFG
-    afterwards gives CFG+SAG. on_shift(delta) receives s*(u - d) (B rows, the guided channels, fp32) for the
-    caller's other predictions of the step."""
+    afterwards gives CFG+SAG. on_shift(delta) receives s*(u - d) (B rows, the guided channels, fp32; fp64 for
+    fp64) for the caller's other predictions of the step."""
     model_kwargs = {} if model_kwargs is None else model_kwargs
     ways, uncond_index = facts.ways, facts.uncond_index
     if not isinstance(config, SAGConfig):
@@ -339,7 +339,8 @@ def guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t, mod
     degraded = forward(x_deg, t_rows, **kwargs_rows)
     if on_shift is not None:
         g = out.shape[1] if guided == -1 else guided
-        on_shift(config.scale * (out[rows, :g].float() - degraded[:, :g].float()))
+        wide = torch.promote_types(out.dtype, torch.float32)  # fp32 for half types; a float64 model stays float64
+        on_shift(config.scale * (out[rows, :g].to(wide) - degraded[:, :g].to(wide)))
     if facts.cfg_scale is not None:
         if ways != 2 or uncond_index != 0:
             raise ValueError(f"cfg_scale needs the batch [uncond, cond] (ways=2, uncond_index=0), got ways={ways}, "

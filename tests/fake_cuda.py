@@ -2,8 +2,9 @@
 
 `FakeTensorMode` creates `device="cuda"` tensors on a CPU-only torch and raises on any device mix (custom ops
 run their fakes). One gap: a CPU-only build refuses Python-level indexing (`t[0]`, `t[:, :n]`, `t[None]`) of
-a cuda tensor before the fake mode sees it. `fake_cuda()` adds a TorchFunctionMode that performs exactly that
-indexing with the equivalent aten ops (select / slice / unsqueeze / index), which keep devices as they are.
+a cuda tensor (and `~t`) before the fake mode sees it. `fake_cuda()` adds a TorchFunctionMode that performs
+exactly that indexing with the equivalent aten ops (select / slice / unsqueeze / index; bitwise_not for `~t`),
+which keep devices as they are.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ class _Indexing(TorchFunctionMode):
             target = _index(args[0], args[1])
             value = args[2]
             return target.copy_(value if isinstance(value, torch.Tensor) else torch.full_like(target, value))
+        if func is torch.Tensor.__invert__ and args[0].is_cuda:  # `~mask`, refused the same way
+            return aten.bitwise_not(args[0])
         if func is torch.Tensor.contiguous and args[0].is_cuda:
             t = args[0]
             return t if t.is_contiguous() else aten.clone(t, memory_format=torch.contiguous_format)

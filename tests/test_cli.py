@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sag_fast.__main__ as cli
@@ -249,3 +250,23 @@ def test_wan_folder_writes_videos_without_with_and_side_by_side(tmp_path):
     with pytest.raises(SystemExit, match="--num-frames: StableDiffusionPipeline is not a video pipeline"):
         main(["sample", "--no-progress", "--output-dir", str(tmp_path / "x"), "--model", "tiny-sd", "--steps", "1",
               "--num-frames", "4"])
+
+
+def test_qwenimage_folder(tmp_path):
+    """A QwenImage pipeline folder (the tiny one, saved with its Qwen2.5-VL text encoder and tokenizer), true CFG
+    (a negative prompt; --guidance-scale is the true-CFG scale): packed latents and padded prompts through the CLI."""
+    from sag_fast.diffusers.tiny import tiny_qwenimage_pipeline
+
+    folder = tmp_path / "qwenimage"
+    tiny_qwenimage_pipeline(text_encoder=True).save_pretrained(folder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is several times faster
+    try:
+        out, report = _run(tmp_path, "--model", str(folder), "--steps", "2", "--height", "32", "--width", "32",
+                           "--guidance-scale", "4", "--negative-prompt", "blurry")
+    finally:
+        torch.set_num_threads(threads)
+    plain = np.asarray(Image.open(out / "sample0_nosag.png"), dtype=np.int16)
+    guided = np.asarray(Image.open(out / "sample0_sag.png"), dtype=np.int16)
+    assert plain.shape == (32, 32, 3) and np.abs(plain - guided).max() > 0
+    assert report["grid_columns"][-1] == "SAG mask at the middle step"

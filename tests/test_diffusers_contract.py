@@ -299,7 +299,7 @@ def test_every_registry_pipeline_is_checked_against_its_pipeline():
     # the packed records (Flux and its variants) are checked through real calls in test_diffusers_transformers.py
     # and test_diffusers_variants.py (Flux does not repeat given prompt embeddings for num_images_per_prompt,
     # which the probe here relies on), PAG's extra way in test_diffusers_variants.py, the video records (5-D
-    # latents) in test_diffusers_video.py; issue 15's families (Chroma, Lumina 2, CogView4, AuraFlow, HunyuanDiT,
+    # latents) in test_diffusers_video.py, QwenImage's in test_diffusers_qwenimage.py; issue 15's families (Chroma, Lumina 2, CogView4, AuraFlow, HunyuanDiT,
     # Kandinsky 3, LCM) through real calls in test_diffusers_families.py, whose reference test reads the extra
     # forward's arguments (the unconditional rows) off the model
     from test_diffusers_families import PIPELINES as families

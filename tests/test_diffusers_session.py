@@ -20,7 +20,7 @@ from fake_cuda import fake_cuda, to_fake_cuda
 from test_diffusers_contract import t5_text
 from sag_fast import SAGConfig
 from sag_fast.diffusers import disable_sag, enable_sag, sag_config
-from sag_fast.diffusers.tiny import (tiny_dit_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline,
+from sag_fast.diffusers.tiny import (tiny_dit_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline,
                                      tiny_sdxl_pipeline, tiny_unet2d_pipeline)
 
 import peft  # noqa: E402  (a test dependency: requirements.txt)
@@ -212,6 +212,11 @@ FAKE_CASES = {
     "if_added_kv": (lambda: tp.if_pipeline(added_kv=True), dict(**t5_text(), height=8, width=8), False),
     # issue 15's families (tests/test_diffusers_families.py): padded text masks, split CFG, 0-dim timesteps
     **{name: (fam.CASES[name].build, fam.CASES[name].call(1), False) for name in fam.FAKE_CUDA},
+    # packed latents, true CFG in two calls, padded text keys masked in the joint attention (the capture's key bias)
+    "qwenimage": (lambda: tiny_qwenimage_pipeline(), dict(
+        prompt_embeds=torch.ones(1, 5, 32), prompt_embeds_mask=torch.tensor([[1, 1, 1, 1, 0]]),
+        negative_prompt_embeds=torch.ones(1, 4, 32), negative_prompt_embeds_mask=torch.tensor([[1, 1, 0, 0]]),
+        true_cfg_scale=4.0, height=32, width=32), False),
     # video. (Wan T2V and I2V are not here: their rotary embedding indexes tensors in a way tests/fake_cuda.py's shim does not
     # replay on a CPU-only torch, inside the model's own forward, before anything of SAG's runs.)
     "animatediff": (lambda: tp.animatediff_pipeline(), dict(prompt="a cat", num_frames=3, height=64, width=64), False),

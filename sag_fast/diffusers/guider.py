@@ -18,7 +18,14 @@ exactly as it was. (c1, c2) of the degrade come from the pipeline's scheduler at
 `enable_sag`. With CFG off (guidance_scale 1, or outside its window) the conditional batch guides and is degraded.
 
 The combination is enable_sag's: both ways shifted by s*(u - d), then CFG, then guidance_rescale against the
-shifted conditional prediction: pred = u' + w*(c' - u'), c' = c + s*(u - d), u' = u + s*(u - d).
+shifted conditional prediction: pred = u' + w*(c' - u'), c' = c + s*(u - d), u' = u + s*(u - d). The output's
+pred_cond and pred_uncond are c' and u', so a loop that post-processes with them (QwenImage rescales pred to the
+norm of pred_cond) sees what the classic pipeline sees with enable_sag.
+
+Packed latents (B, H/2*W/2, 4C): for a family whose registry record has `packed_hw` (QwenImage reads (H, W) off
+its `img_shapes` argument), the guide batch's x and output are unpacked for the mask grid and the degrade, and x~
+is packed again for the degraded batch. The model's timestep is the scheduler's / the record's `t_scale`; a loop
+that recomputes it for each batch (QwenImage's `timestep / 1000`) is checked by value, on the device.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from ..guidance import SAGConfig, make_config
 from ..ops._dispatch import check_finite
 from ..ops.guidance import guidance_combine
 from ..schedule import check_supported, step_coefficients
+from .session import pack_latents, unpack_latents
 from .registry import denoiser_family, joint_layout  # where a joint-attention denoiser (SD3, Flux) puts its image tokens
 
 _HOOK = "sag_fast_guider"
@@ -61,20 +69,14 @@ def _same_tensor(a, b) -> bool:
     return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
 
 
-def _same_timestep(a, b) -> bool:
-    """The same timestep: the same tensor (no device read), or equal values where the loop builds a new tensor per
-    batch (Wan's modular loop casts `t.expand(B)` to the model dtype for each call: one device read per step)."""
-    if _same_tensor(a, b):
-        return True
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
-        and a.device == b.device and a.dtype == b.dtype and torch.equal(a, b)
-
-
 class _Saved:
-    """What the guide batch leaves for the degraded one."""
+    """What the guide batch leaves for the degraded one: its x and t as the loop gave them, the (B, C, H, W)
+    latent and prediction the degrade reads (unpacked for packed latents), the mask, the latent channels, and
+    the unpacked (H, W) of packed latents (None: 4-D latents)."""
 
-    def __init__(self, x, t, out, mask):
-        self.x, self.t, self.out, self.mask = x, t, out, mask
+    def __init__(self, x, t, x4, out4, mask, channels, packed_hw):
+        self.x, self.t, self.x4, self.out4, self.mask = x, t, x4, out4, mask
+        self.channels, self.packed_hw = channels, packed_hw
 
 
 class _Role:
@@ -84,6 +86,7 @@ class _Role:
     def __init__(self, guider: "SelfAttentionGuidance", role: str, model: torch.nn.Module, compiled: bool):
         self.guider, self.role, self.compiled, self.model = guider, role, compiled, model
         self.binding = engine.ForwardBinding(model)
+        self.family = denoiser_family(model)
 
     def __call__(self, original, args, kwargs):
         return self.guider._run(self, original, args, kwargs)
@@ -122,9 +125,10 @@ class SelfAttentionGuidance(BaseGuidance):
             pipeline's scheduler). The first SAG step refuses a missing scheduler, and one whose timesteps are
             not the loop's (a stale scheduler), before any denoiser call of that step.
 
-    The denoiser must take (B, C, H, W) image or (B, C, F, H, W) video latents (the mask over the (f, h, w) token
-    grid of the model's patch size, `sag_fast.engine.token_grid`; each frame blurred: the modular Wan pipelines,
-    Wan 2.2's `guider_2` too) and show the SAG layer's attention to torch (see
+    The denoiser must take (B, C, H, W) image latents (or packed ones, see the module docstring) or (B, C, F, H, W)
+    video latents (the mask over the (f, h, w) token grid of the model's patch size, `sag_fast.engine.token_grid`;
+    each frame blurred: the modular Wan pipelines, Wan 2.2's `guider_2` too) and show the SAG layer's attention to
+    torch (see
     `sag_fast.capture`; SD3's joint attention is read with its image tokens first, as by enable_sag); a layer
     the capture cannot read (e.g. the joint attention of a model whose token layout sag_fast does not know) is
     refused at the first `prepare_models`, before the denoiser runs; packed latents at the first
@@ -397,7 +401,11 @@ class SelfAttentionGuidance(BaseGuidance):
             return original(*args, **kwargs)  # the model reports the bad call itself
         x = arguments.get(b.x_name)
         t = arguments.get(b.t_name) if b.t_name is not None else None
-        if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+        family = hook.family
+        # packed latents (B, H/2*W/2, 4C) of a family whose record says how to read (H, W) off the call
+        hw = family.packed_hw(arguments) if family is not None and family.packed_hw is not None \
+            and isinstance(x, torch.Tensor) and x.dim() == 3 else None
+        if not isinstance(x, torch.Tensor) or (x.dim() not in (4, 5) and hw is None):
             raise ValueError(f"{_WHERE}: the denoiser got a {tuple(getattr(x, 'shape', ()))} {b.x_name}; SAG "
                              "guides (B, C, H, W) image or (B, C, F, H, W) video latents (packed latents are not "
                              "supported)")
@@ -406,33 +414,54 @@ class SelfAttentionGuidance(BaseGuidance):
             raise ValueError(f"{_WHERE}: the denoiser gets {sorted(extra)} (ControlNet) computed from the "
                              "undegraded latents; SAG's degraded pass would reuse them. ControlNet modular "
                              "pipelines are not supported; use enable_sag on the classic ControlNet pipelines")
+        x4 = x if hw is None else unpack_latents(x, *hw)
         if hook.role == _GUIDE:
             if self._capture is not None:
+                self._capture.image_tokens = x.shape[1] if hw is not None else None
                 # video: the (f, h, w) token grid of the model's patches, which the capture cannot infer
                 grid = engine.token_grid(hook.model, x) if x.dim() == 5 else None
-                with self._capture.capturing(None, input_hw=(int(x.shape[-2]), int(x.shape[-1])),
+                with self._capture.capturing(None, input_hw=(int(x4.shape[-2]), int(x4.shape[-1])),
                                              compiled=hook.compiled, grid=grid):
                     result = original(*args, **kwargs)
                 mask = self._capture.mask
             else:
                 result, mask = original(*args, **kwargs), None
             out = engine.split_output(result)[0]
-            if out.dim() != x.dim() or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
+            out4 = out if hw is None or out.shape != x.shape else unpack_latents(out, *hw)
+            if out4.dim() != x4.dim() or out4.shape[0] != x4.shape[0] or out4.shape[2:] != x4.shape[2:]:
                 raise ValueError(f"{_WHERE}: the denoiser output {tuple(out.shape)} does not match its input "
                                  f"{tuple(x.shape)} (expected (B, C', {', '.join(map(str, x.shape[2:]))}))")
             # an inpainting UNet takes mask and image channels after the latents and predicts the latents only
-            self._channels = min(x.shape[1], out.shape[1])
-            self._saved = _Saved(x, t, out, mask)
+            channels = min(x4.shape[1], out4.shape[1])
+            # the predictions' channels SAG shifts in forward(): all of a packed one
+            self._channels = channels if hw is None else out.shape[1]
+            self._saved = _Saved(x, t, x4, out4, mask, channels, hw)
             return result
         saved = self._saved
-        if not (_same_tensor(x, saved.x) and _same_timestep(t, saved.t)):
+        if not _same_tensor(x, saved.x) or not (_same_tensor(t, saved.t) or self._equal_values(t, saved.t)):
             raise RuntimeError(f"{_WHERE}: the degraded batch got other latents than the batch that guides it; "
                                "the denoise loop must give every guider batch the same latents and timestep")
-        c1, c2 = step_coefficients(self.scheduler, t, device=x.device)
-        x_deg = engine.degrade_input(x, saved.out, saved.mask, c1, c2, self._channels, self.sag_config)
+        if hw != saved.packed_hw:
+            raise RuntimeError(f"{_WHERE}: the degraded batch's latents are laid out as {hw}, its guide batch's as "
+                               f"{saved.packed_hw}")
+        scale = family.t_scale if family is not None else 1.0  # the model's t is the scheduler's / t_scale
+        t_sched = t * scale if scale != 1.0 and isinstance(t, torch.Tensor) else t
+        c1, c2 = step_coefficients(self.scheduler, t_sched, device=x.device)
+        x_deg = engine.degrade_input(saved.x4, saved.out4, saved.mask, c1, c2, saved.channels, self.sag_config)
         bound = b.signature.bind(*args, **kwargs)
-        bound.arguments[b.x_name] = x_deg
+        bound.arguments[b.x_name] = x_deg if hw is None else pack_latents(x_deg)
         return original(*bound.args, **bound.kwargs)
+
+    @staticmethod
+    def _equal_values(t, saved_t) -> bool:
+        """A timestep the loop recomputes for each batch (QwenImage's `timestep / 1000`, Wan's `t.expand(B)` cast to
+        the model dtype): equal values are checked on the device (an asynchronous assert, no host read)."""
+        if not (isinstance(t, torch.Tensor) and isinstance(saved_t, torch.Tensor) and t.shape == saved_t.shape
+                and t.device == saved_t.device and t.dtype == saved_t.dtype):
+            return False
+        torch._assert_async((t == saved_t).all(), f"{_WHERE}: the degraded batch got another timestep than the "
+                                                  "batch that guides it")
+        return True
 
     # ---------------------------------------------------------------------------------- combination
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None,
@@ -455,7 +484,8 @@ class SelfAttentionGuidance(BaseGuidance):
             # u + w (c - u) + s (u - d) in one fused pass over the three predictions
             pred = guidance_combine(torch.cat([pred_uncond, pred_cond]), pred_degraded, self.guidance_scale,
                                     self.sag_config.scale)
-            return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+            sag = self.sag_config.scale * (guide - pred_degraded)
+            return GuiderOutput(pred=pred, pred_cond=pred_cond + sag, pred_uncond=pred_uncond + sag)
         # the shift on the latent channels only (a learned variance stays as predicted), on every way
         if c == pred_cond.shape[1]:
             sag = self.sag_config.scale * (guide - pred_degraded)
@@ -471,4 +501,4 @@ class SelfAttentionGuidance(BaseGuidance):
             pred = pred + self.guidance_scale * (cond - uncond)
         if self.guidance_rescale > 0.0:
             pred = rescale_noise_cfg(pred, cond, self.guidance_rescale)
-        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        return GuiderOutput(pred=pred, pred_cond=cond, pred_uncond=uncond if cfg else pred_uncond)

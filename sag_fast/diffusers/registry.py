@@ -65,6 +65,12 @@ def true_cfg(pipe, call) -> bool:
     return call.get("true_cfg_scale", 1.0) > 1 and has_neg
 
 
+def negative_true_cfg(pipe, call) -> bool:
+    """pipeline_qwenimage*.py: do_true_cfg = true_cfg_scale > 1 and (negative_prompt or negative_prompt_embeds)."""
+    has_neg = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
+    return call.get("true_cfg_scale", 1.0) > 1 and has_neg
+
+
 # ---------------------------------------------------------------------------- latent channels (per model)
 def out_channels(model) -> int:     # epsilon/v predictors of the latent: output channels = latent channels
     return int(model.config.out_channels)
@@ -112,6 +118,16 @@ def pag_ways(pipe, call) -> int:
         return int(bool(pipe.do_perturbed_attention_guidance))
     except Exception:  # noqa: BLE001 - read outside a call: the call's scale
         return int(call.get("pag_scale", 0.0) > 0)
+
+
+def img_shapes_hw(model_kwargs: dict) -> tuple[int, int] | None:
+    """QwenImage: img_shapes[0] = [(1, H/2, W/2)], the packed token grid its rotary embedding is built for. More
+    than one shape (Edit's reference images appended to the latent tokens) is not a plain packed latent: None."""
+    try:
+        (frames, h, w), = model_kwargs["img_shapes"][0]
+    except (KeyError, TypeError, IndexError, ValueError):
+        return None
+    return (2 * int(h), 2 * int(w)) if frames == 1 else None
 
 
 def skip_layer_call(model_kwargs: dict) -> bool:
@@ -170,7 +186,9 @@ class Family:
     (so flagged as cross-attention) that the model calls with its own input as the context (Kandinsky 3); the
     capture checks at each guided forward that the context is the input itself. Joint attention with padded text
     (`joint="text_first"` and an attention mask) may pad each row at its end (Lumina 2): the image tokens are the
-    last `n` before the padding, which the capture finds from the mask."""
+    last `n` before the padding, which the capture finds from the mask. `packed_hw(model_kwargs)`:
+    the (H, W) of a packed latent read off the denoiser call's own arguments, for the modular guider, which does not
+    see the pipeline call's height and width (enable_sag reads those); None: the guider refuses packed latents."""
 
     name: str
     pipelines: tuple[str, ...]
@@ -185,6 +203,7 @@ class Family:
     extra_tokens: bool = False
     extra_ways: Callable[[Any, dict], int] | None = None
     restore_processors: bool = False
+    packed_hw: Callable[[dict], tuple[int, int] | None] | None = None
     video: bool = False
     frames_in_batch: bool = False
     experts: tuple[str, ...] = ()
@@ -311,6 +330,14 @@ FAMILIES: tuple[Family, ...] = (
            "[text, image, context], mask over the image; distilled or true CFG (cond call, then uncond call)",
            source="flux/pipeline_flux_kontext.py: cat([latents, image_latents], dim=1), "
            "noise_pred[:, : latents.size(1)]; size from max_area"),
+    Family(name="QwenImage", pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
+           denoisers=("QwenImageTransformer2DModel",), cfg="split", cfg_on=negative_true_cfg, ways=1,
+           latent=packed_channels, packed=True, packed_hw=img_shapes_hw, joint="text_first", t_scale=1000.0,
+           per_row=("encoder_hidden_states", "encoder_hidden_states_mask", "guidance"), default_layer=_MIDDLE_ATTN,
+           layout_note="packed latents; true CFG (cond call, then uncond call): both get SAG's shift, then the "
+           "pipeline's CFG and its norm rescaling act on the shifted predictions; padded text keys masked",
+           source="qwenimage/pipeline_qwenimage.py: noise_pred, then neg_noise_pred, comb_pred * (cond_norm / "
+           "noise_norm); timestep / 1000"),
     Family(name="DeepFloyd IF", pipelines=(
         "IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"), denoisers=_UNET, latent=in_channels,
         per_row=_UNET_PER_ROW, default_layer=_ADDED_KV_MID,
@@ -409,6 +436,12 @@ FAMILIES: tuple[Family, ...] = (
         "its UNet output is Karras-preconditioned (the pipeline turns it into a noise prediction after the call, and "
         "drops a variance channel), not the scheduler's parameterisation, so SAG's estimate of x0 from the raw "
         "output would be wrong")),
+    Family(name="QwenImage Edit", pipelines=(
+        "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"), refusal=(
+        "its transformer input is the packed latent tokens followed by the reference images' tokens "
+        "(torch.cat([latents, image_latents], dim=1)), its output cut back to the latent tokens, and its size comes "
+        "from the reference image; SAG would have to unpack and blur the latent tokens only and locate them in the "
+        "joint sequence: not supported yet (QwenImagePipeline, Img2Img and Inpaint are)")),
     Family(name="GLIGEN text-image", pipelines=("StableDiffusionGLIGENTextImagePipeline",), refusal=(
         "it calls the UNet twice per step (with and without grounding) and takes the conditional way from the first "
         "call and the unconditional way from the second, so a SAG shift added inside each call would not cancel in "
@@ -434,8 +467,8 @@ RULES = (
     ("other PAG pipelines", "PAG's batch layout and processor swap are known for StableDiffusionPAGPipeline and "
      "StableDiffusionXLPAGPipeline only; for the others use the pipeline without PAG for SAG (e.g. "
      "StableDiffusionPipeline.from_pipe(pipe)), or PAG without SAG"),
-    ("other packed-latent pipelines (Flux Control img2img / inpaint, Kontext inpaint, QwenImage)",
-     "packed-latent transformers without a record (Flux, Fill, Control, Kontext and Chroma have one) are not supported yet; "
+    ("other packed-latent pipelines (Flux Control img2img / inpaint, Kontext inpaint, QwenImage ControlNet / Layered)",
+     "packed-latent transformers without a record (Flux, Fill, Control, Kontext, Chroma and QwenImage have one) are not supported yet; "
      "SAG needs to know how to unpack the latent to blur it"),
     ("Sana and other linear-attention models", "linear attention has no softmax attention map to build SAG's "
      "mask from"),
@@ -452,8 +485,8 @@ def rule_refusal(pipe, model) -> str | None:
         return f"{name} denoises 5-D video latents with {model_name}: {RULES[0][1]}"
     if "PAGMixin" in mro and record is None:
         return f"{name} is a PAG (perturbed-attention guidance) pipeline: {RULES[1][1]}"
-    if not (record is not None and record.packed) and (
-            hasattr(type(pipe), "_pack_latents") or model_name.startswith(("Flux", "QwenImage"))):
+    if record is None and (
+            hasattr(type(pipe), "_pack_latents") or model_name.startswith(("Flux", "Chroma", "QwenImage"))):
         return f"{name} feeds {model_name} packed 3-D latents (batch, tokens, channels): {RULES[2][1]}"
     for module in model.modules():
         proc = getattr(module, "processor", None)

@@ -422,3 +422,75 @@ def tiny_hunyuan_video_pipeline(seed: int = 0, device=None, dtype=None):
     return _place(HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
                                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
                                        tokenizer_2=None), device, dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The tiny byte-level alphabet without CLIP's word-end marks (Qwen2's BPE has none), merges of frequent
+    letter pairs, and Qwen's chat-template special tokens."""
+    symbols = list(_bytes_to_unicode().values())
+    merges = [(a, b) for a in "etaoinshrd" for b in "etaoinshrd"]
+    tokens = symbols + [a + b for a, b in merges] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def tiny_qwen_tokenizer():
+    """A Qwen2Tokenizer (byte-level BPE) over the tiny vocabulary, with <|im_start|>/<|im_end|> as special tokens:
+    QwenImage's prompt template encodes with them, as the real tokenizer does."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _qwen_vocab_and_merges()
+    return Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges),
+                          additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def tiny_qwen_text_encoder(seed: int = 0):
+    """Qwen2_5_VLForConditionalGeneration from a tiny config (2 text layers of width 32, a 1-layer vision tower
+    the text-only prompts never run): QwenImage takes the last hidden states of its text model."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vocab, _ = _qwen_vocab_and_merges()
+    n = len(vocab)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=n + 4, hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
+                         bos_token_id=vocab["<|im_start|>"], eos_token_id=vocab["<|im_end|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=TEXT_HIDDEN),
+        image_token_id=n, video_token_id=n + 1, vision_start_token_id=n + 2, vision_end_token_id=n + 3,
+    )
+    with _seeded(seed):
+        return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwenimage_transformer(seed: int = 0):
+    """QwenImageTransformer2DModel: 3 double-stream blocks (joint attention [text, image], rotary embeddings,
+    text padding masked out of the softmax), 16 latent channels packed 2x2 into 64, text width 32."""
+    from diffusers import QwenImageTransformer2DModel
+
+    with _seeded(seed):
+        return QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def tiny_qwenimage_pipeline(cls=None, seed: int = 0, text_encoder: bool = False, device=None, dtype=None):
+    """A tiny QwenImage pipeline (`cls`: QwenImagePipeline by default, or its img2img / inpaint classes): the
+    transformer above, a 16-channel AutoencoderKLQwenImage with 4x spatial compression (vae_scale_factor 4),
+    flow matching with dynamic shifting. height=width=32: 8x8 latents, 16 image tokens. Without text_encoder:
+    call it with prompt_embeds (B, T, 32) and prompt_embeds_mask (B, T); with it (tiny Qwen2.5-VL and
+    tokenizer), with prompts."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+    if cls is None:
+        from diffusers import QwenImagePipeline as cls
+
+    with _seeded(seed + 1):
+        vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True], latents_mean=[0.0] * 16,
+                                     latents_std=[1.0] * 16).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+    return _place(cls(transformer=tiny_qwenimage_transformer(seed), scheduler=scheduler, vae=vae,
+                      text_encoder=tiny_qwen_text_encoder(seed + 2) if text_encoder else None,
+                      tokenizer=tiny_qwen_tokenizer() if text_encoder else None), device, dtype)
