@@ -90,7 +90,8 @@ def half_out_channels(model) -> int:  # learned variance: [eps (C), variance (C)
 
 def packed_channels(model) -> int:
     """Flux: 2x2 patches packed on channels. The output is the latent alone (64 = 16 x 4); the input may carry
-    packed conditioning channels after it (Fill: masked image + mask, 384; Control: control image, 128)."""
+    packed conditioning channels after it (Fill: masked image + mask, 384; Control: control image, 128).
+    (QwenImage's config counts its output unpacked, out_channels 16 for 64 packed: its record uses out_channels.)"""
     return int(getattr(model, "out_channels", None) or model.config.in_channels) // 4
 
 
@@ -332,7 +333,7 @@ FAMILIES: tuple[Family, ...] = (
            "noise_pred[:, : latents.size(1)]; size from max_area"),
     Family(name="QwenImage", pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
            denoisers=("QwenImageTransformer2DModel",), cfg="split", cfg_on=negative_true_cfg, ways=1,
-           latent=packed_channels, packed=True, packed_hw=img_shapes_hw, joint="text_first", t_scale=1000.0,
+           latent=out_channels, packed=True, packed_hw=img_shapes_hw, joint="text_first", t_scale=1000.0,
            per_row=("encoder_hidden_states", "encoder_hidden_states_mask", "guidance"), default_layer=_MIDDLE_ATTN,
            layout_note="packed latents; true CFG (cond call, then uncond call): both get SAG's shift, then the "
            "pipeline's CFG and its norm rescaling act on the shifted predictions; padded text keys masked",
