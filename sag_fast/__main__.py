@@ -141,7 +141,7 @@ def _enable_context_parallel(pipe, spec: tuple[str, int], device) -> None:
     if model is None or getattr(model, "_cp_plan", None) is None:
         raise SystemExit(f"--context-parallel: {type(pipe).__name__}'s denoiser "
                          f"({type(getattr(pipe, 'transformer', getattr(pipe, 'unet', None))).__name__}) has no "
-                         "context-parallel plan in diffusers (Flux and Wan transformers have one)")
+                         "context-parallel plan in diffusers (Flux, Wan and QwenImage transformers have one)")
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl", device_id=device)
     if kind == "ring":  # ring attention needs each key chunk's log-sum-exp: the native backend does not give it

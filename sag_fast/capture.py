@@ -485,14 +485,7 @@ class AttentionCapture:
         """The (B, Nk) per-key additive bias that `attn_mask` is for the queries SAG reads (the image queries
         of joint attention): padded text keys (QwenImage, Chroma) are dropped from their softmax. A mask that
         differs between those queries (or heads) is not a per-key mask: refused, as the mass would ignore it."""
-        if attn_mask.dtype == torch.bool:
-            # where, not masked_fill with a Python -inf: the scalar fill does not replay on fake CUDA tensors
-            bias = torch.where(attn_mask, 0.0, float("-inf")).float()
-        elif attn_mask.is_floating_point():
-            bias = attn_mask
-        else:
-            raise RuntimeError(f"layer {self.layer_name!r} attends with a {attn_mask.dtype} attention mask; SAG reads "
-                               "boolean or additive float masks, as scaled_dot_product_attention does")
+        bias = _additive(attn_mask, self.layer_name)
         b, heads, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         try:
             bias = bias.expand(b, heads, nq, nk) if bias.dim() <= 4 else None
@@ -552,9 +545,11 @@ class AttentionCapture:
         mass from the (query, key) pairs the backend's forward op got, all-reduced over the CP group (N floats)."""
         if self._done:
             return
-        if is_causal or any(c.attn_mask is not None for c in calls):
-            raise RuntimeError(f"layer {self.layer_name!r} attends with an attention mask (or causally): the SAG mass "
-                               "would ignore it; choose another layer (layer=...)")
+        if is_causal:
+            raise RuntimeError(f"layer {self.layer_name!r} attends causally: the SAG mass would ignore it; choose "
+                               "another layer (layer=...)")
+        if plan.kind == "ring" and any(c.attn_mask is not None for c in calls):  # sharded.refuse_ring_mask first
+            raise RuntimeError(f"layer {self.layer_name!r}: ring attention with an attention mask is not read")
         expected = 1 if plan.kind == "ulysses" else plan.degree
         if len(calls) != expected:
             raise RuntimeError(f"layer {self.layer_name!r}: {plan.kind} attention ran its forward op {len(calls)} "
@@ -574,6 +569,17 @@ class AttentionCapture:
                                              list(range(plan.degree)))
             q_slices = sharded.positioned(segments)
             k_chunks = [(calls[0].key[rows], q_slices)]
+            # the template all-gathered a local per-key mask ([text_r, image_r] of each rank) into the gathered order
+            mask = calls[0].attn_mask
+            if mask is not None and not sharded.mask_gather_aligned(segments):
+                raise RuntimeError(
+                    f"SAG under ulysses_anything (ulysses_degree={plan.degree}): layer {self.layer_name!r} attends "
+                    "with an attention mask over uneven slices "
+                    f"{[s.text + s.image for s in segments]} tokens per rank; diffusers pads each rank's mask to the "
+                    "longest slice, gathers and trims only the end, so the gathered mask is misaligned with the keys "
+                    "(the attention itself is not the single-process one); use a degree that splits the text and "
+                    "image tokens evenly (without ulysses_anything), or ulysses_degree=2")
+            biases = None if mask is None else [self._sharded_key_bias(mask, int(calls[0].query.shape[0]), n, rows)]
         else:  # ring: this rank's queries against every rank's key chunk, visited in the order r, r+1, ...
             owners = [(plan.rank + i) % plan.degree for i in range(plan.degree)]
             lengths = [int(c.key.shape[1]) for c in calls]
@@ -584,13 +590,27 @@ class AttentionCapture:
                                    "rank's own; SAG cannot place the key chunks")
             q_slices = [(0, segments[0])]
             k_chunks = [(c.key[rows], [(0, s)]) for c, s in zip(calls, segments)]
+            biases = None
         text_total = sum(s.text for s in segments) if plan.kind == "ring" else n - image_total
-        mass = sharded.image_key_mass(q, q_slices, k_chunks, scale, image_total)
+        mass = sharded.image_key_mass(q, q_slices, k_chunks, scale, image_total, biases)
         mass = sharded.all_reduce(mass, plan.group) / heads  # every rank: the single-process mass
         relative = text_total > 0  # as single-process: relative to the mean image-key mass only with text keys
         bar = self.threshold * mass.mean(dim=-1, keepdim=True) if relative else self.threshold
         self.mask = (mass > bar).view(mass.shape[0], *self._grid(image_total))
         self._done = True
+
+    def _sharded_key_bias(self, attn_mask: torch.Tensor, batch: int, n_keys: int, rows) -> torch.Tensor:
+        """The (batch, n_keys) key bias of a mask the Ulysses template gathered (keys in the gathered order): the
+        single-process rule (_key_bias), for per-key masks only (one row for every query and head, as QwenImage's
+        text padding); other masks would need the global query order here: refused."""
+        per_key = attn_mask.shape[-1] == n_keys and attn_mask.dim() <= 4 and all(d == 1 for d in attn_mask.shape[1:-1])
+        if not per_key:
+            raise RuntimeError(f"layer {self.layer_name!r}: under context parallelism SAG reads per-key attention "
+                               f"masks (B, 1, 1, Nk); this one is {tuple(attn_mask.shape)} for {n_keys} keys; choose "
+                               "another layer (layer=...) or run without context parallelism")
+        bias = _additive(attn_mask, self.layer_name)
+        bias = bias.reshape(bias.shape[0] if bias.dim() > 1 else 1, n_keys)
+        return bias.expand(batch, n_keys)[rows]  # batch: the attention's, before the capture's row slice
 
     def _sharded_image_tokens(self, plan: sharded.ShardPlan, n_tokens: int) -> int:
         """The model's image tokens in all (global): every token without joint attention, else the count the caller
@@ -713,6 +733,17 @@ class AttentionCapture:
 
     def __repr__(self) -> str:
         return f"AttentionCapture(layer={self.layer_name!r}, kind={self.kind!r}, threshold={self.threshold})"
+
+
+def _additive(attn_mask: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """An attention mask as the additive bias SDPA applies: bool True = kept (0), False = dropped (-inf)."""
+    if attn_mask.dtype == torch.bool:
+        # where, not masked_fill with a Python -inf: the scalar fill does not replay on fake CUDA tensors
+        return torch.where(attn_mask, 0.0, float("-inf")).float()
+    if attn_mask.is_floating_point():
+        return attn_mask
+    raise RuntimeError(f"layer {layer_name!r} attends with a {attn_mask.dtype} attention mask; SAG reads "
+                       "boolean or additive float masks, as scaled_dot_product_attention does")
 
 
 def _end_at_last_kept_key(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor):

@@ -24,6 +24,10 @@ separately, so rank r's sequence is [text_r, image_r] (text first, Flux, QwenIma
 gathered sequence Ulysses attends over is [text_0, image_0, text_1, image_1, ...]. `RankSegments` maps each rank's
 slice back to global image-token order, from the global image count and diffusers' split rule (`chunk` in equal
 parts, or `tensor_split` for the "anything" modes), before the mass is built.
+
+Text padding (QwenImage): a per-key mask over each rank's [text_r, image_r]. Ulysses' template all-gathers it in
+the gathered key order, and it enters each rank's part as the single-process key bias; under ring (each rank's
+local mask applied to every chunk by diffusers) it is refused at the first guided call.
 """
 from __future__ import annotations
 
@@ -139,19 +143,21 @@ def _heads_first(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 def image_key_mass(q: torch.Tensor, q_slices: list[tuple[int, RankSegments]],
                    k_chunks: list[tuple[torch.Tensor, list[tuple[int, RankSegments]]]], scale: float,
-                   image_total: int) -> torch.Tensor:
+                   image_total: int, key_bias: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """(B, image_total) part of the image-key mass, summed over the heads of q and the image queries given.
 
     q: (B, S, H, D) as diffusers' dispatch has it; q_slices: (position in q, segments) of each rank slice in q;
     k_chunks: every key of the attention, as (chunk (B, S_c, H, D), its rank slices); each row's softmax runs over
     all of them (the global log-sum-exp of the rows this rank owns). Accumulated in fp32 (fp64 for fp64), a chunk
-    of query rows at a time (never all queries x keys)."""
+    of query rows at a time (never all queries x keys). key_bias: per chunk, None or its (B, S_c) additive bias
+    (-inf: a padded text key, out of every row's softmax), the single-process capture's key_bias rule."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     parts = [q.narrow(1, at + s.image_start, s.image) for at, s in q_slices if s.image]
     if not parts:
         return q.new_zeros(q.shape[0], image_total, dtype=acc)
     qi = _heads_first(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0], acc)
     keys = [(_heads_first(k, acc).transpose(-1, -2), slices) for k, slices in k_chunks]   # (B, H, D, S_c)
+    biases = [None if b is None else b.to(acc)[:, None, None, :] for b in (key_bias or [None] * len(keys))]
     bsz, heads, nq, _ = qi.shape
     n_keys = sum(k.shape[-1] for k, _ in keys)
     rows = max(1, _CHUNK_ELEMENTS // max(1, bsz * heads * n_keys))
@@ -159,6 +165,7 @@ def image_key_mass(q: torch.Tensor, q_slices: list[tuple[int, RankSegments]],
     for i in range(0, nq, rows):
         qb = qi[:, :, i:i + rows]
         scores = [torch.matmul(qb, kt).mul_(scale) for kt, _ in keys]
+        scores = [sc if b is None else sc.add_(b) for sc, b in zip(scores, biases)]
         top = torch.stack([s.amax(dim=-1, keepdim=True) for s in scores]).amax(dim=0)
         total = None
         for s in scores:
@@ -173,6 +180,14 @@ def image_key_mass(q: torch.Tensor, q_slices: list[tuple[int, RankSegments]],
                         inv, s.narrow(-1, at + seg.image_start, seg.image))
         del scores
     return mass.squeeze(2).sum(dim=1)
+
+
+def mask_gather_aligned(segments: list[RankSegments]) -> bool:
+    """Whether Ulysses-anything's gathered mask lines up with the gathered keys: diffusers pads every rank's local
+    mask to the longest slice, concatenates and trims the end, which is right only when no rank but the last is
+    shorter than the longest (always with equal slices or degree 2: tensor_split puts the longer slices first)."""
+    lengths = [s.text + s.image for s in segments]
+    return all(n == max(lengths) for n in lengths[:-1])
 
 
 def positioned(segments: list[RankSegments]) -> list[tuple[int, RankSegments]]:
@@ -222,6 +237,13 @@ def _reading_template(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
         return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
                         forward_op=forward_op, backward_op=backward_op, _parallel_config=_parallel_config)
     _ARMED.reader = None  # the layer's first attention only (as the single-process probe)
+    if reader.plan.kind == "ring" and attn_mask is not None:
+        raise RuntimeError(
+            f"SAG under ring attention (ring_degree={reader.plan.degree}): layer {reader.capture.layer_name!r} attends "
+            "with an attention mask (a padded text prompt: QwenImage's encoder_hidden_states_mask), and diffusers' "
+            "ring attention applies each rank's own local mask to every rank's key chunk, so neither the attention "
+            "nor a SAG mask read from it is the single-process one; use ulysses_degree (its all-gathered mask is "
+            "exact, and SAG reads it), or prompts without padding (one prompt per call, or a mask of all ones)")
     calls: list[_Call] = []
 
     def recording_op(ctx, q, k, v, mask=None, p=0.0, causal=False, s=None, gqa=False, lse=False, *args, **kwargs):

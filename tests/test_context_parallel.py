@@ -1,5 +1,5 @@
 """SAG under diffusers' context parallelism (issue 17): two gloo processes on the CPU (tests/cp_test_shims.py makes
-them look like GPU ranks to diffusers), a tiny Flux and a tiny Wan sharded with Ulysses 2 or ring 2.
+them look like GPU ranks to diffusers), a tiny Flux, Wan and QwenImage sharded with Ulysses 2 or ring 2.
 
 Each spawned job runs several checks in one start-up (~6 s per job): the single-process SAG run first (the
 reference), then the same pipeline with `enable_parallelism` on, then with the all-reduce removed (each rank's part
@@ -133,16 +133,66 @@ def wan_job(rank: int, mode: str, order: str) -> dict:
                                     generator=torch.Generator().manual_seed(0), **call).frames, order, mode)
 
 
+def _qwen_inputs(padded: tuple[int, int], text: int = 6) -> dict:
+    """True CFG on 32x32 images (16 image tokens), `text` tokens per prompt (6: 3 per rank). padded: how many of the
+    last tokens of the prompt / negative prompt are padding (large values: attending to them would show), so rank
+    1's text slice is partly padded and rank 0's is not; 0: an all-ones mask, which the pipeline turns into None."""
+    g = torch.Generator().manual_seed(7)
+    kw = dict(height=32, width=32, num_inference_steps=2, output_type="latent", true_cfg_scale=4.0)
+    for name, pad in zip(("prompt", "negative_prompt"), padded):
+        embeds, mask = torch.randn(1, text, 32, generator=g), torch.ones(1, text, dtype=torch.long)
+        if pad:
+            embeds[:, text - pad:] = 10 * torch.randn(1, pad, 32, generator=g)
+            mask[:, text - pad:] = 0
+        kw[name + "_embeds"], kw[name + "_embeds_mask"] = embeds, mask
+    return kw
+
+
+def qwen_job(rank: int, mode: str, padded: tuple[int, int], text: int = 6) -> dict:
+    from sag_fast.diffusers.tiny import tiny_qwenimage_pipeline
+
+    pipe = tiny_qwenimage_pipeline()
+    kw = _qwen_inputs(padded, text)
+    return _runs(pipe, lambda: pipe(generator=torch.Generator().manual_seed(0), **kw).images, "cp_first", mode)
+
+
+def qwen_ring_padded_job(rank: int) -> dict:
+    """Ring with a padded negative prompt: refused at the first guided call (the unconditional one: it computes
+    the shift), before a step completes. Only the negative is padded and SAG is on block 0: the test shim's
+    log-sum-exp op takes no mask, so a masked attention outside the SAG read would fail there first (on a GPU,
+    cuDNN takes the mask and the refusal comes at the SAG layer, in the first step)."""
+    from sag_fast import enable_sag
+    from sag_fast.diffusers.tiny import tiny_qwenimage_pipeline
+
+    pipe = tiny_qwenimage_pipeline()
+    pipe.transformer.enable_parallelism(config=_config("ring"))
+    enable_sag(pipe, 1.0, layer="transformer_blocks.0.attn")
+    steps = []
+    try:
+        pipe(generator=torch.Generator().manual_seed(0), callback_on_step_end=lambda *a: steps.append(1) or {},
+             **_qwen_inputs((0, 3)))
+    except RuntimeError as exc:
+        return {"error_message": str(exc), "steps": len(steps)}
+    return {"error_message": None, "steps": len(steps)}
+
+
 def suite_job(rank: int, kinds: tuple) -> dict:
     """Every scenario of each CP kind in one start-up: Flux distilled (CP on before enable_sag for Ulysses, after it
-    for ring), Flux true CFG, Flux with 5 text tokens under the anything mode (3 + 2 over the ranks), Wan."""
+    for ring), Flux true CFG, Flux with 5 text tokens under the anything mode (3 + 2 over the ranks), Wan,
+    QwenImage true CFG without text padding (mask None) and, under Ulysses, with padded prompts (the gathered
+    text mask read as a key bias; also 5 text tokens under ulysses_anything, 3 + 2); under ring, padded prompts
+    refused."""
     out, times = {}, {}
     for kind in kinds:
         first = "cp_first" if kind == "ulysses" else "sag_first"
+        qwen = (("qwen_padded", qwen_job, (kind, (2, 3))),
+                ("qwen_uneven_padded", qwen_job, (kind + "+anything", (2, 3), 5))) if kind == "ulysses" else \
+            (("qwen_ring_padded", qwen_ring_padded_job, ()),)
         for name, job, args in (("flux", flux_job, (kind, first, False, 6)),
                                 ("flux_true_cfg", flux_job, (kind, "cp_first", True, 6)),
                                 ("flux_uneven", flux_job, (kind + "+anything", "cp_first", False, 5)),
-                                ("wan", wan_job, (kind, "cp_first"))):
+                                ("wan", wan_job, (kind, "cp_first")),
+                                ("qwen", qwen_job, (kind, (0, 0))), *qwen):
             start = time.perf_counter()
             out[kind, name] = job(rank, *args)
             times[kind, name] = round(time.perf_counter() - start, 1)
@@ -175,18 +225,24 @@ def _check(results: list[dict]) -> None:
 
 def test_sag_under_context_parallelism_equals_single_process():
     """Ulysses 2 and ring 2 (one spawn for both: start-up is most of the cost), Flux (distilled, true CFG, uneven
-    text under the anything modes) and Wan: rank 0's latents equal single-process SAG to 1e-5, its masks equal the
-    single-process masks at every step, the ranks agree, SAG has an effect, and without the all-reduce the masks and
-    latents differ."""
+    text under the anything modes), Wan and QwenImage (true CFG; under Ulysses also padded text, masked): rank 0's
+    latents equal single-process SAG to 1e-5, its masks equal the single-process masks at every step, the ranks
+    agree, SAG has an effect, and without the all-reduce the masks and latents differ. Ring with padded text:
+    refused in the first model call."""
     kinds = ("ulysses", "ring")
     results = spawn("suite", kinds)
     print("seconds per scenario (rank 0):", results[0]["times"])
     for kind in kinds:
-        for scenario in ("flux", "flux_true_cfg", "flux_uneven", "wan"):
+        padded = ("qwen_padded", "qwen_uneven_padded") if kind == "ulysses" else ()
+        for scenario in ("flux", "flux_true_cfg", "flux_uneven", "wan", "qwen", *padded):
             try:
                 _check([r[kind, scenario] for r in results])
             except AssertionError as exc:
                 raise AssertionError(f"{kind}, {scenario}: {exc}") from exc
+    for r in results:  # ring with a padded prompt: refused inside the first model call, no step completed
+        refused = r["ring", "qwen_ring_padded"]
+        assert refused["steps"] == 0 and "ring attention applies each rank's own local mask" in \
+            (refused["error_message"] or ""), refused
 
 
 # ------------------------------------------------------------------------------- the reduction, in float64
@@ -231,6 +287,69 @@ def test_rank_parts_add_up_to_the_float64_reference_mass(kind, degree, text, ima
     want = reference.joint_attention_mass(probs, (start, image)) if text else reference.attention_mass(probs)
     torch.testing.assert_close(mass, want, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(parts[0] * degree / heads, want, rtol=1e-3)
+
+
+@pytest.mark.parametrize("degree,text,image,anything", [(2, 6, 16, False), (2, 5, 14, True), (3, 6, 12, False)])
+def test_ulysses_parts_with_a_text_padding_mask_add_up_to_the_masked_float64_mass(degree, text, image, anything):
+    """QwenImage's padded text under Ulysses: the template all-gathers each rank's local per-key mask ([text_r,
+    image_r]) in the gathered key order; that mask as a key bias in each rank's part (sharded.image_key_mass) sums
+    to the mass of the global softmax with the padded keys dropped (reference.joint_attention_mass), in float64;
+    without the bias it does not."""
+    from sag_fast import reference, sharded
+
+    b, heads, d = 2, 2 * degree, 4
+    g = torch.Generator().manual_seed(degree * 10 + text + image)
+    q_text, k_text = (torch.randn(b, text, heads, d, generator=g, dtype=torch.float64) for _ in range(2))
+    q_img, k_img = (torch.randn(b, image, heads, d, generator=g, dtype=torch.float64) for _ in range(2))
+    keep = torch.arange(text)[None] < torch.tensor([text - 2, text - 3])[:, None]   # (B, text): padded tails
+    bias_text = torch.where(keep, 0.0, float("-inf")).double()
+    split = (lambda t: list(t.tensor_split(degree, dim=1))) if anything else (lambda t: list(t.chunk(degree, dim=1)))
+    ones = torch.zeros(b, image, dtype=torch.float64)
+    # rank r's sequence [text_r, image_r]; the gathered sequence and its gathered mask: the slices end to end
+    gathered = {name: torch.cat([torch.cat(p, dim=1) for p in zip(split(t), split(i))], dim=1)
+                for name, t, i in (("q", q_text, q_img), ("k", k_text, k_img), ("bias", bias_text, ones))}
+    lengths = [t.shape[1] + i.shape[1] for t, i in zip(split(q_text), split(q_img))]
+    scale = 0.6
+    parts, unmasked = [], []
+    for r in range(degree):
+        plan = sharded.ShardPlan("ulysses", degree, r, None, anything)
+        slices = sharded.positioned(sharded.rank_segments(lengths, image, plan, "text_first", list(range(degree))))
+        heads_r = slice(r * heads // degree, (r + 1) * heads // degree)
+        q, k = gathered["q"][:, :, heads_r], gathered["k"][:, :, heads_r]
+        parts.append(sharded.image_key_mass(q, slices, [(k, slices)], scale, image, [gathered["bias"]]))
+        unmasked.append(sharded.image_key_mass(q, slices, [(k, slices)], scale, image))
+    q, k = (torch.cat(p, dim=1).transpose(1, 2) for p in ((q_text, q_img), (k_text, k_img)))
+    bias = torch.cat([bias_text, ones], dim=1)[:, None, None, :]
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scale + bias, dim=-1)
+    want = reference.joint_attention_mass(probs, (text, image))
+    torch.testing.assert_close(sum(parts) / heads, want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(sum(unmasked) / heads, want, rtol=1e-3)
+
+
+@pytest.mark.parametrize("sizes,aligned", [([11, 11], True), ([12, 11], True), ([8, 8, 7], True),
+                                           ([8, 7, 6], False), ([7, 8], False)])
+def test_ulysses_anything_mask_gather_alignment(sizes, aligned):
+    """diffusers' ulysses_anything pads each rank's mask to the longest slice and trims the end of the gathered one:
+    aligned with the keys only when no rank but the last is shorter; SAG refuses a mask otherwise."""
+    from sag_fast import sharded
+
+    assert sharded.mask_gather_aligned([sharded.RankSegments(0, n, 0, False) for n in sizes]) is aligned
+    # what diffusers' gather does to a mask whose entries are the key positions, vs. the keys' gathered order
+    masks = [torch.arange(sum(sizes[:r]), sum(sizes[:r + 1])) for r in range(len(sizes))]
+    gathered = torch.cat([torch.nn.functional.pad(m, (0, max(sizes) - len(m)), value=-1) for m in masks])
+    assert torch.equal(gathered[:sum(sizes)], torch.arange(sum(sizes))) is aligned
+
+
+def test_sharded_key_bias_reads_per_key_masks_only():
+    from sag_fast.capture import AttentionCapture
+
+    capture = object.__new__(AttentionCapture)  # the method reads only the layer's name
+    capture.layer_name = "transformer_blocks.1.attn"
+    mask = torch.tensor([[True, False, True, True]])[:, None, None, :]
+    bias = capture._sharded_key_bias(mask, 2, 4, slice(1, 2))
+    assert torch.equal(bias, torch.tensor([[0.0, float("-inf"), 0.0, 0.0]]))
+    with pytest.raises(RuntimeError, match=r"per-key attention masks \(B, 1, 1, Nk\); this one is \(1, 1, 4, 4\)"):
+        capture._sharded_key_bias(torch.ones(1, 1, 4, 4, dtype=torch.bool), 1, 4, slice(None))
 
 
 # ------------------------------------------------------------------------------------------ the refusals
