@@ -6,17 +6,21 @@ uninterrupted one would. Checkpoints every --ckpt-every seconds to --work (model
 of every step goes to <work>/loss.csv. At the end the EMA weights are written as a diffusers model folder to --out.
 Never run by `make test` or CI.
 
-The shipped weights (sag_fast/models/builtin) are the EMA at step 3400, trained in two runs on a shared 2-core
+The shipped weights (sag_fast/models/builtin) are the EMA at step 7400, trained in three runs on a shared 2-core
 CPU (one thread each). Steps 0-2008: the first run (2800-step schedule, cut at 2009 for time; steps 0-383 ran
 under a 4500-step schedule). Steps 2009-3399: a continuation from that run's export (optimizer fresh, warm-up
 restarted, the batches continuing the training stream), whose schedule was shortened twice while it ran to end
 annealed within the session (steps 2009-2659 under --steps 14000, 2660-2785 under --steps 3900, the rest under
---steps 3400; the learning rate of every step is in the loss log, docs/builtin_training_loss.csv):
+--steps 3400). Steps 3400-7399: a third run from the step-3400 export, lr 2e-4 (steps 3400-4472 under --steps
+9400, the rest under --steps 7400, shortened to end annealed within the session). The learning rate of every
+step is in the loss log, docs/builtin_training_loss.csv (its `run` column: 1, 2, 3):
 
     python scripts/train_builtin.py --work /tmp/sag_train --out sag_fast/models/builtin            # first run
     python scripts/train_builtin.py --work /tmp/sag_train2 --init <step-2009 export> --init-step 2009 \
         --steps 3400 --lr 3e-4 --out sag_fast/models/builtin
-    python scripts/train_builtin.py --work /tmp/sag_train2 --out sag_fast/models/builtin --export-only
+    python scripts/train_builtin.py --work /tmp/sag_train3 --init <step-3400 export> --init-step 3400 \
+        --steps 7400 --lr 2e-4
+    python scripts/train_builtin.py --work /tmp/sag_train3 --out sag_fast/models/builtin --export-only
 
 The class-conditional model (sag_fast/models/builtin_cond) is a fine-tune of the step-2009 export with a class
 embedding (the largest object's shape, 5 classes, plus a null class for classifier-free guidance, 15% of labels
@@ -29,7 +33,7 @@ its loss log is docs/builtin_cond_training_loss.csv:
     python scripts/train_builtin.py --work /tmp/sag_cond --steps 3400 --lr 3e-4 --classes 5 --class-lr-mult 30 \
         --out sag_fast/models/builtin_cond
 
-To train further, start a new run from the shipped export with --init sag_fast/models/builtin --init-step 3400
+To train further, start a new run from the shipped export with --init sag_fast/models/builtin --init-step 7400
 and a longer --steps (or resume the work folder, where it still exists).
 """
 from __future__ import annotations
