@@ -13,22 +13,16 @@ import pytest
 import torch
 
 from diffusers_checks import gen, hook_state
-from sag_fast import reference
 from sag_fast.diffusers import disable_sag, enable_sag, sag_config
-from sag_fast.diffusers.session import pack_latents, unpack_latents
 from sag_fast.diffusers.tiny import tiny_qwenimage_pipeline
-from test_diffusers_transformers import flow_coefficients, recorded_calls, recorded_sdpa
+from test_diffusers_transformers import assert_packed_guided_call, recorded_calls, recorded_sdpa
 
 STATE = "_sag_fast_state"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core machine: one thread each is several times faster than two fighting
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):  # conftest's: tiny models run several times faster on one thread here
     yield
-    torch.set_num_threads(threads)
 
 
 def qwen_inputs(seed=0, batch=1, negative=True, text=(6, 5), pad=(2, 3), steps=2):
@@ -196,13 +190,7 @@ def test_guided_call_equals_the_float64_reference_with_the_text_padding_masked()
     unmasked = masked_joint_mask_reference(q, k, scale, torch.ones_like(key_mask), 16, (4, 4))
     assert not torch.equal(mask, unmasked), "the padding does not change the mask: the test could not see key_bias"
     sigma = float(pipe.scheduler.sigmas[1])
-    x4, out4 = unpack_latents(x, 8, 8), unpack_latents(out, 8, 8)
-    c1, c2 = flow_coefficients(sigma)
-    x_deg = reference.degrade(x4.double(), out4.double(), mask, c1, c2).float()
-    with torch.no_grad():
-        degraded = model(hidden_states=pack_latents(x_deg), return_dict=False, **kwargs)[0]
-    want = pack_latents(reference.guidance_shift(out4.double(), unpack_latents(degraded, 8, 8).double(), 0.9).float())
-    torch.testing.assert_close(guided, want, rtol=0, atol=2e-4)
+    assert_packed_guided_call(model, kwargs, x, out, guided, mask, sigma, 0.9)
 
 
 @pytest.mark.parametrize("kind", ["img2img", "inpaint"])

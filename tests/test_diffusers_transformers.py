@@ -70,6 +70,20 @@ def flow_coefficients(sigma: float):
                                          torch.tensor(sigma, dtype=torch.float64), "flow")
 
 
+def assert_packed_guided_call(model, kwargs, x, out, guided, mask, sigma, scale, hw=(8, 8)):
+    """A packed-latent guided call against the reference: unpack, reference.degrade with flow (c1, c2) at sigma,
+    the degraded forward on the packed x~, reference.guidance_shift, pack (Flux, QwenImage)."""
+    from sag_fast.diffusers.session import pack_latents, unpack_latents
+
+    x4, out4 = unpack_latents(x, *hw), unpack_latents(out, *hw)
+    c1, c2 = flow_coefficients(sigma)
+    x_deg = reference.degrade(x4.double(), out4.double(), mask, c1, c2).float()
+    with torch.no_grad():
+        degraded = model(hidden_states=pack_latents(x_deg), return_dict=False, **kwargs)[0]
+    want = pack_latents(reference.guidance_shift(out4.double(), unpack_latents(degraded, *hw).double(), scale).float())
+    torch.testing.assert_close(guided, want, rtol=0, atol=2e-4)
+
+
 def joint_mask_reference(q, k, scale, image_span, grid, threshold=1.0):
     """float64, materialised: softmax over all keys; mass of image keys from image queries, mean over heads;
     mask = mass > threshold * mean image-key mass; (B, h, w) bool."""
@@ -253,7 +267,6 @@ def test_flux_guided_call_equals_the_float64_reference():
     """Guidance-distilled Flux, one guided call: unpack, joint mask ([text, image]: image keys after the text,
     rotary applied) from materialised probabilities, reference.degrade with flow (c1, c2) at the step's sigma,
     the degraded forward on the packed x~, reference.guidance_shift, pack."""
-    from sag_fast.diffusers.session import pack_latents, unpack_latents
     from sag_fast.diffusers.tiny import tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline()
@@ -268,13 +281,7 @@ def test_flux_guided_call_equals_the_float64_reference():
     n_txt = kwargs["encoder_hidden_states"].shape[1]
     mask = joint_mask_reference(q, k, scale, (n_txt, 16), (4, 4))
     assert mask.any() and not mask.all()
-    x4, out4 = unpack_latents(x, 8, 8), unpack_latents(out, 8, 8)
-    c1, c2 = flow_coefficients(sigma)
-    x_deg = reference.degrade(x4.double(), out4.double(), mask, c1, c2).float()
-    with torch.no_grad():
-        degraded = model(hidden_states=pack_latents(x_deg), return_dict=False, **kwargs)[0]
-    want = pack_latents(reference.guidance_shift(out4.double(), unpack_latents(degraded, 8, 8).double(), 0.9).float())
-    torch.testing.assert_close(guided, want, rtol=0, atol=2e-4)
+    assert_packed_guided_call(model, kwargs, x, out, guided, mask, sigma, 0.9)
 
 
 # ---------------------------------------------------------------------------------------------- PixArt

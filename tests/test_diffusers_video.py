@@ -98,23 +98,9 @@ def test_wan_batch_invariance_and_window():
 def test_wan_extra_forward_gets_the_unconditional_embeddings_and_a_degraded_video():
     pipe = tiny_wan_pipeline()
     pe, ne = _embeds(2)
-    enable_sag(pipe, 1.0)
-    seen = []
-    cls = type(pipe.transformer)
-    original = cls.forward
-
-    @functools.wraps(original)
-    def spy(self, *args, **kwargs):
-        seen.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
-        return original(self, *args, **kwargs)
-
-    cls.forward = spy
-    try:
-        disable_sag(pipe)
-        enable_sag(pipe, 1.0)  # the hook now wraps the spy
+    with spied_forward(type(pipe.transformer)) as seen:
+        enable_sag(pipe, 1.0)  # the hook wraps the spy
         frames(pipe, embeds=(pe, ne), num_inference_steps=2)
-    finally:
-        cls.forward = original
     assert len(seen) == 6  # per step: cond, uncond (guided), degraded
     for step in range(2):
         cond, uncond, degraded = seen[3 * step: 3 * step + 3]
