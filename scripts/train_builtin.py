@@ -22,16 +22,14 @@ step is in the loss log, docs/builtin_training_loss.csv (its `run` column: 1, 2,
         --steps 7400 --lr 2e-4
     python scripts/train_builtin.py --work /tmp/sag_train3 --out sag_fast/models/builtin --export-only
 
-The class-conditional model (sag_fast/models/builtin_cond) is a fine-tune of the step-2009 export with a class
+The class-conditional model (sag_fast/models/builtin_cond) is a fine-tune of the step-7400 export with a class
 embedding (the largest object's shape, 5 classes, plus a null class for classifier-free guidance, 15% of labels
-dropped to it), steps 2009-3399 (2009-2490 under --steps 3600, 2491-2999 under --steps 3000, then resumed with
---steps 3400 --class-lr-mult 30, as the class embedding had stayed small: class accuracy 32% at CFG 3 at step 3000);
-its loss log is docs/builtin_cond_training_loss.csv:
+dropped to it), steps 7400-8899, its loss log docs/builtin_cond_training_loss.csv (an earlier fine-tune of the
+step-2009 export, steps 2009-3399, was the shipped one before; class accuracy at CFG 3: 36% then, 38% now):
 
-    python scripts/train_builtin.py --work /tmp/sag_cond --init <step-2009 export> --init-step 2009 \
-        --steps 3000 --lr 3e-4 --classes 5
-    python scripts/train_builtin.py --work /tmp/sag_cond --steps 3400 --lr 3e-4 --classes 5 --class-lr-mult 30 \
-        --out sag_fast/models/builtin_cond
+    python scripts/train_builtin.py --work /tmp/sag_cond --init sag_fast/models/builtin --init-step 7400 \
+        --steps 8900 --lr 3e-4 --classes 5 --class-lr-mult 30
+    python scripts/train_builtin.py --work /tmp/sag_cond --classes 5 --out sag_fast/models/builtin_cond --export-only
 
 To train further, start a new run from the shipped export with --init sag_fast/models/builtin --init-step 7400
 and a longer --steps (or resume the work folder, where it still exists).
