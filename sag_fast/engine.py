@@ -198,11 +198,12 @@ def close_call(token) -> None:
     _ACTIVE.reset(token)
 
 
-def token_grid(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
+def token_grid(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, ...]:
     """(f, h, w): the token grid of a video transformer's attention over (B, C, F, H, W) latents, from the model
     config's patch size: a 3-tuple (pt, ph, pw) (Wan), or one spatial size with a temporal `patch_size_t`
     (HunyuanVideo); a model without one (a per-frame UNet) has the latent grid itself. The capture checks the
-    grid's size against the layer's key count, so a model that patchifies otherwise is refused, not mis-masked."""
+    grid's size against the layer's key count, so a model that patchifies otherwise is refused, not mis-masked.
+    (h, w) for (B, C, H, W) image latents, by the same rule (a square `patch_size`, as Lumina 2's)."""
     config = getattr(model, "config", None)
     patch = getattr(config, "patch_size", None)
     if isinstance(patch, (tuple, list)) and len(patch) == 3:
@@ -211,6 +212,8 @@ def token_grid(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
         pt, ph, pw = int(getattr(config, "patch_size_t", None) or 1), patch, patch
     else:
         pt = ph = pw = 1
+    if x.dim() == 4:
+        return x.shape[2] // ph, x.shape[3] // pw
     return x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
 
 

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import math
 import pickle
 
 import torch
@@ -290,7 +291,8 @@ class SAGSession:
             capture.threshold = config.threshold
             # joint attention: the image tokens' count, when the layer's own input may be the joint sequence
             capture.image_tokens = x.shape[1] if packed else (
-                self._image_tokens(expert.model, x4) if contract.joint is not None and x4.dim() == 4 else None)
+                math.prod(engine.token_grid(expert.model, x4)) if contract.joint is not None and x4.dim() == 4
+                else None)
             capture.trailing_tokens = tail.shape[1] if tail is not None else 0
         facts = engine.StepFacts(c1=c1, c2=c2, ways=layout.ways, uncond_index=layout.uncond_index,
                                  latent_channels=layout.latent_channels, guided_channels=layout.latent_channels,
@@ -306,13 +308,6 @@ class SAGSession:
         if tail is not None:  # the context tokens' outputs as the model gave them (the pipeline drops them)
             return rebuild(torch.cat([pack_latents(out), full[:, n:]], dim=1))
         return rebuild(pack_latents(out))
-
-    @staticmethod
-    def _image_tokens(model: torch.nn.Module, x: torch.Tensor) -> int:
-        """Tokens of a (B, C, H, W) latent under the model's square `patch_size` (1 when it has none)."""
-        patch = getattr(getattr(model, "config", None), "patch_size", None)
-        p = patch if isinstance(patch, int) and patch > 0 else 1
-        return (x.shape[-2] // p) * (x.shape[-1] // p)
 
     @staticmethod
     def _shifted(call: engine.ActiveCall, result):
