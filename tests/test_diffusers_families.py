@@ -78,8 +78,30 @@ CASES = {
                 flow=False),
 }
 FAMILIES = list(CASES)
+
+
+def _image(n: int) -> dict:
+    """img2img inputs: n different images in [0, 1], most of the schedule (2 steps at strength 0.9: 1 step)."""
+    return dict(image=torch.rand(n, 3, 64, 64, generator=gen(11)), strength=0.9)
+
+
+def _img2img(build, name):
+    import diffusers
+
+    return lambda: build(getattr(diffusers, name))
+
+
+# the img2img pipelines of the UNet families: the text-to-image batch layout from part-way into the schedule; only
+# the reference test runs them (the other checks are the text-to-image pipeline's, through the same record)
+IMG2IMG = {
+    "kandinsky3_img2img": Case(_img2img(tp.kandinsky3_pipeline, "Kandinsky3Img2ImgPipeline"),
+                               lambda n: dict(CASES["kandinsky3"].call(n), **_image(n)), flow=False),
+    "lcm_img2img": Case(_img2img(tp.lcm_pipeline, "LatentConsistencyModelImg2ImgPipeline"),
+                        lambda n: dict(CASES["lcm"].call(n), **_image(n)), flow=False),
+}
 PIPELINES = ("ChromaPipeline", "ChromaImg2ImgPipeline", "Lumina2Pipeline", "CogView4Pipeline", "AuraFlowPipeline",
-             "HunyuanDiTPipeline", "Kandinsky3Pipeline", "LatentConsistencyModelPipeline")  # the records tested here
+             "HunyuanDiTPipeline", "Kandinsky3Pipeline", "Kandinsky3Img2ImgPipeline", "LatentConsistencyModelPipeline",
+             "LatentConsistencyModelImg2ImgPipeline")  # the records tested here
 # replayed on a fake CUDA device by tests/test_diffusers_session.py. Not Lumina 2 (its rotary embedding reads the
 # text lengths to the host, .tolist()) nor CogView4 (its rotary embedding indexes beyond tests/fake_cuda.py's shim):
 # both fail inside the model's own forward, before anything of SAG's runs. Not Kandinsky 3 and LCM: UNets whose SAG
@@ -217,9 +239,9 @@ def _reference_mask(q, k, scale, attn_mask, joint: bool, n_img: int, grid) -> to
     return torch.stack(masks)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + list(IMG2IMG))
 def test_guided_call_equals_the_float64_reference_and_the_extra_forward_gets_the_unconditional_rows(name):
-    case = CASES[name]
+    case = {**CASES, **IMG2IMG}[name]
     pipe = case.build()
     scale = 0.9
     model = _model(pipe)

@@ -422,16 +422,18 @@ FAMILIES: tuple[Family, ...] = (
            default_layer="blocks.{middle}.attn1",
            layout_note="[uncond, cond]; two text encoders, size and style per row; learned variance kept",
            source="hunyuandit/pipeline_hunyuandit.py: torch.cat([negative_prompt_embeds, prompt_embeds])"),
-    Family(name="Kandinsky 3", pipelines=("Kandinsky3Pipeline",),
+    Family(name="Kandinsky 3", pipelines=("Kandinsky3Pipeline", "Kandinsky3Img2ImgPipeline"),
            denoisers=("Kandinsky3UNet",), cfg_on=cfg_property, latent=in_channels,
            per_row=("encoder_hidden_states", "encoder_attention_mask"),
            default_layer="up_blocks.0.attentions.0.attention", self_context=True,
            layout_note="[uncond, cond], (w+1) c - w u; the bottleneck's self-attention (first of the up path)",
-           source="kandinsky3/pipeline_kandinsky3.py: torch.cat([negative_prompt_embeds, prompt_embeds])"),
-    Family(name="LCM", pipelines=("LatentConsistencyModelPipeline",),
+           source="kandinsky3/pipeline_kandinsky3.py, pipeline_kandinsky3_img2img.py: "
+           "torch.cat([negative_prompt_embeds, prompt_embeds]), torch.cat([latents] * 2)"),
+    Family(name="LCM", pipelines=("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline"),
            denoisers=_UNET, cfg="none", cfg_on=never, ways=1, per_row=_UNET_PER_ROW,
            layout_note="one way (guidance-distilled: w in timestep_cond)",
-           source="latent_consistency_models/pipeline_latent_consistency_text2img.py"),
+           source="latent_consistency_models/pipeline_latent_consistency_text2img.py, "
+           "pipeline_latent_consistency_img2img.py: one unet call with timestep_cond=w_embedding"),
     # --------------------------------------------------------------------------------------- refused
     Family(name="latent upscaler", pipelines=("StableDiffusionLatentUpscalePipeline",), refusal=(
         "its UNet output is Karras-preconditioned (the pipeline turns it into a noise prediction after the call, and "
