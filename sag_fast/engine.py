@@ -169,17 +169,20 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("sag_fast_active_call",
 @dataclass
 class ActiveCall:
     """The state of one guided pipeline call, in one place (see the module docstring). owner: the adapter whose
-    call this is (only its hook acts on it). pipe, args: the pipeline and its call's arguments by name. split:
-    CFG runs as two model calls per step. calls: model calls so far; offset: the schedule index of the first.
-    pending: the conditional output of a split-CFG step's first call. step_shift: s*(u - d) of the current step,
-    for the pipeline's other predictions of that step (SD3's skip-layer call)."""
+    call this is (only its hook acts on it). pipe, args: the pipeline and its call's arguments by name. calls:
+    model calls so far; steps: steps begun so far; offset: the schedule index of the first. uncond_next: the
+    last model call was a split-CFG step's conditional call, so the next is its unconditional call (whether a
+    step is split is read at each model call: the pipeline sets its guidance scale after the call began, and a
+    step-end callback may switch CFG between steps). pending: that conditional call's output. step_shift:
+    s*(u - d) of the current step, for the pipeline's other predictions of that step (SD3's skip-layer call)."""
 
     owner: Any
     args: dict
     config: SAGConfig
     pipe: Any = None
-    split: bool = False
     calls: int = 0
+    steps: int = 0
+    uncond_next: bool = False
     offset: int | None = None
     pending: torch.Tensor | None = None
     step_shift: torch.Tensor | None = None

@@ -38,3 +38,31 @@ def unregister(module: torch.nn.Module, name: str) -> None:
     if not hook.had_forward and not registry.hooks and getattr(forward, "__self__", None) is module \
             and callable(getattr(forward, "__func__", None)):
         del module.forward
+
+
+# diffusers' caches (diffusers/hooks/*.py, `denoiser.enable_cache(...)`): they reuse activations across the
+# denoiser's calls, so SAG's extra forward would be served another call's attention (and would shift their skip
+# schedules). Matched by the names their hooks register under.
+CACHE_HOOK_PREFIXES = ("pyramid_attention_broadcast", "faster_cache", "fbc_", "mag_cache", "sea_cache", "taylorseer",
+                       "text_kv_cache")
+
+
+def cache_hooks(model: torch.nn.Module) -> list[str]:
+    """The names of diffusers cache hooks on model or any of its submodules (empty: none)."""
+    names = set()
+    for module in model.modules():
+        registry = vars(module).get("_diffusers_hook")
+        if registry is not None:
+            names.update(n for n in registry.hooks if n.startswith(CACHE_HOOK_PREFIXES))
+    if not names and getattr(model, "_cache_config", None) is not None:  # CacheMixin.enable_cache's record
+        names.add(type(model._cache_config).__name__)
+    return sorted(names)
+
+
+def refuse_caches(model: torch.nn.Module, where: str) -> None:
+    """Raises ValueError naming `where` (e.g. "pipe.transformer") if a diffusers cache is on model."""
+    names = cache_hooks(model)
+    if names:
+        raise ValueError(f"{where} has a diffusers cache enabled ({', '.join(names)}): it reuses activations across "
+                         "the denoiser's calls, so SAG's extra forward would be built from another call's attention; "
+                         "call its disable_cache() (or remove its cache hooks) to use SAG")

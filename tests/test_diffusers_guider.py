@@ -722,3 +722,23 @@ def test_video_latents_of_any_denoiser_with_a_patch_size(bare, config):
     want = torch.nn.functional.avg_pool3d(x_deg, (1, 2, 2)).flatten(2).transpose(1, 2)
     torch.testing.assert_close(seen[2].double(), want, rtol=0, atol=1e-5)  # what the degraded call got
     assert hook_state(model) == before
+
+
+def test_diffusers_cache_on_the_denoiser_refused(bare):
+    """A diffusers cache (here Pyramid Attention Broadcast) would serve the degraded batch another batch's attention:
+    refused before the step's first denoiser call."""
+    from diffusers.hooks import HookRegistry, PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    unet, scheduler, x = bare
+    before = hook_state(unet)
+    apply_pyramid_attention_broadcast(unet, PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500))
+    try:
+        guider = SelfAttentionGuidance(guidance_scale=5.0, scheduler=scheduler)
+        with Spy(unet) as spy, pytest.raises(ValueError, match=r"the denoiser \(UNet2DConditionModel\) has a "
+                                                               r"diffusers cache enabled \(pyramid_attention_broad"):
+            _loop_step(guider, unet, scheduler, x)
+        assert spy.calls == []
+    finally:  # the module's shared UNet
+        HookRegistry.check_if_exists_or_initialize(unet).remove_hook("pyramid_attention_broadcast", recurse=True)
+    assert hook_state(unet) == before

@@ -537,3 +537,16 @@ def test_hunyuan_video_guided_call_equals_the_float64_reference_with_the_text_ma
     with torch.no_grad():  # a capture that ignored the padding would give this instead
         ignored = model(hidden_states=reference.degrade(x, out, unmasked, c1, c2), return_dict=False, **kwargs)[0]
     assert (reference.guidance_shift(out, ignored, 0.9) - guided).abs().max() > 1e-6
+
+
+def test_wan22_expert_set_after_enable_sag_is_refused():
+    """A second expert given to the pipeline after enable_sag would run unguided for its steps: refused at the call."""
+    pipe = tiny_wan_pipeline(two_experts=True)
+    second = pipe.transformer_2
+    pipe.register_modules(transformer_2=None)
+    enable_sag(pipe, 1.0)
+    pipe.register_modules(transformer_2=second)
+    with pytest.raises(RuntimeError, match="pipe.transformer_2 was set after enable_sag"):
+        frames(pipe, num_inference_steps=2)
+    enable_sag(pipe, 1.0)
+    frames(pipe, num_inference_steps=2)

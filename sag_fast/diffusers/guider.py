@@ -38,7 +38,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders import BaseGuidance
 from diffusers.guiders.guider_utils import GuiderOutput, rescale_noise_cfg
 
-from .. import engine
+from .. import engine, named_hooks
 from ..capture import AttentionCapture, unwrap_compiled
 from ..guidance import SAGConfig, make_config
 from ..ops._dispatch import check_finite
@@ -318,6 +318,7 @@ class SelfAttentionGuidance(BaseGuidance):
         if not isinstance(denoiser, torch.nn.Module):
             raise TypeError(f"{_WHERE}: prepare_models needs the denoiser module, got {type(denoiser).__name__}")
         model = unwrap_compiled(denoiser)
+        named_hooks.refuse_caches(model, f"{_WHERE}: the denoiser ({type(model).__name__})")
         if self.sag_config.mask != "attention" or model in self._checked \
                 and self._checked[model] == self.sag_config.layer:
             return

@@ -26,17 +26,29 @@ def scale_above_one(pipe, call) -> bool:
     return call.get("guidance_scale", 1.0) > 1
 
 
+def _live_cfg(pipe) -> bool | None:
+    """The pipeline's `do_classifier_free_guidance` property as it reads now, or None (no such property, or read
+    outside a call, before the pipeline has set its guidance scale)."""
+    try:
+        value = pipe.do_classifier_free_guidance
+    except Exception:  # noqa: BLE001
+        return None
+    return value if isinstance(value, bool) else None
+
+
 def cfg_property(pipe, call) -> bool:
     """The pipeline's `do_classifier_free_guidance` property, read live at each model call: a step-end callback
     may switch CFG off mid-run (`pipe._guidance_scale = 0`, diffusers' dynamic-CFG recipe)."""
-    try:
-        value = pipe.do_classifier_free_guidance
-    except Exception:  # noqa: BLE001 - read outside a call: fall back to the call's scale
-        value = None
-    return bool(value) if isinstance(value, bool) else scale_above_one(pipe, call)
+    live = _live_cfg(pipe)
+    return live if live is not None else scale_above_one(pipe, call)
 
 
 def pix2pix_cfg(pipe, call) -> bool:
+    """SD's InstructPix2Pix loop reads its live property (guidance_scale > 1 and image_guidance_scale >= 1, which
+    a step-end callback may switch off); SDXL's has no property and decides once from the call's arguments."""
+    live = _live_cfg(pipe)
+    if live is not None:
+        return live
     return call.get("guidance_scale", 1.0) > 1.0 and call.get("image_guidance_scale", 1.0) >= 1.0
 
 

@@ -27,7 +27,7 @@ import pickle
 import torch
 from diffusers import DiffusionPipeline
 
-from .. import engine
+from .. import engine, named_hooks
 from ..capture import AttentionCapture, unwrap_compiled
 from ..guidance import SAGConfig
 from ..schedule import check_supported, schedule_position, step_coefficients
@@ -93,6 +93,8 @@ class SAGSession:
         extra = [a for a in (family.experts if family is not None else ())
                  if isinstance(getattr(pipe, a, None), torch.nn.Module)]
         self.experts = [_Expert(attr, getattr(pipe, attr)) for attr in (model_attr, *extra)]
+        for expert in self.experts:
+            named_hooks.refuse_caches(expert.model, f"pipe.{expert.attr}")
         for expert in self.experts[1:]:
             if type(expert.model) is not type(self.model):
                 raise ValueError(f"pipe.{expert.attr} is a {type(expert.model).__name__}, pipe.{model_attr} a "
@@ -143,6 +145,11 @@ class SAGSession:
                                    "sag_fast.enable_sag(pipe, ...) again to guide the new one")
             engine.detach(expert.hooked)
             self._attach(expert, outer)
+        family, guided = self.contract.family, {expert.attr for expert in self.experts}
+        for attr in family.experts if family is not None else ():
+            if attr not in guided and isinstance(getattr(pipe, attr, None), torch.nn.Module):
+                raise RuntimeError(f"pipe.{attr} was set after enable_sag, so SAG does not guide it; call "
+                                   "sag_fast.enable_sag(pipe, ...) again to guide every denoiser the pipeline calls")
 
     # ------------------------------------------------------------------------- pipeline calls
     @contextlib.contextmanager
@@ -150,7 +157,9 @@ class SAGSession:
         """One pipeline __call__: the guided step is live for this session's denoiser, in this thread, until it
         returns. Everything that can go wrong before sampling is checked here, before the pipeline runs."""
         self._sync(pipe)
+        check_supported(pipe.scheduler)  # a scheduler swapped in since enable_sag
         for expert in self.experts:
+            named_hooks.refuse_caches(expert.model, f"pipe.{expert.attr}")  # enable_cache since enable_sag
             if expert.capture is not None:
                 expert.capture.check_processor()  # attention slicing switched on since enable_sag
         try:
@@ -161,8 +170,7 @@ class SAGSession:
         except TypeError:
             call_args = dict(kwargs)  # let the pipeline itself report the bad call
         self.contract.check_call(call_args)
-        active = engine.ActiveCall(owner=self, args=call_args, config=config or self.config, pipe=pipe,
-                                   split=self.contract.split_cfg(pipe, call_args))
+        active = engine.ActiveCall(owner=self, args=call_args, config=config or self.config, pipe=pipe)
         token = engine.open_call(active)
         self.contract.begin_call(pipe)
         try:
@@ -184,7 +192,7 @@ class SAGSession:
             return position / n
         if call.offset is None:
             call.offset = self._start_index(call, scheduler, timesteps, t)
-        return (call.offset + (call.calls // 2 if call.split else call.calls)) / n
+        return (call.offset + call.steps - 1) / n
 
     @staticmethod
     def _start_index(call: engine.ActiveCall, scheduler, timesteps, t) -> int:
@@ -222,12 +230,18 @@ class SAGSession:
             raise RuntimeError(f"SAG: pipe.{expert.attr} was called with a {getattr(x, 'shape', type(x))} input; "
                                "SAG guides (B, C, H, W) latents (or the packed or video latents of a known "
                                "pipeline) only")
-        split = call.split
-        active = config.active_at(self._progress(call, scheduler, t))
-        way = call.calls % 2 if split else None  # split CFG: 0 = the conditional call, 1 = the unconditional
+        # split CFG: 0 = a step's conditional call, 1 = its unconditional call. Read at each model call, not at the
+        # pipeline call's start: the pipeline sets this call's guidance scale first, and a step-end callback may
+        # switch CFG off or on between steps (diffusers' dynamic-CFG recipe)
+        way = (1 if call.uncond_next else 0) if contract.split_cfg(pipe, call.args) else None
+        call.uncond_next = way == 0
+        if way is None:
+            call.pending = None  # nothing of an earlier step's is ever shifted by this one
         call.calls += 1
         if way != 1:
+            call.steps += 1
             call.step_shift = None  # a new step: its other predictions get this step's shift, or none
+        active = config.active_at(self._progress(call, scheduler, t))
         if not active:
             return original(*args, **kwargs)
         if way == 0:  # keep the conditional prediction: the unconditional call adds SAG's shift to it too
