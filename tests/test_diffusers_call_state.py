@@ -142,3 +142,25 @@ def test_unsupported_scheduler_swapped_in_is_refused_before_sampling():
     with pytest.raises(ValueError, match="scheduler EDMEulerScheduler is not supported"):
         _cogview_call(pipe, 4.0)
     assert calls == []
+
+
+def test_a_second_call_while_one_runs_is_refused():
+    """A call made while the pipeline's SAG call runs (here from a step-end callback; another thread is the same
+    case) would share that call's scheduler and SAG's per-call records: refused, and the running call completes
+    as if it had not been tried."""
+    pipe = tp.cogview4_pipeline()
+    enable_sag(pipe, 0.75)
+    want = _cogview_call(pipe, 4.0)
+    errors = []
+
+    def reenter(p, i, t, kw):
+        try:
+            _cogview_call(p, 4.0)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+        return {}
+
+    got = _cogview_call(pipe, 4.0, callback_on_step_end=reenter)
+    assert len(errors) == 4 and "already running a call" in errors[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _cogview_call(pipe, 4.0)  # and the pipeline is free again

@@ -23,6 +23,7 @@ import functools
 import inspect
 import math
 import pickle
+import threading
 
 import torch
 from diffusers import DiffusionPipeline
@@ -100,6 +101,7 @@ class SAGSession:
                 raise ValueError(f"pipe.{expert.attr} is a {type(expert.model).__name__}, pipe.{model_attr} a "
                                  f"{type(self.model).__name__}: SAG guides experts of the one denoiser class")
         self.capture: AttentionCapture | None = None  # the capture of the denoiser guided last
+        self._running = threading.Lock()  # held for a pipeline call: one at a time (see pipeline_call)
         try:
             for expert in self.experts:
                 if config.mask == "attention":
@@ -155,7 +157,23 @@ class SAGSession:
     @contextlib.contextmanager
     def pipeline_call(self, call, pipe, args, kwargs, config: SAGConfig | None = None):
         """One pipeline __call__: the guided step is live for this session's denoiser, in this thread, until it
-        returns. Everything that can go wrong before sampling is checked here, before the pipeline runs."""
+        returns. Everything that can go wrong before sampling is checked here, before the pipeline runs.
+        One call at a time: a second call of the same pipeline while one runs (another thread, or re-entered from a
+        callback) would share the first's scheduler state and the contract's per-call records (ControlNet's
+        residuals, PAG's processors), so it is refused."""
+        if not self._running.acquire(blocking=False):
+            raise RuntimeError(f"{type(pipe).__name__} with SAG is already running a call (in another thread, or "
+                               "this call was made from inside it, e.g. a callback); a diffusers pipeline's "
+                               "scheduler and SAG's per-call state serve one call at a time: serialise the calls, "
+                               "or give each thread its own pipeline and denoiser with SAG enabled on it")
+        try:
+            with self._one_call(call, pipe, args, kwargs, config):
+                yield self
+        finally:
+            self._running.release()
+
+    @contextlib.contextmanager
+    def _one_call(self, call, pipe, args, kwargs, config):
         self._sync(pipe)
         check_supported(pipe.scheduler)  # a scheduler swapped in since enable_sag
         for expert in self.experts:
