@@ -43,7 +43,8 @@ SETTINGS = {  # in order of priority: a run cut short (each setting is written a
     "cond CFG 1.5 + blur 0.75": dict(scale=0.75, mask="global", cfg=1.5),
 }
 # sampled at --n; every other row at --n-rest (its ΔFID is paired against the first --n-rest baseline samples)
-MAIN_SETTINGS = ("none", "SAG s=0.75", "blur s=0.75", "SAG s=1.5", "blur s=1.5", "PAG-style s=1.5")
+MAIN_SETTINGS = ("none", "SAG s=0.75", "blur s=0.75", "SAG s=1.5", "blur s=1.5", "PAG-style s=1.5", "SAG s=3.0",
+                 "blur s=3.0")
 QUICK_SETTINGS = ("none", "SAG s=0.75")
 EXTRA_KEYS = ("pag", "cfg")
 
