@@ -153,6 +153,25 @@ def test_attention_slicing_refused_before_sampling(when):
     assert np.isfinite(images(pipe, "a cat")).all()
 
 
+def test_xformers_processor_refused_before_sampling():
+    """xFormers' processors run the attention in xFormers' kernel, where the capture sees nothing: refused at
+    enable_sag and, set since, at the call (the old message, mid-run, was "no attention was captured")."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+
+    pipe = tiny_sd_pipeline()
+    layer = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1
+    layer.set_processor(XFormersAttnProcessor())
+    with pytest.raises(ValueError, match=r"uses xFormers \(XFormersAttnProcessor\).*disable_xformers_memory"):
+        enable_sag(pipe, 0.75)
+    layer.set_processor(AttnProcessor2_0())
+    enable_sag(pipe, 0.75)
+    layer.set_processor(XFormersAttnProcessor())
+    with pytest.raises(ValueError, match="uses xFormers"):
+        images(pipe, "a cat")
+    layer.set_processor(AttnProcessor2_0())
+    assert np.isfinite(images(pipe, "a cat")).all()
+
+
 # --------------------------------------------------------------------------------- case 5: dynamic CFG
 def _dynamic_cfg(pipe, step_index, timestep, callback_kwargs):
     # the recipe of diffusers' docs (callback_on_step_end): CFG off after 40% of the steps
