@@ -380,3 +380,29 @@ def test_cli_runs_a_pag_folder(tmp_path):
     assert 0 < json.loads((out / "run.json").read_text())["mask_fraction"] < 1
     plain, guided = (np.asarray(Image.open(out / f"sample0_{k}.png"), dtype=np.int16) for k in ("nosag", "sag"))
     assert plain.shape == (64, 64, 3) and np.abs(plain - guided).max() > 0
+
+
+def test_pag_processors_left_by_a_call_that_raised_are_refused():
+    """diffusers' PAG pipelines put the UNet's processors back only when the call returns: after a call that raised,
+    PAG's stay, and SAG's extra forward would split its rows into PAG's ways. Refused at the next call, before the
+    UNet runs and leaving no call state behind; with the processors put back, SAG runs."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from sag_fast import engine
+
+    pipe = tp.pag_pipeline()
+    enable_sag(pipe, 1.0)
+
+    def boom(p, i, t, kw):
+        raise KeyboardInterrupt  # a call stopped mid-run
+    with pytest.raises(KeyboardInterrupt):
+        _run(pipe, "pag_sd", callback_on_step_end=boom)
+    assert any(type(p).__name__.startswith("PAG") for p in pipe.unet.attn_processors.values())
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(RuntimeError, match="still has PAG's attention processors"):
+        _run(pipe, "pag_sd")
+    handle.remove()
+    assert calls == [] and engine.active_call() is None
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    assert torch.isfinite(_run(pipe, "pag_sd")).all()

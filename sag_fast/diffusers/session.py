@@ -189,8 +189,12 @@ class SAGSession:
             call_args = dict(kwargs)  # let the pipeline itself report the bad call
         self.contract.check_call(call_args)
         active = engine.ActiveCall(owner=self, args=call_args, config=config or self.config, pipe=pipe)
+        try:
+            self.contract.begin_call(pipe)  # may refuse (PAG's processors left over): nothing of the call stays
+        except BaseException:
+            self.contract.end_call()
+            raise
         token = engine.open_call(active)
-        self.contract.begin_call(pipe)
         try:
             yield self
         finally:
