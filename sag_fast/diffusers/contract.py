@@ -291,8 +291,9 @@ class BatchContract:
             left = sorted({type(p).__name__ for p in self._processors.values() if type(p).__name__.startswith("PAG")})
             if left:  # a PAG call that raised does not put the model's processors back (diffusers' pag_utils)
                 self._processors = None
-                raise RuntimeError(f"{self.name}: the denoiser still has PAG's attention processors ({', '.join(left)}) "
-                                   "from an earlier call that did not finish; the extra forward would run with them "
+                raise RuntimeError(f"{self.name}: the denoiser still has PAG's attention processors "
+                                   f"({', '.join(left)}) from an earlier call that did not finish; the extra forward "
+                                   "would run with them "
                                    "and split its rows into PAG's ways. Put the model's own back first, e.g. "
                                    "pipe.unet.set_attn_processor(AttnProcessor2_0())")
 
