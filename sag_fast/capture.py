@@ -351,21 +351,22 @@ class AttentionCapture:
     def check_processor(self) -> None:
         """Refuses what the capture cannot read whole, at enable time and again before each pipeline call:
         xFormers' processors (their own attention kernel); attention slicing computes the softmax one slice of heads
-        at a time; an added-KV processor replaced since
-        enabling; under context parallelism, what the sharded capture cannot read exactly (sharded.check)."""
+        at a time; an added-KV processor replaced since enabling; under context parallelism, what the sharded
+        capture cannot read exactly (sharded.check)."""
         if getattr(self, "_added_kv", False) and not _is_added_kv(self.layer):
             raise ValueError(f"layer {self.layer_name!r}: its AttnAddedKVProcessor was replaced by a "
                              f"{type(self.layer.processor).__name__} since SAG was enabled; the key layout SAG reads "
                              "may differ: enable SAG again")
         sharded.check(self.model, self.layer, self.layer_name,
                       compiled=self._through_compiled or self._in_compiled_region())
-        if type(getattr(self.layer, "processor", None)).__name__.startswith("XFormers"):
-            raise ValueError(f"layer {self.layer_name!r} uses xFormers ({type(self.layer.processor).__name__}): its "
+        processor = getattr(self.layer, "processor", None)
+        if type(processor).__name__.startswith("XFormers"):
+            raise ValueError(f"layer {self.layer_name!r} uses xFormers ({type(processor).__name__}): its "
                              "attention runs in xFormers' own kernel, where SAG cannot read the attention map; call "
                              "pipe.disable_xformers_memory_efficient_attention() (torch's scaled_dot_product_"
                              "attention, the default processor, is as memory-efficient)")
-        if _sliced(getattr(self.layer, "processor", None)):
-            raise ValueError(f"layer {self.layer_name!r} uses attention slicing ({type(self.layer.processor).__name__}): "
+        if _sliced(processor):
+            raise ValueError(f"layer {self.layer_name!r} uses attention slicing ({type(processor).__name__}): "
                              "its softmax runs one slice of heads at a time, so SAG cannot read the layer's whole "
                              "attention map; call pipe.disable_attention_slicing() (torch's scaled_dot_product_"
                              "attention, the default processor, already avoids the memory slicing saves)")

@@ -169,8 +169,8 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("sag_fast_active_call",
 @dataclass
 class ActiveCall:
     """The state of one guided pipeline call, in one place (see the module docstring). owner: the adapter whose
-    call this is (only its hook acts on it). pipe, args: the pipeline and its call's arguments by name. calls:
-    model calls so far; steps: steps begun so far; offset: the schedule index of the first. uncond_next: the
+    call this is (only its hook acts on it). pipe, args: the pipeline and its call's arguments by name. steps:
+    steps begun so far; offset: the schedule index of the first. uncond_next: the
     last model call was a split-CFG step's conditional call, so the next is its unconditional call (whether a
     step is split is read at each model call: the pipeline sets its guidance scale after the call began, and a
     step-end callback may switch CFG between steps). pending: that conditional call's output. step_shift:
@@ -180,7 +180,6 @@ class ActiveCall:
     args: dict
     config: SAGConfig
     pipe: Any = None
-    calls: int = 0
     steps: int = 0
     uncond_next: bool = False
     offset: int | None = None

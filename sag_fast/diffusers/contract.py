@@ -293,9 +293,8 @@ class BatchContract:
                 self._processors = None
                 raise RuntimeError(f"{self.name}: the denoiser still has PAG's attention processors "
                                    f"({', '.join(left)}) from an earlier call that did not finish; the extra forward "
-                                   "would run with them "
-                                   "and split its rows into PAG's ways. Put the model's own back first, e.g. "
-                                   "pipe.unet.set_attn_processor(AttnProcessor2_0())")
+                                   "would run with them and split its rows into PAG's ways. Put the model's own "
+                                   "back first, e.g. pipe.unet.set_attn_processor(AttnProcessor2_0())")
 
     def end_call(self) -> None:
         if self._controlnet is not None:

@@ -259,7 +259,6 @@ class SAGSession:
         call.uncond_next = way == 0
         if way is None:
             call.pending = None  # nothing of an earlier step's is ever shifted by this one
-        call.calls += 1
         if way != 1:
             call.steps += 1
             call.step_shift = None  # a new step: its other predictions get this step's shift, or none
